@@ -1,0 +1,105 @@
+//! The authenticated caller, extracted from `Authorization: Bearer …`.
+
+use axum::extract::{FromRef, FromRequestParts, OptionalFromRequestParts};
+use axum::http::request::Parts;
+use uuid::Uuid;
+
+use super::{Claims, SessionVersions, TokenIssuer};
+use crate::http::ApiError;
+
+/// What authentication needs: the keys and the session-version map.
+#[derive(Debug, Clone)]
+pub struct AuthState {
+    /// Verifies (and on the command side, issues) tokens.
+    pub tokens: TokenIssuer,
+    /// Current session versions.
+    pub sessions: SessionVersions,
+}
+
+/// A caller with a valid, current access token. Permissions come from the token, never the database.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The verified claims.
+    pub claims: Claims,
+}
+
+impl Caller {
+    /// The caller's user id.
+    #[must_use]
+    pub fn id(&self) -> Uuid {
+        self.claims.sub
+    }
+
+    /// Whether the token grants `permission`.
+    #[must_use]
+    pub fn has(&self, permission: &str) -> bool {
+        self.claims.perms.iter().any(|p| p == permission)
+    }
+
+    /// Requires `permission`.
+    ///
+    /// # Errors
+    /// FORBIDDEN naming the missing permission.
+    pub fn require(&self, permission: &str) -> Result<(), ApiError> {
+        if self.has(permission) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!("this action needs the '{permission}' permission")))
+        }
+    }
+
+    /// Requires `permission`, unless the caller is `user` itself.
+    ///
+    /// # Errors
+    /// FORBIDDEN.
+    pub fn require_self_or(&self, user: Uuid, permission: &str) -> Result<(), ApiError> {
+        if self.id() == user {
+            Ok(())
+        } else {
+            self.require(permission)
+        }
+    }
+}
+
+fn authenticate(parts: &Parts, auth: &AuthState) -> Result<Option<Caller>, ApiError> {
+    let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let value = header.to_str().map_err(|_| ApiError::Unauthenticated("malformed Authorization header".into()))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ApiError::Unauthenticated("expected 'Authorization: Bearer <token>'".into()))?;
+    let claims = auth.tokens.verify(token).map_err(|e| ApiError::Unauthenticated(e.0))?;
+    if !auth.sessions.is_current(claims.sub, claims.sv) {
+        return Err(ApiError::Unauthenticated("session has ended; sign in again".into()));
+    }
+    Ok(Some(Caller { claims }))
+}
+
+impl<S> FromRequestParts<S> for Caller
+where
+    AuthState: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        authenticate(parts, &AuthState::from_ref(state))?
+            .ok_or_else(|| ApiError::Unauthenticated("authentication required".into()))
+    }
+}
+
+impl<S> OptionalFromRequestParts<S> for Caller
+where
+    AuthState: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Option<Self>, Self::Rejection> {
+        authenticate(parts, &AuthState::from_ref(state))
+    }
+}

@@ -1,0 +1,12 @@
+//! Authentication: Ed25519 signing keys, access tokens, the in-memory session-version map, and
+//! the authenticated caller extractor.
+
+mod caller;
+mod keys;
+mod sessions;
+mod tokens;
+
+pub use caller::{AuthState, Caller};
+pub use keys::{KeySet, KeyError};
+pub use sessions::SessionVersions;
+pub use tokens::{Claims, TokenError, TokenIssuer};

@@ -1,0 +1,91 @@
+//! Projection checkpoints, and waiting until a projection has applied a consistency token.
+
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::envelope::ConsistencyToken;
+
+/// The channel projectors notify, inside their transaction, when they advance.
+pub const CHECKPOINT_CHANNEL: &str = "cairn_checkpoint";
+
+/// Reads the checkpoint of projection `name` (zero when it has applied nothing).
+///
+/// # Errors
+/// When the query fails.
+pub async fn read<'e>(executor: impl sqlx::PgExecutor<'e>, name: &str) -> sqlx::Result<ConsistencyToken> {
+    let row: Option<(i64, i64)> =
+        sqlx::query_as("SELECT last_tx::text::bigint, last_pos FROM projection_checkpoints WHERE name = $1")
+            .bind(name)
+            .fetch_optional(executor)
+            .await?;
+    Ok(row.map_or_else(ConsistencyToken::default, |(tx, pos)| ConsistencyToken { tx: u64::try_from(tx).unwrap_or_default(), pos }))
+}
+
+/// Follows one projection's checkpoint: woken by NOTIFY, with a slow poll as the fallback.
+/// Reads that carry a consistency token wait on it instead of polling the database themselves.
+#[derive(Clone)]
+pub struct CheckpointWatcher {
+    rx: watch::Receiver<ConsistencyToken>,
+}
+
+impl CheckpointWatcher {
+    /// Starts following projection `name` until `shutdown`.
+    #[must_use]
+    pub fn spawn(pool: PgPool, name: &'static str, shutdown: CancellationToken) -> Self {
+        let (tx, rx) = watch::channel(ConsistencyToken::default());
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = follow(&pool, name, &tx, &shutdown).await {
+                    tracing::warn!(error = %e, projection = name, "checkpoint watcher lost Postgres; retrying");
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+        Self { rx }
+    }
+
+    /// The latest checkpoint seen.
+    #[must_use]
+    pub fn current(&self) -> ConsistencyToken {
+        *self.rx.borrow()
+    }
+
+    /// Waits until the checkpoint reaches `token`, at most `timeout`. Returns whether it did.
+    pub async fn wait_for(&self, token: ConsistencyToken, timeout: Duration) -> bool {
+        let mut rx = self.rx.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|seen| *seen >= token)).await.is_ok_and(|r| r.is_ok())
+    }
+}
+
+async fn follow(
+    pool: &PgPool,
+    name: &str,
+    tx: &watch::Sender<ConsistencyToken>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(CHECKPOINT_CHANNEL).await?;
+    loop {
+        // Read after LISTEN, so no advance between the two is missed.
+        let now = read(pool, name).await?;
+        tx.send_if_modified(|seen| {
+            let newer = now > *seen;
+            if newer {
+                *seen = now;
+            }
+            newer
+        });
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            n = listener.recv() => { n?; }
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The Postgres pool: creates the database when missing and runs the migrations.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+/// The migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Connects to `url`, creating its database first when it does not exist.
+///
+/// # Errors
+/// When Postgres cannot be reached or the database cannot be created.
+pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(url).with_context(|| "DATABASE_URL is not a valid Postgres URL")?;
+    create_database_if_missing(&options).await?;
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .min_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options.log_statements(tracing::log::LevelFilter::Trace))
+        .await
+        .with_context(|| format!("cannot connect to Postgres at {}", redact(url)))
+}
+
+/// Connects and brings the schema up to date.
+///
+/// # Errors
+/// As [`connect`], or when a migration fails.
+pub async fn connect_and_migrate(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    let pool = connect(url, max_connections).await?;
+    MIGRATOR.run(&pool).await.context("database migration failed")?;
+    Ok(pool)
+}
+
+async fn create_database_if_missing(options: &PgConnectOptions) -> anyhow::Result<()> {
+    let Some(database) = options.get_database().map(str::to_owned) else {
+        return Ok(());
+    };
+    let mut admin = options.clone().database("postgres").connect().await.with_context(|| {
+        format!("cannot connect to Postgres at {}:{}", options.get_host(), options.get_port())
+    })?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&database)
+        .fetch_one(&mut admin)
+        .await?;
+    if !exists {
+        let quoted = database.replace('"', "\"\"");
+        match sqlx::query(&format!("CREATE DATABASE \"{quoted}\"")).execute(&mut admin).await {
+            Ok(_) => tracing::info!(database, "created database"),
+            // Another process created it between our check and our CREATE.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(e) => return Err(e).context("cannot create the database"),
+        }
+    }
+    admin.close().await?;
+    Ok(())
+}
+
+/// The URL with any password replaced, for messages.
+#[must_use]
+pub fn redact(url: &str) -> String {
+    match url::parse_password(url) {
+        Some((before, after)) => format!("{before}REDACTED{after}"),
+        None => url.to_owned(),
+    }
+}
+
+mod url {
+    /// Splits `scheme://user:password@host` around the password.
+    pub fn parse_password(url: &str) -> Option<(&str, &str)> {
+        let scheme_end = url.find("://")? + 3;
+        let at = url[scheme_end..].find('@')? + scheme_end;
+        let colon = url[scheme_end..at].find(':')? + scheme_end;
+        Some((&url[..=colon], &url[at..]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(super::redact("postgres://u:secret@h:5432/d"), "postgres://u:REDACTED@h:5432/d");
+        assert_eq!(super::redact("postgres://u@h/d"), "postgres://u@h/d");
+    }
+}

@@ -1,0 +1,102 @@
+//! The event envelope published on NATS, and the consistency token commands return.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// One event as every consumer receives it: the row of the events table, self-describing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventEnvelope {
+    /// Unique id; also the `Nats-Msg-Id`, and the idempotency key of every consumer.
+    pub event_id: Uuid,
+    /// `User`, …
+    pub aggregate_type: String,
+    /// The aggregate's id.
+    pub aggregate_id: String,
+    /// Position within the aggregate's stream, from 1.
+    pub sequence: i64,
+    /// `UserRegistered`, …
+    pub event_type: String,
+    /// Payload schema version.
+    pub event_version: String,
+    /// The writing transaction's id: first half of the global order.
+    pub transaction_id: u64,
+    /// Insertion position: second half of the global order.
+    pub global_position: i64,
+    /// Commit-side timestamp.
+    pub recorded_at: DateTime<Utc>,
+    /// The event itself, externally tagged by its type.
+    pub payload: serde_json::Value,
+    /// Who, from where, in answer to which request.
+    pub metadata: serde_json::Value,
+}
+
+impl EventEnvelope {
+    /// The position of this event in the global order.
+    #[must_use]
+    pub fn position(&self) -> ConsistencyToken {
+        ConsistencyToken { tx: self.transaction_id, pos: self.global_position }
+    }
+
+    /// The body of the payload under its type tag (`payload[event_type]`), or the payload itself.
+    #[must_use]
+    pub fn body(&self) -> &serde_json::Value {
+        self.payload.get(&self.event_type).unwrap_or(&self.payload)
+    }
+
+    /// A metadata field as a string.
+    #[must_use]
+    pub fn meta(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).and_then(serde_json::Value::as_str).filter(|s| !s.is_empty())
+    }
+}
+
+/// A position in the global order `(transaction_id, global_position)`. Commands return the
+/// position of their last event; a read that sends it back waits until the read model has it.
+/// Written as `<transaction_id>.<global_position>`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConsistencyToken {
+    /// Transaction id.
+    pub tx: u64,
+    /// Global position.
+    pub pos: i64,
+}
+
+impl fmt::Display for ConsistencyToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.tx, self.pos)
+    }
+}
+
+/// A token that is not `<u64>.<i64>`.
+#[derive(Debug, thiserror::Error)]
+#[error("consistency token must look like '<transaction>.<position>'")]
+pub struct BadToken;
+
+impl FromStr for ConsistencyToken {
+    type Err = BadToken;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (tx, pos) = s.trim().split_once('.').ok_or(BadToken)?;
+        Ok(Self { tx: tx.parse().map_err(|_| BadToken)?, pos: pos.parse().map_err(|_| BadToken)? })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_order_by_transaction_first() -> Result<(), BadToken> {
+        let a: ConsistencyToken = "10.900".parse()?;
+        let b: ConsistencyToken = "11.5".parse()?;
+        assert!(a < b);
+        assert_eq!(a.to_string(), "10.900");
+        assert!("x".parse::<ConsistencyToken>().is_err());
+        assert!("1.".parse::<ConsistencyToken>().is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,16 @@
+//! The HTTP edge every router shares: the envelope, the error type, extractors whose
+//! rejections are the API's own errors, the request context, and the common layers.
+
+mod context;
+mod error;
+mod extract;
+mod layers;
+mod ops;
+mod response;
+
+pub use context::RequestContext;
+pub use error::{ApiError, ResultExt};
+pub use extract::{ApiJson, ApiPath, ApiQuery};
+pub use layers::finish_router;
+pub use ops::{ops_router, OpsState};
+pub use response::{ApiResponse, Page, PageParams};

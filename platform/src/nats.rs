@@ -1,0 +1,130 @@
+//! JetStream wiring: namespaced names, the EVENTS stream and durable consumers.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream::{self, consumer, stream};
+
+/// Names of every stream, subject and consumer, prefixed by `CAIRN_NAMESPACE` so several
+/// deployments (and parallel tests) share one NATS server without seeing each other's events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace(String);
+
+impl Namespace {
+    /// A namespace; empty means none.
+    #[must_use]
+    pub fn new(name: &str) -> Self {
+        Self(name.to_owned())
+    }
+
+    /// The EVENTS stream: `EVENTS`, or `<NS>_EVENTS`.
+    #[must_use]
+    pub fn events_stream(&self) -> String {
+        if self.0.is_empty() {
+            "EVENTS".to_owned()
+        } else {
+            format!("{}_EVENTS", self.0.to_uppercase().replace('-', "_"))
+        }
+    }
+
+    /// The subject of one event: `[<ns>.]events.<aggregate_type>.<event_type>`.
+    #[must_use]
+    pub fn event_subject(&self, aggregate_type: &str, event_type: &str) -> String {
+        format!("{}.{aggregate_type}.{event_type}", self.events_prefix())
+    }
+
+    /// Wildcard over every event subject.
+    #[must_use]
+    pub fn all_events(&self) -> String {
+        format!("{}.>", self.events_prefix())
+    }
+
+    fn events_prefix(&self) -> String {
+        if self.0.is_empty() {
+            "events".to_owned()
+        } else {
+            format!("{}.events", self.0)
+        }
+    }
+
+    /// The name as configured, for checkpoint rows and lock keys.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Connects to NATS, retrying for ever in the background when the server is down
+/// (commands keep working; the relay catches up when NATS returns).
+///
+/// # Errors
+/// When the URL is malformed.
+pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(2))
+        .name("cairn")
+        .connect(url)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {url}"))
+}
+
+/// Creates (or finds) the EVENTS stream of `ns`.
+///
+/// # Errors
+/// When JetStream is unavailable or the stream cannot be created.
+pub async fn ensure_events_stream(js: &jetstream::Context, ns: &Namespace, replicas: usize) -> anyhow::Result<stream::Stream> {
+    js.get_or_create_stream(stream::Config {
+        name: ns.events_stream(),
+        subjects: vec![ns.all_events()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        // The relay re-sends after a crash; JetStream drops copies within this window by Nats-Msg-Id,
+        // and consumers are idempotent by event id beyond it.
+        duplicate_window: Duration::from_secs(600),
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot create JetStream stream {}: {e}", ns.events_stream()))
+}
+
+/// Creates (or finds) a durable pull consumer on the EVENTS stream.
+///
+/// # Errors
+/// When JetStream refuses.
+pub async fn ensure_durable_consumer(
+    stream: &stream::Stream,
+    name: &str,
+) -> anyhow::Result<consumer::Consumer<consumer::pull::Config>> {
+    stream
+        .get_or_create_consumer(
+            name,
+            consumer::pull::Config {
+                durable_name: Some(name.to_owned()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                deliver_policy: consumer::DeliverPolicy::All,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 10_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot create JetStream consumer {name}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_prefixed_by_the_namespace() {
+        let none = Namespace::new("");
+        assert_eq!(none.events_stream(), "EVENTS");
+        assert_eq!(none.event_subject("User", "UserRegistered"), "events.User.UserRegistered");
+        let ns = Namespace::new("t-42");
+        assert_eq!(ns.events_stream(), "T_42_EVENTS");
+        assert_eq!(ns.all_events(), "t-42.events.>");
+    }
+}

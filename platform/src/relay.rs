@@ -1,0 +1,165 @@
+//! The relay: the events table is the outbox. It tails the log in `(transaction_id,
+//! global_position)` order, publishes each event to JetStream, waits for every PubAck, and only
+//! then advances its checkpoint.
+//!
+//! - Gap safety comes from [`crate::log::read_after`]: it never reads past the oldest running
+//!   transaction, so an event whose transaction commits late is published, not skipped.
+//! - Duplicates: `Nats-Msg-Id = event_id`, so a re-send after a crash (published, checkpoint not
+//!   yet stored) is dropped by the stream's duplicate window.
+//! - Order: each publish carries `Nats-Expected-Last-Msg-Id` of the event before it, so if one
+//!   publish of a pipelined batch fails, every later one fails too and the stream never holds an
+//!   event ahead of one that is missing. The batch is retried from the checkpoint.
+//! - One active relay: a session-level advisory lock held on the relay's own connection. Others
+//!   wait as hot standbys; when the holder dies its connection closes and the lock passes on. The
+//!   checkpoint is written on the same connection, so a relay that lost its lock cannot write it.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
+use sqlx::postgres::PgListener;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::envelope::{ConsistencyToken, EventEnvelope};
+use crate::nats::Namespace;
+
+/// Publishes the event log to JetStream.
+#[derive(Clone)]
+pub struct Relay {
+    pool: PgPool,
+    js: jetstream::Context,
+    ns: Namespace,
+    batch: i64,
+    idle_poll: Duration,
+}
+
+impl Relay {
+    /// A relay for `ns` publishing up to `batch` events per round.
+    #[must_use]
+    pub fn new(pool: PgPool, js: jetstream::Context, ns: Namespace, batch: i64) -> Self {
+        Self { pool, js, ns, batch, idle_poll: Duration::from_millis(500) }
+    }
+
+    /// Runs until `shutdown`: waits for the lock, then publishes; on any failure starts over.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            match self.run_once(&shutdown).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "relay interrupted");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// The advisory-lock key of this namespace's relay.
+    fn lock_key(&self) -> i64 {
+        // FNV-1a: stable across processes and versions, unlike std's hasher.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in format!("cairn-relay:{}", self.ns.as_str()).bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        i64::from_ne_bytes(hash.to_ne_bytes())
+    }
+
+    async fn run_once(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let mut conn = self.pool.acquire().await.context("relay cannot reach Postgres")?.detach();
+        let key = self.lock_key();
+        let mut waiting_logged = false;
+        loop {
+            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(key).fetch_one(&mut conn).await?;
+            if got {
+                break;
+            }
+            if !waiting_logged {
+                tracing::info!("another relay is active; standing by");
+                waiting_logged = true;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        tracing::info!(namespace = self.ns.as_str(), "relay active");
+        let result = self.publish_loop(&mut conn, shutdown).await;
+        // Closing the connection releases the lock.
+        let _ = conn.close().await;
+        result
+    }
+
+    async fn publish_loop(&self, conn: &mut PgConnection, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen("cairn_events").await?;
+        sqlx::query("INSERT INTO relay_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(self.ns.as_str())
+            .execute(&mut *conn)
+            .await?;
+        let (tx, pos): (i64, i64) =
+            sqlx::query_as("SELECT last_tx::text::bigint, last_pos FROM relay_checkpoints WHERE name = $1")
+                .bind(self.ns.as_str())
+                .fetch_one(&mut *conn)
+                .await?;
+        let mut checkpoint = ConsistencyToken { tx: u64::try_from(tx).unwrap_or_default(), pos };
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let events = crate::log::read_after(conn, checkpoint, self.batch).await?;
+            if events.is_empty() {
+                metrics::gauge!("cairn_relay_lag_events").set(0.0);
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    n = listener.recv() => { n?; }
+                    () = tokio::time::sleep(self.idle_poll) => {}
+                }
+                continue;
+            }
+            self.publish_batch(&events).await?;
+            let last = events.last().map(EventEnvelope::position).unwrap_or(checkpoint);
+            sqlx::query(
+                "UPDATE relay_checkpoints SET last_tx = $2::text::xid8, last_pos = $3, updated_at = now() WHERE name = $1",
+            )
+            .bind(self.ns.as_str())
+            .bind(last.tx.to_string())
+            .bind(last.pos)
+            .execute(&mut *conn)
+            .await?;
+            checkpoint = last;
+            metrics::counter!("cairn_relay_published_total").increment(events.len() as u64);
+            metrics::gauge!("cairn_relay_checkpoint_position").set(last.pos as f64);
+            if events.len() as i64 == self.batch {
+                let newest: Option<i64> = sqlx::query_scalar("SELECT max(global_position) FROM events").fetch_one(&mut *conn).await?;
+                metrics::gauge!("cairn_relay_lag_events").set(newest.unwrap_or(0).saturating_sub(last.pos).max(0) as f64);
+            }
+        }
+    }
+
+    /// Sends every event, then awaits every PubAck. Any failure fails the whole batch.
+    async fn publish_batch(&self, events: &[EventEnvelope]) -> anyhow::Result<()> {
+        let mut acks: Vec<PublishAckFuture> = Vec::with_capacity(events.len());
+        let mut previous: Option<String> = None;
+        for event in events {
+            let id = event.event_id.to_string();
+            let body = serde_json::to_vec(event)?;
+            let mut message = PublishMessage::build().payload(body.into()).message_id(&id);
+            if let Some(prev) = &previous {
+                message = message.expected_last_message_id(prev);
+            }
+            let subject = self.ns.event_subject(&event.aggregate_type, &event.event_type);
+            acks.push(self.js.send_publish(subject, message).await.context("publish to JetStream failed")?);
+            previous = Some(id);
+        }
+        for ack in acks {
+            ack.await.context("JetStream did not acknowledge a publish")?;
+        }
+        Ok(())
+    }
+}

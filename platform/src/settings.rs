@@ -1,0 +1,163 @@
+//! Configuration, read once from the environment. Every variable is documented in the README.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+/// Development or production. Production refuses development keys and secrets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Environment {
+    /// Local work: missing keys are generated and marked as development keys.
+    Development,
+    /// A real deployment: everything secret must be supplied.
+    Production,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything a cairn process is configured with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `DATABASE_URL`.
+    pub database_url: String,
+    /// `CAIRN_DB_MAX_CONNECTIONS`: pool size per process.
+    pub db_max_connections: u32,
+    /// `NATS_URL`.
+    pub nats_url: String,
+    /// `CAIRN_LISTEN`.
+    pub listen: SocketAddr,
+    /// `CAIRN_NAMESPACE`: prefixes every stream, consumer and subject.
+    pub namespace: String,
+    /// `CAIRN_ENV`.
+    pub environment: Environment,
+    /// `CAIRN_KEYS_DIR`: Ed25519 signing keys, one PEM file per key id.
+    pub keys_dir: PathBuf,
+    /// `CAIRN_LOG_FORMAT`: `pretty` or `json`.
+    pub log_format: LogFormat,
+    /// `CAIRN_TOKEN_ISSUER`.
+    pub token_issuer: String,
+    /// `CAIRN_TOKEN_AUDIENCE`.
+    pub token_audience: String,
+    /// `CAIRN_ACCESS_TOKEN_TTL_SECS`.
+    pub access_token_ttl: Duration,
+    /// `CAIRN_CONSISTENCY_WAIT_MS`: longest a read waits for its consistency token.
+    pub consistency_wait: Duration,
+    /// `CAIRN_MAX_BODY_BYTES`.
+    pub max_body_bytes: usize,
+    /// `CAIRN_HASH_CONCURRENCY`: password hashes computed at once.
+    pub hash_concurrency: usize,
+    /// `CAIRN_STREAM_REPLICAS`: replicas of the EVENTS stream (3 on a cluster).
+    pub stream_replicas: usize,
+    /// `CAIRN_RELAY_BATCH`: events the relay publishes per round.
+    pub relay_batch: i64,
+    /// `CAIRN_PROJECTOR_BATCH`: events a projector applies per transaction.
+    pub projector_batch: usize,
+    /// `CAIRN_REQUEST_TIMEOUT_SECS`.
+    pub request_timeout: Duration,
+}
+
+/// Where the keys live unless `CAIRN_KEYS_DIR` says otherwise (development only).
+pub const DEFAULT_KEYS_DIR: &str = ".cairn/keys";
+
+impl Settings {
+    /// Reads the environment.
+    ///
+    /// # Errors
+    /// When a variable is present but malformed.
+    pub fn from_env() -> anyhow::Result<Self> {
+        Self::from_lookup(|key| std::env::var(key).ok())
+    }
+
+    /// Reads settings through `lookup` (the environment, or a map in tests).
+    ///
+    /// # Errors
+    /// When a value is malformed.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+        let get = |key: &str, default: &str| lookup(key).filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_owned());
+        let num = |key: &str, default: u64| -> anyhow::Result<u64> {
+            get(key, &default.to_string()).parse::<u64>().with_context(|| format!("{key} must be a non-negative integer"))
+        };
+        let environment = match get("CAIRN_ENV", "development").as_str() {
+            "development" | "dev" => Environment::Development,
+            "production" | "prod" => Environment::Production,
+            other => bail!("CAIRN_ENV must be 'development' or 'production', not '{other}'"),
+        };
+        let log_format = match get("CAIRN_LOG_FORMAT", "pretty").as_str() {
+            "pretty" | "text" => LogFormat::Pretty,
+            "json" => LogFormat::Json,
+            other => bail!("CAIRN_LOG_FORMAT must be 'pretty' or 'json', not '{other}'"),
+        };
+        let namespace = get("CAIRN_NAMESPACE", "");
+        if !namespace.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            bail!("CAIRN_NAMESPACE may hold only letters, digits, '_' and '-'");
+        }
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+        Ok(Self {
+            database_url: get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/cairn"),
+            db_max_connections: u32::try_from(num("CAIRN_DB_MAX_CONNECTIONS", 20)?).context("CAIRN_DB_MAX_CONNECTIONS too large")?,
+            nats_url: get("NATS_URL", "nats://127.0.0.1:4222"),
+            listen: get("CAIRN_LISTEN", "127.0.0.1:8080").parse().context("CAIRN_LISTEN must be host:port")?,
+            namespace,
+            environment,
+            keys_dir: PathBuf::from(get("CAIRN_KEYS_DIR", DEFAULT_KEYS_DIR)),
+            log_format,
+            token_issuer: get("CAIRN_TOKEN_ISSUER", "cairn"),
+            token_audience: get("CAIRN_TOKEN_AUDIENCE", "cairn-api"),
+            access_token_ttl: Duration::from_secs(num("CAIRN_ACCESS_TOKEN_TTL_SECS", 900)?),
+            consistency_wait: Duration::from_millis(num("CAIRN_CONSISTENCY_WAIT_MS", 5000)?),
+            max_body_bytes: usize::try_from(num("CAIRN_MAX_BODY_BYTES", 64 * 1024)?)?,
+            hash_concurrency: usize::try_from(num("CAIRN_HASH_CONCURRENCY", cores as u64)?)?.max(1),
+            stream_replicas: usize::try_from(num("CAIRN_STREAM_REPLICAS", 1)?)?.max(1),
+            relay_batch: i64::try_from(num("CAIRN_RELAY_BATCH", 1000)?)?.max(1),
+            projector_batch: usize::try_from(num("CAIRN_PROJECTOR_BATCH", 500)?)?.max(1),
+            request_timeout: Duration::from_secs(num("CAIRN_REQUEST_TIMEOUT_SECS", 30)?),
+        })
+    }
+
+    /// Whether this is a production deployment.
+    #[must_use]
+    pub fn is_production(&self) -> bool {
+        self.environment == Environment::Production
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn settings(pairs: &[(&str, &str)]) -> anyhow::Result<Settings> {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_readme() -> anyhow::Result<()> {
+        let s = settings(&[])?;
+        assert_eq!(s.database_url, "postgres://postgres@127.0.0.1:5432/cairn");
+        assert_eq!(s.nats_url, "nats://127.0.0.1:4222");
+        assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.environment, Environment::Development);
+        Ok(())
+    }
+
+    #[test]
+    fn malformed_values_are_refused_with_the_variable_named() {
+        let err = settings(&[("CAIRN_ENV", "staging")]).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("CAIRN_ENV"), "{err}");
+        let err = settings(&[("CAIRN_LISTEN", "nowhere")]).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("CAIRN_LISTEN"), "{err}");
+        let err = settings(&[("CAIRN_NAMESPACE", "a.b")]).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("CAIRN_NAMESPACE"), "{err}");
+    }
+}
