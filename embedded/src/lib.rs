@@ -268,9 +268,7 @@ impl Postgres {
                 "chown",
             )
             .await
-            .with_context(|| {
-                format!("could not hand {} to the `{PG_USER}` user", dir.display())
-            })?;
+            .with_context(|| format!("could not hand {} to the `{PG_USER}` user", dir.display()))?;
             let writable = run_as
                 .command(Path::new("test"), &dir)
                 .arg("-w")
@@ -315,15 +313,17 @@ impl Postgres {
         loop {
             attempt += 1;
             let port = free_port()?;
-            let log_start = tokio::fs::metadata(&log).await.map(|m| m.len()).unwrap_or(0);
+            let log_start = tokio::fs::metadata(&log)
+                .await
+                .map(|m| m.len())
+                .unwrap_or(0);
             let socket_dir = if dir.as_os_str().len() <= MAX_SOCKET_DIR_LEN {
                 shell_quote(&dir.to_string_lossy())
             } else {
                 // Too long for a Unix socket path: TCP only.
                 "''".to_owned()
             };
-            let server_opts =
-                format!("-p {port} -k {socket_dir} -c listen_addresses=127.0.0.1");
+            let server_opts = format!("-p {port} -k {socket_dir} -c listen_addresses=127.0.0.1");
             let output = run_as
                 .command(&pg_ctl, &dir)
                 .arg("-D")
@@ -351,7 +351,10 @@ impl Postgres {
             }
             let log_tail = read_log_since(&log, log_start, PG_LOG_LINES).await;
             if attempt < PORT_ATTEMPTS && log_tail.contains("already in use") {
-                tracing::debug!(port, "port was taken before PostgreSQL could bind it; trying another");
+                tracing::debug!(
+                    port,
+                    "port was taken before PostgreSQL could bind it; trying another"
+                );
                 continue;
             }
             bail!(
@@ -503,13 +506,7 @@ enum RunAs {
 impl RunAs {
     /// Decide from the effective uid (`id -u`).
     async fn detect() -> Result<Self> {
-        let is_root = match plain_command("id").arg("-u").stdin(Stdio::null()).output().await {
-            Ok(output) if output.status.success() => {
-                String::from_utf8_lossy(&output.stdout).trim() == "0"
-            }
-            _ => false,
-        };
-        if !is_root {
+        if !effective_uid_is_root().await? {
             return Ok(Self::Current);
         }
         let user_exists = plain_command("id")
@@ -519,8 +516,18 @@ impl RunAs {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
-            .await
-            .is_ok_and(|status| status.success());
+            .await;
+        let user_exists = match user_exists {
+            Ok(status) => status.success(),
+            // No `id` to ask: look in the local user database.
+            Err(_) => tokio::fs::read_to_string("/etc/passwd")
+                .await
+                .is_ok_and(|passwd| {
+                    passwd
+                        .lines()
+                        .any(|line| line.split(':').next() == Some(PG_USER))
+                }),
+        };
         if !user_exists {
             bail!(
                 "running as root: PostgreSQL refuses to run as root and there is no `{PG_USER}` \
@@ -566,6 +573,41 @@ impl RunAs {
     }
 }
 
+/// Whether the effective uid is 0: `id -u`, or `/proc/self/status` where `id` cannot be run.
+async fn effective_uid_is_root() -> Result<bool> {
+    let id_error = match plain_command("id")
+        .arg("-u")
+        .stdin(Stdio::null())
+        .output()
+        .await
+    {
+        Ok(output) if output.status.success() => {
+            return Ok(String::from_utf8_lossy(&output.stdout).trim() == "0");
+        }
+        Ok(output) => format!(
+            "`id -u` failed ({}): {}",
+            output.status,
+            output_text(&output)
+        ),
+        Err(err) => format!("could not run `id -u`: {err}"),
+    };
+    // "Uid:\t<real>\t<effective>\t<saved>\t<filesystem>"
+    let status = tokio::fs::read_to_string("/proc/self/status").await.ok();
+    let effective = status.as_deref().and_then(|status| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("Uid:"))
+            .and_then(|uids| uids.split_whitespace().nth(1))
+            .map(str::to_owned)
+    });
+    match effective {
+        Some(uid) => Ok(uid == "0"),
+        None => {
+            bail!("could not tell whether cairn runs as root, which PostgreSQL refuses: {id_error}")
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // NATS
 // ---------------------------------------------------------------------------
@@ -600,7 +642,9 @@ impl Nats {
                     return Ok(nats);
                 }
                 Err(err) if attempt < PORT_ATTEMPTS && format!("{err:#}").contains("in use") => {
-                    tracing::debug!("port was taken before nats-server could bind it; trying another");
+                    tracing::debug!(
+                        "port was taken before nats-server could bind it; trying another"
+                    );
                 }
                 Err(err) => return Err(err),
             }
@@ -643,11 +687,20 @@ impl Nats {
             }
             None => tokio::spawn(async {}),
         };
-        let mut nats = Self { child, port, log, reader };
+        let mut nats = Self {
+            child,
+            port,
+            log,
+            reader,
+        };
 
         let deadline = Instant::now() + NATS_READY_TIMEOUT;
         loop {
-            if let Some(status) = nats.child.try_wait().context("could not check nats-server")? {
+            if let Some(status) = nats
+                .child
+                .try_wait()
+                .context("could not check nats-server")?
+            {
                 return Ok(Err(nats.exited_early(status).await));
             }
             let connect = TcpStream::connect(("127.0.0.1", port));
@@ -655,7 +708,10 @@ impl Nats {
                 return Ok(Ok(nats));
             }
             if Instant::now() >= deadline {
-                let log = nats.log_text();
+                let log = match nats.log_text() {
+                    log if log.is_empty() => "(no output)".to_owned(),
+                    log => log,
+                };
                 if let Err(err) = nats.stop().await {
                     tracing::warn!(error = %format!("{err:#}"), "could not stop nats-server");
                 }
@@ -676,6 +732,11 @@ impl Nats {
             let log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
             tail(log.iter().map(String::as_str), NATS_LOG_LINES)
         };
+        let log = if log.is_empty() {
+            "(no output)".to_owned()
+        } else {
+            log
+        };
         anyhow!("nats-server exited during start-up ({status}):\n{log}")
     }
 
@@ -687,7 +748,12 @@ impl Nats {
 
     /// SIGTERM, then wait for the exit (SIGKILL after a timeout).
     async fn stop(mut self) -> Result<()> {
-        if self.child.try_wait().context("could not check nats-server")?.is_some() {
+        if self
+            .child
+            .try_wait()
+            .context("could not check nats-server")?
+            .is_some()
+        {
             return Ok(());
         }
         if let Some(pid) = self.child.id() {
@@ -710,7 +776,10 @@ impl Nats {
                     "nats-server did not exit within {} s of SIGTERM; killing it",
                     NATS_STOP_TIMEOUT.as_secs()
                 );
-                self.child.kill().await.context("could not kill nats-server")?;
+                self.child
+                    .kill()
+                    .await
+                    .context("could not kill nats-server")?;
             }
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.reader).await;
@@ -760,13 +829,17 @@ fn postgres_bin_dir() -> Option<PathBuf> {
         .unwrap_or_default();
     let versioned = versioned_dirs(Path::new("/usr/lib/postgresql"), "")
         .into_iter()
-        .chain(versioned_dirs(Path::new("/opt/homebrew/opt"), "postgresql@"))
+        .chain(versioned_dirs(
+            Path::new("/opt/homebrew/opt"),
+            "postgresql@",
+        ))
         .chain(versioned_dirs(Path::new("/usr/local/opt"), "postgresql@"))
         .map(|dir| dir.join("bin"));
-    path_dirs
-        .into_iter()
-        .chain(versioned)
-        .find(|dir| PG_PROGRAMS.iter().all(|name| is_executable(&dir.join(name))))
+    path_dirs.into_iter().chain(versioned).find(|dir| {
+        PG_PROGRAMS
+            .iter()
+            .all(|name| is_executable(&dir.join(name)))
+    })
 }
 
 /// Entries of `parent` named `<prefix><version>`, highest version first.
@@ -867,7 +940,9 @@ fn parse_endpoints(url: &str, default_port: u16) -> Result<Vec<Endpoint>> {
 fn parse_endpoint(url: &str, default_port: u16) -> Result<Endpoint> {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
 
     let (host, port) = if let Some(bracketed) = host_port.strip_prefix('[') {
         let (host, after) = bracketed
@@ -957,7 +1032,11 @@ async fn run(cmd: &mut Command, what: &str) -> Result<Output> {
         .await
         .with_context(|| format!("could not run {what}"))?;
     if !output.status.success() {
-        bail!("{what} failed ({}): {}", output.status, output_text(&output));
+        bail!(
+            "{what} failed ({}): {}",
+            output.status,
+            output_text(&output)
+        );
     }
     Ok(output)
 }
@@ -1003,7 +1082,10 @@ mod tests {
     #[test]
     fn parses_postgres_urls() -> Result<()> {
         assert_eq!(
-            parse_endpoint("postgres://cairn:secret@db.example:6543/cairn?sslmode=disable", 5432)?,
+            parse_endpoint(
+                "postgres://cairn:secret@db.example:6543/cairn?sslmode=disable",
+                5432
+            )?,
             endpoint("db.example", 6543)
         );
         assert_eq!(
@@ -1014,7 +1096,10 @@ mod tests {
             parse_endpoint("postgres://u:p%40ss@[::1]:5433/x", 5432)?,
             endpoint("::1", 5433)
         );
-        assert_eq!(parse_endpoint("postgres:///cairn", 5432)?, endpoint("localhost", 5432));
+        assert_eq!(
+            parse_endpoint("postgres:///cairn", 5432)?,
+            endpoint("localhost", 5432)
+        );
         assert!(parse_endpoint("postgres://host:port/x", 5432).is_err());
         Ok(())
     }
@@ -1029,7 +1114,10 @@ mod tests {
             parse_endpoints("nats://a:1, tls://user:pw@b", 4222)?,
             vec![endpoint("a", 1), endpoint("b", 4222)]
         );
-        assert_eq!(parse_endpoints("localhost", 4222)?, vec![endpoint("localhost", 4222)]);
+        assert_eq!(
+            parse_endpoints("localhost", 4222)?,
+            vec![endpoint("localhost", 4222)]
+        );
         assert!(parse_endpoints("", 4222).is_err());
         Ok(())
     }

@@ -50,7 +50,12 @@ fn find_psql() -> Option<PathBuf> {
         .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
         .unwrap_or_default();
     let mut versioned: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
         .unwrap_or_default();
     versioned.sort();
     versioned.reverse();
@@ -119,13 +124,25 @@ async fn starts_private_servers_when_nothing_answers() -> Result<()> {
     assert!(data.path().join("postgres/PG_VERSION").is_file());
     assert!(data.path().join("nats").is_dir());
 
-    assert!(accepts(pg_port).await, "PostgreSQL does not accept connections");
-    assert!(accepts(nats_port).await, "nats-server does not accept connections");
+    assert!(
+        accepts(pg_port).await,
+        "PostgreSQL does not accept connections"
+    );
+    assert!(
+        accepts(nats_port).await,
+        "nats-server does not accept connections"
+    );
     select_one(&psql, services.database_url()).await?;
 
     services.stop().await?;
-    assert!(!accepts(pg_port).await, "PostgreSQL still accepts connections");
-    assert!(!accepts(nats_port).await, "nats-server still accepts connections");
+    assert!(
+        !accepts(pg_port).await,
+        "PostgreSQL still accepts connections"
+    );
+    assert!(
+        !accepts(nats_port).await,
+        "nats-server still accepts connections"
+    );
     // Stopping again does nothing.
     services.stop().await?;
 
@@ -134,10 +151,19 @@ async fn starts_private_servers_when_nothing_answers() -> Result<()> {
     let pg_port = port_of(services.database_url())?;
     let nats_port = port_of(services.nats_url())?;
     select_one(&psql, services.database_url()).await?;
-    assert!(accepts(nats_port).await, "nats-server does not accept connections");
+    assert!(
+        accepts(nats_port).await,
+        "nats-server does not accept connections"
+    );
     drop(services);
-    assert!(!accepts(pg_port).await, "PostgreSQL still accepts connections after drop");
-    assert!(!accepts(nats_port).await, "nats-server still accepts connections after drop");
+    assert!(
+        !accepts(pg_port).await,
+        "PostgreSQL still accepts connections after drop"
+    );
+    assert!(
+        !accepts(nats_port).await,
+        "nats-server still accepts connections after drop"
+    );
     Ok(())
 }
 

@@ -1,0 +1,123 @@
+//! Password hashing: argon2id (m = 19 MiB, t = 2, p = 1) on tokio's blocking pool, with a
+//! semaphore bounding how many hashes run at once so sign-ins cannot starve other requests.
+
+use std::sync::{Arc, OnceLock};
+
+use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use tokio::sync::Semaphore;
+
+/// Shortest accepted password, in characters.
+pub const MIN_PASSWORD_CHARS: usize = 8;
+/// Longest accepted password, in characters (bounds hashing cost).
+pub const MAX_PASSWORD_CHARS: usize = 128;
+
+/// The bounded hashing pool.
+#[derive(Clone)]
+pub struct Passwords {
+    permits: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Passwords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Passwords").field("available", &self.permits.available_permits()).finish()
+    }
+}
+
+fn argon2() -> Argon2<'static> {
+    // OWASP's recommended argon2id parameters; Params::new only fails for out-of-range values.
+    let params = Params::new(19 * 1024, 2, 1, None).unwrap_or_default();
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+}
+
+/// Checks length bounds.
+///
+/// # Errors
+/// The reason, for the `password` field.
+pub fn check_policy(password: &str) -> Result<(), String> {
+    let chars = password.chars().count();
+    if chars < MIN_PASSWORD_CHARS {
+        return Err(format!("must be at least {MIN_PASSWORD_CHARS} characters"));
+    }
+    if chars > MAX_PASSWORD_CHARS {
+        return Err(format!("must be at most {MAX_PASSWORD_CHARS} characters"));
+    }
+    Ok(())
+}
+
+impl Passwords {
+    /// A pool running at most `concurrency` hashes at once.
+    #[must_use]
+    pub fn new(concurrency: usize) -> Self {
+        Self { permits: Arc::new(Semaphore::new(concurrency.max(1))) }
+    }
+
+    async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+        let _permit = self.permits.acquire().await?;
+        Ok(tokio::task::spawn_blocking(work).await?)
+    }
+
+    /// Hashes `password` into a PHC string.
+    ///
+    /// # Errors
+    /// When hashing fails (it does not for valid parameters).
+    pub async fn hash(&self, password: String) -> anyhow::Result<String> {
+        self.run(move || {
+            let salt = SaltString::generate(&mut OsRng);
+            argon2().hash_password(password.as_bytes(), &salt).map(|h| h.to_string())
+        })
+        .await?
+        .map_err(|e| anyhow::anyhow!("password hashing failed: {e}"))
+    }
+
+    /// Verifies `password` against `hash`; with no hash (unknown account) it verifies against a
+    /// dummy hash so the answer takes as long either way.
+    ///
+    /// # Errors
+    /// When the blocking pool fails.
+    pub async fn verify(&self, password: String, hash: Option<String>) -> anyhow::Result<bool> {
+        let known = hash.is_some();
+        let hash = match hash {
+            Some(h) => h,
+            None => dummy_hash().to_owned(),
+        };
+        let matches = self
+            .run(move || PasswordHash::new(&hash).is_ok_and(|parsed| argon2().verify_password(password.as_bytes(), &parsed).is_ok()))
+            .await?;
+        Ok(known && matches)
+    }
+}
+
+fn dummy_hash() -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    DUMMY.get_or_init(|| {
+        let salt = SaltString::generate(&mut OsRng);
+        argon2()
+            .hash_password(uuid::Uuid::new_v4().to_string().as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .unwrap_or_default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn hashes_verify_and_wrong_passwords_do_not() -> anyhow::Result<()> {
+        let pool = Passwords::new(2);
+        let hash = pool.hash("correct horse".into()).await?;
+        assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
+        assert!(pool.verify("correct horse".into(), Some(hash.clone())).await?);
+        assert!(!pool.verify("wrong horse".into(), Some(hash)).await?);
+        assert!(!pool.verify("anything".into(), None).await?);
+        Ok(())
+    }
+
+    #[test]
+    fn length_policy() {
+        assert!(check_policy("short").is_err());
+        assert!(check_policy(&"x".repeat(129)).is_err());
+        assert!(check_policy("long enough").is_ok());
+    }
+}

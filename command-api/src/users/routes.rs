@@ -1,0 +1,249 @@
+//! HTTP handlers of the user commands. Each checks one named permission, parses its input and
+//! hands a command to [`UserCommands`]; none holds business rules.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use cairn_domain::roles::permissions_for;
+use cairn_domain::{DisplayName, Email, RoleName, UserCommand, UserStatus};
+use cairn_platform::auth::{AuthState, Caller};
+use cairn_platform::envelope::ConsistencyToken;
+use cairn_platform::http::{ApiError, ApiJson, ApiPath, ApiResponse, RequestContext};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use super::{RegisterUser, UserCommands};
+use crate::CommandState;
+
+/// The user command routes.
+pub fn routes() -> OpenApiRouter<CommandState> {
+    OpenApiRouter::new()
+        .routes(routes!(register))
+        .routes(routes!(login))
+        .routes(routes!(update_me))
+        .routes(routes!(grant_role))
+        .routes(routes!(revoke_role))
+        .routes(routes!(deactivate))
+        .routes(routes!(reactivate))
+        .routes(routes!(delete_user))
+        .routes(routes!(jwks))
+}
+
+/// An accepted command: the answer's `meta.consistency_token` lets a read wait for it.
+fn accepted<T: Serialize>(status: StatusCode, data: T, token: ConsistencyToken) -> ApiResponse<T> {
+    ApiResponse::with_status(status, data).meta("consistency_token", token.to_string())
+}
+
+/// `POST /api/v1/auth/register` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterBody {
+    email: String,
+    password: String,
+    display_name: String,
+}
+
+/// Opens an account (UserRegistered) with the `user` role.
+#[utoipa::path(post, path = "/api/v1/auth/register", tag = "auth", request_body = RegisterBody,
+    responses((status = 201, description = "registered: data.user_id, meta.consistency_token"),
+              (status = 400, description = "VALIDATION_FAILED or MALFORMED_REQUEST"),
+              (status = 409, description = "email already registered")))]
+async fn register(
+    State(users): State<UserCommands>,
+    ctx: RequestContext,
+    ApiJson(body): ApiJson<RegisterBody>,
+) -> Result<ApiResponse<serde_json::Value>, ApiError> {
+    let input = RegisterUser { email: body.email, password: body.password, display_name: body.display_name, roles: vec![] };
+    let (id, token) = users.register(input, &ctx, None).await?;
+    Ok(accepted(StatusCode::CREATED, json!({ "user_id": id }), token))
+}
+
+/// `POST /api/v1/auth/login` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginBody {
+    email: String,
+    password: String,
+}
+
+/// Signs in: a short-lived EdDSA access token carrying roles, permissions and session version.
+#[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginBody,
+    responses((status = 200, description = "access_token, token_type, expires_in, user"),
+              (status = 401, description = "wrong email or password, or account not active")))]
+async fn login(
+    State(users): State<UserCommands>,
+    State(auth): State<AuthState>,
+    ApiJson(body): ApiJson<LoginBody>,
+) -> Result<ApiResponse<serde_json::Value>, ApiError> {
+    let refused = || ApiError::Unauthenticated("invalid email or password".to_owned());
+    let id = match Email::parse(&body.email) {
+        Ok(email) => users.find_id_by_email(&email).await?,
+        Err(_) => None,
+    };
+    let user = match id {
+        Some(id) => Some((id, users.load(id).await?)),
+        None => None,
+    };
+    let hash = user.as_ref().map(|(_, u)| u.password_hash.clone());
+    // Unknown accounts are checked against a dummy hash: the answer takes as long either way.
+    let matches = users.passwords().verify(body.password, hash).await?;
+    let Some((id, user)) = user.filter(|_| matches) else {
+        return Err(refused());
+    };
+    match user.status {
+        UserStatus::Active => {}
+        UserStatus::Deactivated => return Err(ApiError::Unauthenticated("account is deactivated".to_owned())),
+        UserStatus::Deleted | UserStatus::Unregistered => return Err(refused()),
+    }
+    let roles: Vec<String> = user.roles.iter().cloned().collect();
+    let perms = permissions_for(roles.iter().map(String::as_str));
+    let token = auth.tokens.issue(id, roles.clone(), perms.clone(), user.session_version, Uuid::new_v4())?;
+    Ok(ApiResponse::ok(json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": auth.tokens.ttl().as_secs(),
+        "user": { "id": id, "email": user.email, "display_name": user.display_name, "roles": roles, "permissions": perms },
+    })))
+}
+
+/// `PATCH /api/v1/users/me` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateMeBody {
+    display_name: String,
+}
+
+/// Changes the caller's display name (DisplayNameChanged). Needs `profile:write`.
+#[utoipa::path(patch, path = "/api/v1/users/me", tag = "users", request_body = UpdateMeBody, security(("bearer" = [])),
+    responses((status = 200, description = "changed"), (status = 401, description = "not signed in"),
+              (status = 403, description = "lacks profile:write")))]
+async fn update_me(
+    State(users): State<UserCommands>,
+    caller: Caller,
+    ctx: RequestContext,
+    ApiJson(body): ApiJson<UpdateMeBody>,
+) -> Result<ApiResponse<serde_json::Value>, ApiError> {
+    caller.require("profile:write")?;
+    let display_name = DisplayName::parse(&body.display_name).map_err(|e| ApiError::field("display_name", e.0))?;
+    let token = users.execute(caller.id(), UserCommand::ChangeDisplayName { display_name }, &ctx, Some(caller.id())).await?;
+    Ok(accepted(StatusCode::OK, json!({ "user_id": caller.id() }), token))
+}
+
+/// `POST /api/v1/users/{id}/roles` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRoleBody {
+    role: String,
+}
+
+fn known_role(raw: &str) -> Result<RoleName, ApiError> {
+    let role = RoleName::parse(raw).map_err(|e| ApiError::field("role", e.0))?;
+    if cairn_domain::roles::permissions_of(role.as_str()).is_none() {
+        return Err(ApiError::field("role", format!("unknown role '{raw}'")));
+    }
+    Ok(role)
+}
+
+/// Grants a role (RoleGranted). Needs `roles:manage`.
+#[utoipa::path(post, path = "/api/v1/users/{id}/roles", tag = "users", request_body = GrantRoleBody, security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "user id")),
+    responses((status = 200, description = "granted"), (status = 403, description = "lacks roles:manage"),
+              (status = 404, description = "no such user"), (status = 409, description = "already granted")))]
+async fn grant_role(
+    State(users): State<UserCommands>,
+    caller: Caller,
+    ctx: RequestContext,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<GrantRoleBody>,
+) -> Result<ApiResponse<serde_json::Value>, ApiError> {
+    caller.require("roles:manage")?;
+    let role = known_role(&body.role)?;
+    let name = role.as_str().to_owned();
+    let token = users.execute(id, UserCommand::GrantRole { role }, &ctx, Some(caller.id())).await?;
+    Ok(accepted(StatusCode::OK, json!({ "user_id": id, "role": name }), token))
+}
+
+/// Revokes a role (RoleRevoked); the user's current tokens stop working. Needs `roles:manage`.
+#[utoipa::path(delete, path = "/api/v1/users/{id}/roles/{role}", tag = "users", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "user id"), ("role" = String, Path, description = "role name")),
+    responses((status = 200, description = "revoked"), (status = 403, description = "lacks roles:manage"),
+              (status = 404, description = "no such user"), (status = 409, description = "not granted")))]
+async fn revoke_role(
+    State(users): State<UserCommands>,
+    caller: Caller,
+    ctx: RequestContext,
+    ApiPath((id, role)): ApiPath<(Uuid, String)>,
+) -> Result<ApiResponse<serde_json::Value>, ApiError> {
+    caller.require("roles:manage")?;
+    let role = known_role(&role)?;
+    let name = role.as_str().to_owned();
+    let token = users.execute(id, UserCommand::RevokeRole { role }, &ctx, Some(caller.id())).await?;
+    Ok(accepted(StatusCode::OK, json!({ "user_id": id, "role": name }), token))
+}
+
+async fn lifecycle(
+    users: &UserCommands,
+    caller: &Caller,
+    ctx: &RequestContext,
+    id: Uuid,
+    command: UserCommand,
+) -> Result<ApiResponse<serde_json::Value>, ApiError> {
+    caller.require("users:write")?;
+    if id == caller.id() && command != UserCommand::ReactivateUser {
+        return Err(ApiError::Conflict("you cannot deactivate or delete your own account here".to_owned()));
+    }
+    let token = users.execute(id, command, ctx, Some(caller.id())).await?;
+    Ok(accepted(StatusCode::OK, json!({ "user_id": id }), token))
+}
+
+/// Deactivates a user (UserDeactivated): their tokens stop working at once. Needs `users:write`.
+#[utoipa::path(post, path = "/api/v1/users/{id}/deactivate", tag = "users", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "user id")),
+    responses((status = 200, description = "deactivated"), (status = 403, description = "lacks users:write"),
+              (status = 404, description = "no such user"), (status = 409, description = "already deactivated")))]
+async fn deactivate(
+    State(users): State<UserCommands>,
+    caller: Caller,
+    ctx: RequestContext,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<ApiResponse<serde_json::Value>, ApiError> {
+    lifecycle(&users, &caller, &ctx, id, UserCommand::DeactivateUser).await
+}
+
+/// Reactivates a deactivated user (UserReactivated). Needs `users:write`.
+#[utoipa::path(post, path = "/api/v1/users/{id}/reactivate", tag = "users", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "user id")),
+    responses((status = 200, description = "reactivated"), (status = 403, description = "lacks users:write"),
+              (status = 404, description = "no such user"), (status = 409, description = "not deactivated")))]
+async fn reactivate(
+    State(users): State<UserCommands>,
+    caller: Caller,
+    ctx: RequestContext,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<ApiResponse<serde_json::Value>, ApiError> {
+    lifecycle(&users, &caller, &ctx, id, UserCommand::ReactivateUser).await
+}
+
+/// Soft-deletes a user (UserDeleted): their tokens stop working at once. Needs `users:write`.
+#[utoipa::path(delete, path = "/api/v1/users/{id}", tag = "users", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "user id")),
+    responses((status = 200, description = "deleted"), (status = 403, description = "lacks users:write"),
+              (status = 404, description = "no such user")))]
+async fn delete_user(
+    State(users): State<UserCommands>,
+    caller: Caller,
+    ctx: RequestContext,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<ApiResponse<serde_json::Value>, ApiError> {
+    lifecycle(&users, &caller, &ctx, id, UserCommand::DeleteUser).await
+}
+
+/// The public keys that verify access tokens (RFC 7517).
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "auth", responses((status = 200, description = "JWKS")))]
+async fn jwks(State(auth): State<AuthState>) -> Json<serde_json::Value> {
+    Json(auth.tokens.keys().jwks())
+}
