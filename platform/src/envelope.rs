@@ -32,6 +32,14 @@ pub struct EventEnvelope {
     pub payload: serde_json::Value,
     /// Who, from where, in answer to which request.
     pub metadata: serde_json::Value,
+    /// Transaction id of the event before this one in the global order (0 for the first).
+    #[serde(default)]
+    pub previous_transaction_id: u64,
+    /// Global position of the event before this one in the global order (0 for the first).
+    /// A consumer that needs every event in order (a projector) compares it with its checkpoint
+    /// to detect a gap, and fills the gap from the events table.
+    #[serde(default)]
+    pub previous_global_position: i64,
 }
 
 impl EventEnvelope {
@@ -39,6 +47,12 @@ impl EventEnvelope {
     #[must_use]
     pub fn position(&self) -> ConsistencyToken {
         ConsistencyToken { tx: self.transaction_id, pos: self.global_position }
+    }
+
+    /// The position of the event before this one.
+    #[must_use]
+    pub fn previous(&self) -> ConsistencyToken {
+        ConsistencyToken { tx: self.previous_transaction_id, pos: self.previous_global_position }
     }
 
     /// The body of the payload under its type tag (`payload[event_type]`), or the payload itself.

@@ -19,6 +19,7 @@ pub mod http;
 pub mod log;
 pub mod nats;
 pub mod relay;
+pub mod roles;
 pub mod settings;
 pub mod telemetry;
 

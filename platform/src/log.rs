@@ -12,6 +12,9 @@ use crate::envelope::{ConsistencyToken, EventEnvelope};
 /// below the snapshot's xmin has either committed or aborted, so nothing new can appear behind
 /// the returned events.
 ///
+/// Each returned event names its predecessor in this order (`after` for the first), so a
+/// consumer can tell a gap from a duplicate.
+///
 /// # Errors
 /// When the query fails.
 pub async fn read_after(conn: &mut PgConnection, after: ConsistencyToken, limit: i64) -> sqlx::Result<Vec<EventEnvelope>> {
@@ -29,9 +32,10 @@ pub async fn read_after(conn: &mut PgConnection, after: ConsistencyToken, limit:
     .bind(limit)
     .fetch_all(conn)
     .await?;
+    let mut previous = after;
     rows.into_iter()
         .map(|row| {
-            Ok(EventEnvelope {
+            let event = EventEnvelope {
                 event_id: row.try_get("event_id")?,
                 aggregate_type: row.try_get("aggregate_type")?,
                 aggregate_id: row.try_get("aggregate_id")?,
@@ -43,7 +47,11 @@ pub async fn read_after(conn: &mut PgConnection, after: ConsistencyToken, limit:
                 recorded_at: row.try_get("recorded_at")?,
                 payload: row.try_get("payload")?,
                 metadata: row.try_get("metadata")?,
-            })
+                previous_transaction_id: previous.tx,
+                previous_global_position: previous.pos,
+            };
+            previous = event.position();
+            Ok(event)
         })
         .collect()
 }

@@ -128,3 +128,87 @@ mod tests {
         assert_eq!(ns.all_events(), "t-42.events.>");
     }
 }
+
+/// Handles batches of events from a durable consumer.
+pub trait EventBatchHandler: Send + Sync {
+    /// Applies a batch. Must be idempotent: a batch may be delivered again after a crash.
+    ///
+    /// # Errors
+    /// Any failure: the batch is redelivered after a pause.
+    fn handle(&self, events: &[crate::envelope::EventEnvelope]) -> impl std::future::Future<Output = anyhow::Result<()>> + Send;
+}
+
+/// Pulls batches from `consumer` and hands them to `handler`; acknowledges only after the
+/// handler succeeded (at-least-once delivery; handlers make the effect exactly-once). Runs until
+/// `shutdown`, riding out NATS outages.
+pub async fn consume<H: EventBatchHandler>(
+    consumer: consumer::Consumer<consumer::pull::Config>,
+    batch: usize,
+    handler: H,
+    name: &'static str,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use futures::StreamExt;
+    let mut backoff = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        let fetched = consumer.fetch().max_messages(batch).expires(Duration::from_millis(500)).messages().await;
+        let mut messages = match fetched {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(consumer = name, error = %e, "fetch failed; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let mut delivered = Vec::new();
+        let mut events = Vec::new();
+        while let Some(next) = messages.next().await {
+            let Ok(message) = next else { break };
+            match serde_json::from_slice::<crate::envelope::EventEnvelope>(&message.payload) {
+                Ok(event) => {
+                    events.push(event);
+                    delivered.push(message);
+                }
+                Err(e) => {
+                    // Not an event envelope: it can never be applied, so it must not block the stream.
+                    tracing::error!(consumer = name, subject = %message.subject, error = %e, "dropping malformed message");
+                    let _ = message.ack_with(jetstream::AckKind::Term).await;
+                }
+            }
+        }
+        if events.is_empty() {
+            continue;
+        }
+        // Retry the same batch until it applies: handing it back (NAK) would let later
+        // messages overtake it. The handler is idempotent, so a retry after a partial failure is safe.
+        loop {
+            match handler.handle(&events).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(consumer = name, error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        backoff = Duration::from_millis(100);
+        let pending = delivered.last().and_then(|m| m.info().ok().map(|i| i.pending));
+        for message in &delivered {
+            if let Err(e) = message.ack().await {
+                // The batch is committed; a lost ack means redelivery, which the handler skips.
+                tracing::warn!(consumer = name, error = %e, "ack failed");
+            }
+        }
+        metrics::counter!("cairn_consumer_events_total", "consumer" => name).increment(events.len() as u64);
+        if let Some(pending) = pending {
+            metrics::gauge!("cairn_consumer_lag_events", "consumer" => name).set(pending as f64);
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! The users read model: profile, list with filters, single user, role catalogue.
+
+mod routes;
+mod store;
+
+pub use routes::routes;
+pub use store::{UserFilter, UserRow};
