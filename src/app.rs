@@ -1,0 +1,200 @@
+//! Assembles the services into one process: `serve` runs them all on one port; split mode runs
+//! a subset. Tests build an [`Application`] on port 0 the same way.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream;
+use axum::Router;
+use cairn_command_api::passwords::Passwords;
+use cairn_command_api::{CommandState, UserCommands};
+use cairn_platform::auth::{AuthState, KeySet, SessionVersions, TokenIssuer};
+use cairn_platform::checkpoint::CheckpointWatcher;
+use cairn_platform::http::{finish_router, ops_router, OpsState};
+use cairn_platform::nats::{self, Namespace};
+use cairn_platform::relay::Relay;
+use cairn_platform::{db, telemetry, Settings};
+use cairn_query_api::{Consistency, QueryState};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_swagger_ui::SwaggerUi;
+
+/// Which services this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Services {
+    /// The write API (and the relay, which publishes what it writes).
+    pub command_api: bool,
+    /// The read API.
+    pub query_api: bool,
+    /// The relay from the events table to JetStream (single-active; standbys wait).
+    pub relay: bool,
+    /// The projectors.
+    pub projector: bool,
+    /// The workers.
+    pub workers: bool,
+}
+
+impl Services {
+    /// Everything (`cairn serve`).
+    #[must_use]
+    pub fn all() -> Self {
+        Self { command_api: true, query_api: true, relay: true, projector: true, workers: true }
+    }
+
+    /// Nothing; combine with struct update syntax.
+    #[must_use]
+    pub fn none() -> Self {
+        Self { command_api: false, query_api: false, relay: false, projector: false, workers: false }
+    }
+}
+
+/// A built, listening process.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+    pool: PgPool,
+}
+
+impl Application {
+    /// Connects, migrates, creates the JetStream objects, binds `settings.listen` (port 0 picks a
+    /// free one) and starts the background services. Serving starts with [`Self::run_until_stopped`].
+    ///
+    /// # Errors
+    /// When Postgres is unreachable, keys are missing in production, or the port is taken.
+    pub async fn build(settings: Settings, services: Services) -> anyhow::Result<Self> {
+        telemetry::init_tracing(settings.log_format);
+        let _ = telemetry::metrics_handle();
+        let shutdown = CancellationToken::new();
+        let pool = db::connect_and_migrate(&settings.database_url, settings.db_max_connections).await.with_context(|| {
+            "Postgres is needed: start it, run `cairn serve --embedded` (uses the system's initdb, pg_ctl and nats-server), \
+             or `docker compose up -d postgres nats`"
+        })?;
+        let client = nats::connect(&settings.nats_url).await?;
+        let js = jetstream::new(client.clone());
+        let ns = Namespace::new(&settings.namespace);
+        match tokio::time::timeout(Duration::from_secs(5), nats::ensure_events_stream(&js, &ns, settings.stream_replicas)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "EVENTS stream not ready yet; services retry"),
+            Err(_) => tracing::warn!(url = settings.nats_url, "NATS not reachable yet; commands still work, events are published when it returns"),
+        }
+
+        let mut tasks = JoinSet::new();
+        let mut api = OpenApiRouter::new();
+        let serves_api = services.command_api || services.query_api;
+        if serves_api {
+            let keys = Arc::new(KeySet::load(&settings.keys_dir, settings.is_production())?);
+            let tokens = TokenIssuer::new(keys, &settings.token_issuer, &settings.token_audience, settings.access_token_ttl);
+            let sessions = SessionVersions::default();
+            sessions.follow(pool.clone(), js.clone(), ns.clone(), shutdown.clone()).await?;
+            let auth = AuthState { tokens, sessions: sessions.clone() };
+            if services.command_api {
+                let users = UserCommands::new(pool.clone(), Passwords::new(settings.hash_concurrency), sessions);
+                api = api.merge(cairn_command_api::router(CommandState { users, auth: auth.clone() }));
+            }
+            if services.query_api {
+                let users = CheckpointWatcher::spawn(pool.clone(), "users", shutdown.clone());
+                let consistency = Consistency { users, max_wait: settings.consistency_wait };
+                api = api.merge(cairn_query_api::router(QueryState { pool: pool.clone(), auth, consistency }));
+            }
+        }
+        if services.relay {
+            let relay = Relay::new(pool.clone(), js.clone(), ns.clone(), settings.relay_batch);
+            tasks.spawn(relay.run(shutdown.clone()));
+        }
+        if services.projector {
+            let (pool, js, ns, token) = (pool.clone(), js.clone(), ns.clone(), shutdown.clone());
+            let (batch, replicas) = (settings.projector_batch, settings.stream_replicas);
+            tasks.spawn(retrying("projector", token.clone(), move || {
+                cairn_projector::run(pool.clone(), js.clone(), ns.clone(), cairn_projector::UsersProjection, batch, replicas, token.clone())
+            }));
+        }
+        if services.workers {
+            let worker = cairn_workers::AuditWorker::new(pool.clone());
+            let (js, ns, token) = (js.clone(), ns.clone(), shutdown.clone());
+            let (batch, replicas) = (settings.projector_batch, settings.stream_replicas);
+            tasks.spawn(retrying("audit worker", token.clone(), move || {
+                worker.clone().run(js.clone(), ns.clone(), batch, replicas, token.clone())
+            }));
+        }
+
+        let (api_router, mut openapi) = api.split_for_parts();
+        let mut router = api_router.merge(ops_router(OpsState { pool: pool.clone(), nats: client }));
+        if serves_api {
+            document(&mut openapi);
+            router = router.merge(SwaggerUi::new("/docs").url("/api/v1/openapi.json", openapi));
+        }
+        let router = finish_router(router, settings.max_body_bytes, settings.request_timeout);
+        let listener = TcpListener::bind(settings.listen).await.with_context(|| format!("cannot listen on {}", settings.listen))?;
+        Ok(Self { listener, router, shutdown, tasks, pool })
+    }
+
+    /// The bound port.
+    #[must_use]
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Cancelling this stops the process gracefully.
+    #[must_use]
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// The process's database pool.
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Serves until the shutdown token is cancelled, then stops the background services.
+    ///
+    /// # Errors
+    /// When the server fails.
+    pub async fn run_until_stopped(mut self) -> anyhow::Result<()> {
+        let addr = self.listener.local_addr()?;
+        tracing::info!(%addr, "listening");
+        let shutdown = self.shutdown.clone();
+        let served = axum::serve(self.listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await;
+        shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        self.pool.close().await;
+        served.map_err(Into::into)
+    }
+}
+
+/// Runs a long-lived service, restarting it after a pause if it fails to start (NATS down, say).
+async fn retrying<F, Fut>(name: &'static str, shutdown: CancellationToken, mut start: F)
+where
+    F: FnMut() -> Fut + Send,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    while !shutdown.is_cancelled() {
+        match start().await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(service = name, error = %format!("{e:#}"), "service could not start; retrying"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+fn document(openapi: &mut OpenApi) {
+    openapi.info.title = "cairn".to_owned();
+    openapi.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    openapi.info.description = Some("Event-sourced backend: commands append events; reads come from projections.".to_owned());
+    let components = openapi.components.get_or_insert_with(Default::default);
+    components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()));
+}

@@ -1,0 +1,238 @@
+//! The command line of the operator binary.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use cairn_command_api::passwords::Passwords;
+use cairn_command_api::users::RegisterUser;
+use cairn_command_api::UserCommands;
+use cairn_embedded::{EmbeddedOptions, EmbeddedServices};
+use cairn_platform::auth::{KeySet, SessionVersions};
+use cairn_platform::http::RequestContext;
+use cairn_platform::{db, telemetry, Settings};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{Application, Services};
+
+/// cairn: an event-sourced CQRS backend. Configuration comes from the environment (see README).
+#[derive(Debug, Parser)]
+#[command(name = "cairn", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run every service in one process on one port: command API, relay, projectors, query API, workers.
+    Serve {
+        /// When nothing answers at DATABASE_URL or NATS_URL, start a private PostgreSQL
+        /// (initdb, pg_ctl) and nats-server under CAIRN_DATA_DIR, and stop them on exit.
+        #[arg(long)]
+        embedded: bool,
+    },
+    /// Run the command API (and a relay, single-active) alone.
+    CommandApi,
+    /// Run the query API alone.
+    QueryApi,
+    /// Run the projectors alone (health and metrics on CAIRN_LISTEN).
+    Projector,
+    /// Run the workers alone (health and metrics on CAIRN_LISTEN).
+    Workers,
+    /// Run the relay alone (health and metrics on CAIRN_LISTEN).
+    Relay,
+    /// Create the database if missing and apply migrations.
+    Migrate,
+    /// Rebuild a projection from the events table and swap it in without taking reads down.
+    Replay {
+        /// The projection (`users`).
+        #[arg(long)]
+        projection: String,
+    },
+    /// Operator tasks.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// Exit 0 when the local server's /health answers 200 (for container health checks).
+    Healthcheck,
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Create a user through the same command path as the API. The password is read from
+    /// CAIRN_ADMIN_PASSWORD or standard input, never from the command line.
+    CreateUser {
+        /// Email address.
+        #[arg(long)]
+        email: String,
+        /// Role to hold (repeatable).
+        #[arg(long = "role", default_value = "admin")]
+        roles: Vec<String>,
+        /// Display name (default: the part of the email before '@').
+        #[arg(long)]
+        display_name: Option<String>,
+    },
+    /// Add a new signing key; the newest key signs, older ones keep verifying.
+    RotateKey,
+}
+
+/// Parses the command line and runs it.
+pub async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "cairn failed");
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut settings = Settings::from_env()?;
+    telemetry::init_tracing(settings.log_format);
+    let services = match cli.command {
+        Command::Serve { embedded } => {
+            let mut private = None;
+            if embedded {
+                let data_dir = std::env::var("CAIRN_DATA_DIR").map_or_else(|_| PathBuf::from(".cairn/data"), PathBuf::from);
+                let started = EmbeddedServices::start(EmbeddedOptions {
+                    data_dir,
+                    database_url: settings.database_url.clone(),
+                    nats_url: settings.nats_url.clone(),
+                })
+                .await?;
+                settings.database_url = started.database_url().to_owned();
+                settings.nats_url = started.nats_url().to_owned();
+                private = Some(started);
+            }
+            let result = serve(settings, Services::all()).await;
+            if let Some(mut started) = private {
+                started.stop().await?;
+            }
+            return result;
+        }
+        Command::CommandApi => Services { command_api: true, relay: true, ..Services::none() },
+        Command::QueryApi => Services { query_api: true, ..Services::none() },
+        Command::Projector => Services { projector: true, ..Services::none() },
+        Command::Workers => Services { workers: true, ..Services::none() },
+        Command::Relay => Services { relay: true, ..Services::none() },
+        Command::Migrate => {
+            db::connect_and_migrate(&settings.database_url, 2).await?;
+            tracing::info!("database is up to date");
+            return Ok(());
+        }
+        Command::Replay { projection } => return replay(&settings, &projection).await,
+        Command::Admin { command } => return admin(&settings, command).await,
+        Command::Healthcheck => return healthcheck(&settings).await,
+    };
+    serve(settings, services).await
+}
+
+async fn serve(settings: Settings, services: Services) -> anyhow::Result<()> {
+    let app = Application::build(settings, services).await?;
+    let token = app.shutdown_token();
+    tokio::spawn(stop_on_signal(token));
+    app.run_until_stopped().await
+}
+
+async fn stop_on_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        } else {
+            let _ = ctrl_c.await;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+    token.cancel();
+}
+
+async fn replay(settings: &Settings, projection: &str) -> anyhow::Result<()> {
+    let pool = db::connect_and_migrate(&settings.database_url, 4).await?;
+    let events = match projection {
+        "users" => cairn_projector::rebuild(&pool, &cairn_projector::UsersProjection, 5000, true).await?,
+        other => bail!("unknown projection '{other}' (known: users)"),
+    };
+    let _ = writeln!(std::io::stdout(), "rebuilt {projection} from {events} events");
+    Ok(())
+}
+
+async fn admin(settings: &Settings, command: AdminCommand) -> anyhow::Result<()> {
+    match command {
+        AdminCommand::RotateKey => {
+            let kid = KeySet::rotate(&settings.keys_dir)?;
+            let _ = writeln!(std::io::stdout(), "created signing key {kid} in {}; it signs from the next start", settings.keys_dir.display());
+            Ok(())
+        }
+        AdminCommand::CreateUser { email, roles, display_name } => {
+            let password = match std::env::var("CAIRN_ADMIN_PASSWORD") {
+                Ok(p) if !p.is_empty() => p,
+                _ => read_password()?,
+            };
+            let pool = db::connect_and_migrate(&settings.database_url, 2).await?;
+            let users = UserCommands::new(pool, Passwords::new(1), SessionVersions::default());
+            let display_name = display_name.unwrap_or_else(|| email.split('@').next().unwrap_or("admin").to_owned());
+            let input = RegisterUser { email, password, display_name, roles };
+            let (id, token) = users
+                .register(input, &RequestContext::operator("cairn admin create-user"), None)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", describe(&e)))?;
+            let _ = writeln!(std::io::stdout(), "{id}");
+            tracing::info!(user_id = %id, consistency_token = %token, "user created");
+            Ok(())
+        }
+    }
+}
+
+fn describe(e: &cairn_platform::http::ApiError) -> String {
+    match e {
+        cairn_platform::http::ApiError::Validation { details, .. } => {
+            details.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("; ")
+        }
+        other => other.to_string(),
+    }
+}
+
+fn read_password() -> anyhow::Result<String> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        let _ = write!(std::io::stderr(), "password (input is visible; prefer CAIRN_ADMIN_PASSWORD or a pipe): ");
+        let _ = std::io::stderr().flush();
+    }
+    let mut line = String::new();
+    stdin.lock().read_line(&mut line).context("cannot read the password from standard input")?;
+    let password = line.trim_end_matches(['\n', '\r']).to_owned();
+    if password.is_empty() {
+        bail!("no password: set CAIRN_ADMIN_PASSWORD or pipe it on standard input");
+    }
+    Ok(password)
+}
+
+async fn healthcheck(settings: &Settings) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut addr = settings.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let mut stream = tokio::time::timeout(std::time::Duration::from_secs(3), tokio::net::TcpStream::connect(addr)).await??;
+    stream.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n").await?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await?;
+    if &head[9..12] == b"200" {
+        Ok(())
+    } else {
+        bail!("health check answered {}", String::from_utf8_lossy(&head))
+    }
+}
