@@ -194,6 +194,8 @@ where
 fn document(openapi: &mut OpenApi) {
     openapi.info.title = "cairn".to_owned();
     openapi.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    openapi.info.contact = None;
+    openapi.info.license = Some(utoipa::openapi::License::new("Apache-2.0"));
     openapi.info.description = Some("Event-sourced backend: commands append events; reads come from projections.".to_owned());
     let components = openapi.components.get_or_insert_with(Default::default);
     components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()));

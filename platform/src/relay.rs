@@ -108,12 +108,29 @@ impl Relay {
                 .fetch_one(&mut *conn)
                 .await?;
         let mut checkpoint = ConsistencyToken { tx: u64::try_from(tx).unwrap_or_default(), pos };
+        let mut held_back_rounds = 0u32;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
             let events = crate::log::read_after(conn, checkpoint, self.batch).await?;
             if events.is_empty() {
+                // Committed events may be waiting behind an older transaction still running (the
+                // safe horizon): look again soon rather than waiting for the next NOTIFY.
+                let held_back: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM events WHERE (transaction_id, global_position) > ($1::text::xid8, $2))",
+                )
+                .bind(checkpoint.tx.to_string())
+                .bind(checkpoint.pos)
+                .fetch_one(&mut *conn)
+                .await?;
+                if held_back {
+                    // Back off while a long transaction holds the horizon.
+                    held_back_rounds = (held_back_rounds + 1).min(6);
+                    tokio::time::sleep(Duration::from_millis(1 << held_back_rounds)).await;
+                    continue;
+                }
+                held_back_rounds = 0;
                 metrics::gauge!("cairn_relay_lag_events").set(0.0);
                 tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),

@@ -56,8 +56,12 @@ fn backticked(text: &str) -> Option<String> {
     Some(text[start..end].to_owned())
 }
 
+/// The serde message without axum's prefix or serde's " at line 1 column 19" suffix.
 fn strip_prefix(text: &str) -> String {
-    text.trim_start_matches("Failed to deserialize the JSON body into the target type: ").to_owned()
+    let text = text.trim_start_matches("Failed to deserialize the JSON body into the target type: ");
+    let text = text.split(" at line ").next().unwrap_or(text);
+    // serde prefixes the path of a nested error ("email: invalid type…"); keep the message.
+    text.to_owned()
 }
 
 /// Path parameters; a bad id is VALIDATION_FAILED naming the parameter.
@@ -72,12 +76,7 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath
             Ok(axum::extract::Path(value)) => Ok(Self(value)),
             Err(PathRejection::FailedToDeserializePathParams(e)) => {
                 let text = e.body_text();
-                let field = text
-                    .split("parameter `")
-                    .nth(1)
-                    .and_then(|rest| rest.split('`').next())
-                    .unwrap_or("path")
-                    .to_owned();
+                let field = backticked(&text).unwrap_or_else(|| "path".to_owned());
                 Err(ApiError::Validation {
                     message: format!("invalid path parameter: {}", text.trim_start_matches("Invalid URL: ")),
                     details: BTreeMap::from([(field, "has the wrong format (ids are UUIDs)".to_owned())]),

@@ -1,0 +1,293 @@
+//! Test harness: every test gets its own database, its own NATS namespace and its own keys,
+//! and drives the real HTTP API of an [`Application`] bound to port 0.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cairn::{Application, Services};
+use cairn_platform::Settings;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// Base URLs of the local services, overridable like the real ones.
+pub fn pg_base() -> String {
+    std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+pub fn nats_base() -> String {
+    std::env::var("TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+/// An isolated environment: database, namespace, keys directory.
+pub struct TestEnv {
+    pub database: String,
+    pub database_url: String,
+    pub nats_url: String,
+    pub namespace: String,
+    pub keys: tempfile::TempDir,
+}
+
+impl TestEnv {
+    pub fn new() -> Self {
+        let id = Uuid::new_v4().simple().to_string();
+        let database = format!("cairn_test_{}", &id[..12]);
+        Self {
+            database_url: format!("{}/{database}", pg_base()),
+            database,
+            nats_url: nats_base(),
+            namespace: format!("t{}", &id[..12]),
+            keys: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// The environment variables a cairn process of this test runs with.
+    pub fn vars(&self) -> HashMap<String, String> {
+        HashMap::from([
+            ("DATABASE_URL".to_owned(), self.database_url.clone()),
+            ("NATS_URL".to_owned(), self.nats_url.clone()),
+            ("CAIRN_NAMESPACE".to_owned(), self.namespace.clone()),
+            ("CAIRN_KEYS_DIR".to_owned(), self.keys.path().display().to_string()),
+            ("CAIRN_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+            ("CAIRN_HASH_CONCURRENCY".to_owned(), "4".to_owned()),
+            ("RUST_LOG".to_owned(), "warn".to_owned()),
+        ])
+    }
+
+    pub fn settings(&self, extra: &[(&str, &str)]) -> Settings {
+        let mut vars = self.vars();
+        for (k, v) in extra {
+            vars.insert((*k).to_owned(), (*v).to_owned());
+        }
+        Settings::from_lookup(|k| vars.get(k).cloned()).unwrap()
+    }
+
+    /// A `cairn` child process with this environment.
+    pub fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
+        cmd.args(args).envs(self.vars());
+        cmd
+    }
+
+    /// Drops the database and the stream.
+    pub async fn cleanup(&self) {
+        if let Ok(client) = async_nats::connect(&self.nats_url).await {
+            let js = async_nats::jetstream::new(client);
+            let _ = js.delete_stream(cairn_platform::nats::Namespace::new(&self.namespace).events_stream()).await;
+        }
+        if let Ok(pool) = PgPool::connect(&format!("{}/postgres", pg_base())).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database)).execute(&pool).await;
+        }
+    }
+}
+
+/// A running application and a client for it.
+pub struct TestApp {
+    pub env: TestEnv,
+    pub address: String,
+    pub client: reqwest::Client,
+    pub pool: PgPool,
+    pub shutdown: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl Reply {
+    pub fn data(&self) -> &Value {
+        &self.body["data"]
+    }
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+    pub fn token(&self) -> String {
+        self.body["meta"]["consistency_token"].as_str().unwrap().to_owned()
+    }
+}
+
+impl TestApp {
+    /// Everything in one process (`serve`).
+    pub async fn spawn() -> Self {
+        Self::spawn_with(TestEnv::new(), Services::all(), &[]).await
+    }
+
+    pub async fn spawn_with(env: TestEnv, services: Services, extra: &[(&str, &str)]) -> Self {
+        quiet_logs();
+        let app = Application::build(env.settings(extra), services).await.unwrap();
+        let address = format!("http://127.0.0.1:{}", app.port());
+        let shutdown = app.shutdown_token();
+        let pool = PgPool::connect(&env.database_url).await.unwrap();
+        let handle = tokio::spawn(app.run_until_stopped());
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        Self { env, address, client, pool, shutdown, handle: Some(handle) }
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.await;
+        }
+        self.pool.close().await;
+        self.env.cleanup().await;
+    }
+
+    pub async fn request(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>, headers: &[(&str, &str)]) -> Reply {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.client.request(method, format!("{}{path}", self.address));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Reply { status, body, headers }
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Reply {
+        self.request("GET", path, token, None, &[]).await
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> Reply {
+        self.request("POST", path, token, Some(body), &[]).await
+    }
+
+    pub async fn register(&self, email: &str) -> Reply {
+        self.post("/api/v1/auth/register", None, json!({ "email": email, "password": PASSWORD, "display_name": email.split('@').next().unwrap() }))
+            .await
+    }
+
+    /// Registers and returns the user id.
+    pub async fn register_ok(&self, email: &str) -> Uuid {
+        let reply = self.register(email).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
+        reply.data()["user_id"].as_str().unwrap().parse().unwrap()
+    }
+
+    pub async fn login(&self, email: &str) -> String {
+        let reply = self.post("/api/v1/auth/login", None, json!({ "email": email, "password": PASSWORD })).await;
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+        reply.data()["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// Creates an admin with the operator binary, as a newcomer would, and signs in.
+    pub fn create_admin_process(&self, email: &str) -> Uuid {
+        let output = self
+            .env
+            .command(&["admin", "create-user", "--email", email, "--role", "admin"])
+            .env("CAIRN_ADMIN_PASSWORD", PASSWORD)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).trim().parse().unwrap()
+    }
+
+    pub async fn admin_token(&self) -> (Uuid, String) {
+        let email = format!("admin-{}@example.com", &Uuid::new_v4().simple().to_string()[..8]);
+        let id = self.create_admin_process(&email);
+        (id, self.login(&email).await)
+    }
+
+    /// Polls `query` (a scalar count) until it equals `expected`, failing after `timeout`.
+    pub async fn wait_count(&self, query: &str, expected: i64, timeout: Duration) {
+        wait_count(&self.pool, query, expected, timeout).await;
+    }
+}
+
+pub async fn wait_count(pool: &PgPool, query: &str, expected: i64, timeout: Duration) {
+    let started = Instant::now();
+    loop {
+        let n: i64 = sqlx::query_scalar(query).fetch_one(pool).await.unwrap_or(-1);
+        if n == expected {
+            return;
+        }
+        assert!(started.elapsed() < timeout, "`{query}` stayed at {n}, expected {expected}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Logs at `warn` (or `RUST_LOG`) through the test writer, so passing tests stay quiet.
+pub fn quiet_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A private nats-server with JetStream, for tests that stop and start the broker.
+pub struct PrivateNats {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateNats {
+    pub fn start() -> Self {
+        let mut nats = Self { port: free_port(), dir: tempfile::tempdir().unwrap(), child: None };
+        nats.restart();
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("nats-server"));
+        let child = std::process::Command::new(binary)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(10), "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the server (SIGTERM, then waits).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
