@@ -45,13 +45,25 @@ impl Services {
     /// Everything (`cairn serve`).
     #[must_use]
     pub fn all() -> Self {
-        Self { command_api: true, query_api: true, relay: true, projector: true, workers: true }
+        Self {
+            command_api: true,
+            query_api: true,
+            relay: true,
+            projector: true,
+            workers: true,
+        }
     }
 
     /// Nothing; combine with struct update syntax.
     #[must_use]
     pub fn none() -> Self {
-        Self { command_api: false, query_api: false, relay: false, projector: false, workers: false }
+        Self {
+            command_api: false,
+            query_api: false,
+            relay: false,
+            projector: false,
+            workers: false,
+        }
     }
 }
 
@@ -81,10 +93,20 @@ impl Application {
         let client = nats::connect(&settings.nats_url).await?;
         let js = jetstream::new(client.clone());
         let ns = Namespace::new(&settings.namespace);
-        match tokio::time::timeout(Duration::from_secs(5), nats::ensure_events_stream(&js, &ns, settings.stream_replicas)).await {
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            nats::ensure_events_stream(&js, &ns, settings.stream_replicas),
+        )
+        .await
+        {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "EVENTS stream not ready yet; services retry"),
-            Err(_) => tracing::warn!(url = settings.nats_url, "NATS not reachable yet; commands still work, events are published when it returns"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), "EVENTS stream not ready yet; services retry")
+            }
+            Err(_) => tracing::warn!(
+                url = settings.nats_url,
+                "NATS not reachable yet; commands still work, events are published when it returns"
+            ),
         }
 
         let mut tasks = JoinSet::new();
@@ -92,18 +114,42 @@ impl Application {
         let serves_api = services.command_api || services.query_api;
         if serves_api {
             let keys = Arc::new(KeySet::load(&settings.keys_dir, settings.is_production())?);
-            let tokens = TokenIssuer::new(keys, &settings.token_issuer, &settings.token_audience, settings.access_token_ttl);
+            let tokens = TokenIssuer::new(
+                keys,
+                &settings.token_issuer,
+                &settings.token_audience,
+                settings.access_token_ttl,
+            );
             let sessions = SessionVersions::default();
-            sessions.follow(pool.clone(), js.clone(), ns.clone(), shutdown.clone()).await?;
-            let auth = AuthState { tokens, sessions: sessions.clone() };
+            sessions
+                .follow(pool.clone(), js.clone(), ns.clone(), shutdown.clone())
+                .await?;
+            let auth = AuthState {
+                tokens,
+                sessions: sessions.clone(),
+            };
             if services.command_api {
-                let users = UserCommands::new(pool.clone(), Passwords::new(settings.hash_concurrency), sessions);
-                api = api.merge(cairn_command_api::router(CommandState { users, auth: auth.clone() }));
+                let users = UserCommands::new(
+                    pool.clone(),
+                    Passwords::new(settings.hash_concurrency),
+                    sessions,
+                );
+                api = api.merge(cairn_command_api::router(CommandState {
+                    users,
+                    auth: auth.clone(),
+                }));
             }
             if services.query_api {
                 let users = CheckpointWatcher::spawn(pool.clone(), "users", shutdown.clone());
-                let consistency = Consistency { users, max_wait: settings.consistency_wait };
-                api = api.merge(cairn_query_api::router(QueryState { pool: pool.clone(), auth, consistency }));
+                let consistency = Consistency {
+                    users,
+                    max_wait: settings.consistency_wait,
+                };
+                api = api.merge(cairn_query_api::router(QueryState {
+                    pool: pool.clone(),
+                    auth,
+                    consistency,
+                }));
             }
         }
         if services.relay {
@@ -114,7 +160,15 @@ impl Application {
             let (pool, js, ns, token) = (pool.clone(), js.clone(), ns.clone(), shutdown.clone());
             let (batch, replicas) = (settings.projector_batch, settings.stream_replicas);
             tasks.spawn(retrying("projector", token.clone(), move || {
-                cairn_projector::run(pool.clone(), js.clone(), ns.clone(), cairn_projector::UsersProjection, batch, replicas, token.clone())
+                cairn_projector::run(
+                    pool.clone(),
+                    js.clone(),
+                    ns.clone(),
+                    cairn_projector::UsersProjection,
+                    batch,
+                    replicas,
+                    token.clone(),
+                )
             }));
         }
         if services.workers {
@@ -122,19 +176,32 @@ impl Application {
             let (js, ns, token) = (js.clone(), ns.clone(), shutdown.clone());
             let (batch, replicas) = (settings.projector_batch, settings.stream_replicas);
             tasks.spawn(retrying("audit worker", token.clone(), move || {
-                worker.clone().run(js.clone(), ns.clone(), batch, replicas, token.clone())
+                worker
+                    .clone()
+                    .run(js.clone(), ns.clone(), batch, replicas, token.clone())
             }));
         }
 
         let (api_router, mut openapi) = api.split_for_parts();
-        let mut router = api_router.merge(ops_router(OpsState { pool: pool.clone(), nats: client }));
+        let mut router = api_router.merge(ops_router(OpsState {
+            pool: pool.clone(),
+            nats: client,
+        }));
         if serves_api {
             document(&mut openapi);
             router = router.merge(SwaggerUi::new("/docs").url("/api/v1/openapi.json", openapi));
         }
         let router = finish_router(router, settings.max_body_bytes, settings.request_timeout);
-        let listener = TcpListener::bind(settings.listen).await.with_context(|| format!("cannot listen on {}", settings.listen))?;
-        Ok(Self { listener, router, shutdown, tasks, pool })
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        Ok(Self {
+            listener,
+            router,
+            shutdown,
+            tasks,
+            pool,
+        })
     }
 
     /// The bound port.
@@ -163,9 +230,13 @@ impl Application {
         let addr = self.listener.local_addr()?;
         tracing::info!(%addr, "listening");
         let shutdown = self.shutdown.clone();
-        let served = axum::serve(self.listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await;
+        let served = axum::serve(
+            self.listener,
+            self.router
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
         shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
         self.pool.close().await;
@@ -182,7 +253,9 @@ where
     while !shutdown.is_cancelled() {
         match start().await {
             Ok(()) => return,
-            Err(e) => tracing::warn!(service = name, error = %format!("{e:#}"), "service could not start; retrying"),
+            Err(e) => {
+                tracing::warn!(service = name, error = %format!("{e:#}"), "service could not start; retrying")
+            }
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -196,7 +269,17 @@ fn document(openapi: &mut OpenApi) {
     openapi.info.version = env!("CARGO_PKG_VERSION").to_owned();
     openapi.info.contact = None;
     openapi.info.license = Some(utoipa::openapi::License::new("Apache-2.0"));
-    openapi.info.description = Some("Event-sourced backend: commands append events; reads come from projections.".to_owned());
+    openapi.info.description = Some(
+        "Event-sourced backend: commands append events; reads come from projections.".to_owned(),
+    );
     let components = openapi.components.get_or_insert_with(Default::default);
-    components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()));
+    components.add_security_scheme(
+        "bearer",
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .bearer_format("JWT")
+                .build(),
+        ),
+    );
 }

@@ -1,5 +1,7 @@
 //! Every error is the envelope with the right code, whatever went wrong.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::TestApp;
@@ -14,9 +16,16 @@ async fn malformed_requests_get_the_envelope_with_the_right_code() {
     };
     let url = |p: &str| format!("{}{p}", app.address);
     let send = |req: reqwest::RequestBuilder| async move {
-        let resp = req.header("X-Request-Id", "client-chosen-id-1").send().await.unwrap();
+        let resp = req
+            .header("X-Request-Id", "client-chosen-id-1")
+            .send()
+            .await
+            .unwrap();
         let status = resp.status();
-        let echoed = resp.headers().get("x-request-id").map(|v| v.to_str().unwrap().to_owned());
+        let echoed = resp
+            .headers()
+            .get("x-request-id")
+            .map(|v| v.to_str().unwrap().to_owned());
         let body: serde_json::Value = resp.json().await.unwrap();
         (status, body, echoed)
     };
@@ -52,11 +61,28 @@ async fn malformed_requests_get_the_envelope_with_the_right_code() {
         assert_eq!(body["error"]["code"], code, "{what}: {body}");
         assert_eq!(body["error"]["request_id"], "client-chosen-id-1", "{what}");
         assert_eq!(echoed.as_deref(), Some("client-chosen-id-1"), "{what}");
-        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{what}"
+        );
     }
-    let missing = send(app.client.post(&register).json(&serde_json::json!({"email": "a@b.co"}))).await.1;
-    assert!(missing["error"]["details"]["password"].is_string(), "{missing}");
-    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&app.pool).await.unwrap();
+    let missing = send(
+        app.client
+            .post(&register)
+            .json(&serde_json::json!({"email": "a@b.co"})),
+    )
+    .await
+    .1;
+    assert!(
+        missing["error"]["details"]["password"].is_string(),
+        "{missing}"
+    );
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     assert_eq!(events, 1, "bad requests must write nothing");
     app.stop().await;
 }
@@ -65,9 +91,23 @@ async fn malformed_requests_get_the_envelope_with_the_right_code() {
 async fn list_parameters_are_validated() {
     let app = TestApp::spawn().await;
     let (_, admin) = app.admin_token().await;
-    for query in ["limit=0", "limit=101", "limit=abc", "status=sleeping", "cursor=garbage", "sort=name"] {
-        let reply = app.get(&format!("/api/v1/users?{query}"), Some(&admin)).await;
-        assert_eq!((reply.status, reply.code()), (StatusCode::BAD_REQUEST, "VALIDATION_FAILED"), "{query}: {:?}", reply.body);
+    for query in [
+        "limit=0",
+        "limit=101",
+        "limit=abc",
+        "status=sleeping",
+        "cursor=garbage",
+        "sort=name",
+    ] {
+        let reply = app
+            .get(&format!("/api/v1/users?{query}"), Some(&admin))
+            .await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (StatusCode::BAD_REQUEST, "VALIDATION_FAILED"),
+            "{query}: {:?}",
+            reply.body
+        );
     }
     // Pagination walks every user exactly once.
     for i in 0..5 {
@@ -81,10 +121,21 @@ async fn list_parameters_are_validated() {
             Some(c) => format!("/api/v1/users?limit=2&cursor={c}"),
             None => "/api/v1/users?limit=2".to_owned(),
         };
-        let page = app.request("GET", &path, Some(&admin), None, &[("X-Consistency-Token", &last.token())]).await;
+        let page = app
+            .request(
+                "GET",
+                &path,
+                Some(&admin),
+                None,
+                &[("X-Consistency-Token", &last.token())],
+            )
+            .await;
         assert_eq!(page.status, StatusCode::OK, "{:?}", page.body);
         for user in page.data().as_array().unwrap() {
-            assert!(seen.insert(user["id"].as_str().unwrap().to_owned()), "user listed twice");
+            assert!(
+                seen.insert(user["id"].as_str().unwrap().to_owned()),
+                "user listed twice"
+            );
         }
         match page.body["meta"]["next_cursor"].as_str() {
             Some(c) => cursor = Some(c.to_owned()),

@@ -144,7 +144,9 @@ impl UserEvent {
     #[must_use]
     pub fn session_version(&self) -> Option<u64> {
         match self {
-            Self::RoleRevoked { session_version, .. }
+            Self::RoleRevoked {
+                session_version, ..
+            }
             | Self::UserDeactivated { session_version }
             | Self::UserDeleted { session_version } => Some(*session_version),
             _ => None,
@@ -208,7 +210,13 @@ impl User {
     }
 
     fn decide(&self, command: UserCommand) -> Result<Vec<UserEvent>, UserError> {
-        if let UserCommand::RegisterUser { email, display_name, password_hash, roles } = command {
+        if let UserCommand::RegisterUser {
+            email,
+            display_name,
+            password_hash,
+            roles,
+        } = command
+        {
             if self.status != UserStatus::Unregistered {
                 return Err(UserError::AlreadyRegistered);
             }
@@ -226,26 +234,33 @@ impl User {
         let next_version = self.session_version + 1;
         let event = match command {
             UserCommand::RegisterUser { .. } => return Err(UserError::AlreadyRegistered),
-            UserCommand::ChangeDisplayName { display_name } => {
-                UserEvent::DisplayNameChanged { display_name: display_name.as_str().to_owned() }
-            }
+            UserCommand::ChangeDisplayName { display_name } => UserEvent::DisplayNameChanged {
+                display_name: display_name.as_str().to_owned(),
+            },
             UserCommand::GrantRole { role } => {
                 if self.roles.contains(role.as_str()) {
                     return Err(UserError::RoleAlreadyGranted(role.as_str().to_owned()));
                 }
-                UserEvent::RoleGranted { role: role.as_str().to_owned() }
+                UserEvent::RoleGranted {
+                    role: role.as_str().to_owned(),
+                }
             }
             UserCommand::RevokeRole { role } => {
                 if !self.roles.contains(role.as_str()) {
                     return Err(UserError::RoleNotGranted(role.as_str().to_owned()));
                 }
-                UserEvent::RoleRevoked { role: role.as_str().to_owned(), session_version: next_version }
+                UserEvent::RoleRevoked {
+                    role: role.as_str().to_owned(),
+                    session_version: next_version,
+                }
             }
             UserCommand::DeactivateUser => {
                 if self.status == UserStatus::Deactivated {
                     return Err(UserError::AlreadyDeactivated);
                 }
-                UserEvent::UserDeactivated { session_version: next_version }
+                UserEvent::UserDeactivated {
+                    session_version: next_version,
+                }
             }
             UserCommand::ReactivateUser => {
                 if self.status != UserStatus::Deactivated {
@@ -253,7 +268,9 @@ impl User {
                 }
                 UserEvent::UserReactivated {}
             }
-            UserCommand::DeleteUser => UserEvent::UserDeleted { session_version: next_version },
+            UserCommand::DeleteUser => UserEvent::UserDeleted {
+                session_version: next_version,
+            },
         };
         Ok(vec![event])
     }
@@ -283,7 +300,12 @@ impl Aggregate for User {
             self.session_version = self.session_version.max(version);
         }
         match event {
-            UserEvent::UserRegistered { email, display_name, password_hash, roles } => {
+            UserEvent::UserRegistered {
+                email,
+                display_name,
+                password_hash,
+                roles,
+            } => {
                 self.status = UserStatus::Active;
                 self.email = email;
                 self.display_name = display_name;
@@ -336,7 +358,10 @@ mod tests {
 
     #[test]
     fn register_opens_an_account_with_normalised_email_and_unique_roles() {
-        UserTest::with(()).given_no_previous_events().when(register_command()).then_expect_events(vec![registered()]);
+        UserTest::with(())
+            .given_no_previous_events()
+            .when(register_command())
+            .then_expect_events(vec![registered()]);
     }
 
     #[test]
@@ -351,7 +376,9 @@ mod tests {
     fn commands_on_a_missing_user_are_refused() {
         UserTest::with(())
             .given_no_previous_events()
-            .when(UserCommand::GrantRole { role: role("admin") })
+            .when(UserCommand::GrantRole {
+                role: role("admin"),
+            })
             .then_expect_error(UserError::NotFound);
     }
 
@@ -359,16 +386,24 @@ mod tests {
     fn change_display_name() {
         UserTest::with(())
             .given(vec![registered()])
-            .when(UserCommand::ChangeDisplayName { display_name: DisplayName::parse("Countess").expect("valid") })
-            .then_expect_events(vec![UserEvent::DisplayNameChanged { display_name: "Countess".into() }]);
+            .when(UserCommand::ChangeDisplayName {
+                display_name: DisplayName::parse("Countess").expect("valid"),
+            })
+            .then_expect_events(vec![UserEvent::DisplayNameChanged {
+                display_name: "Countess".into(),
+            }]);
     }
 
     #[test]
     fn grant_role() {
         UserTest::with(())
             .given(vec![registered()])
-            .when(UserCommand::GrantRole { role: role("admin") })
-            .then_expect_events(vec![UserEvent::RoleGranted { role: "admin".into() }]);
+            .when(UserCommand::GrantRole {
+                role: role("admin"),
+            })
+            .then_expect_events(vec![UserEvent::RoleGranted {
+                role: "admin".into(),
+            }]);
     }
 
     #[test]
@@ -382,16 +417,28 @@ mod tests {
     #[test]
     fn revoke_role_bumps_the_session_version() {
         UserTest::with(())
-            .given(vec![registered(), UserEvent::RoleGranted { role: "admin".into() }])
-            .when(UserCommand::RevokeRole { role: role("admin") })
-            .then_expect_events(vec![UserEvent::RoleRevoked { role: "admin".into(), session_version: 1 }]);
+            .given(vec![
+                registered(),
+                UserEvent::RoleGranted {
+                    role: "admin".into(),
+                },
+            ])
+            .when(UserCommand::RevokeRole {
+                role: role("admin"),
+            })
+            .then_expect_events(vec![UserEvent::RoleRevoked {
+                role: "admin".into(),
+                session_version: 1,
+            }]);
     }
 
     #[test]
     fn revoke_a_missing_role_is_refused() {
         UserTest::with(())
             .given(vec![registered()])
-            .when(UserCommand::RevokeRole { role: role("admin") })
+            .when(UserCommand::RevokeRole {
+                role: role("admin"),
+            })
             .then_expect_error(UserError::RoleNotGranted("admin".into()));
     }
 
@@ -400,8 +447,13 @@ mod tests {
         UserTest::with(())
             .given(vec![
                 registered(),
-                UserEvent::RoleGranted { role: "admin".into() },
-                UserEvent::RoleRevoked { role: "admin".into(), session_version: 1 },
+                UserEvent::RoleGranted {
+                    role: "admin".into(),
+                },
+                UserEvent::RoleRevoked {
+                    role: "admin".into(),
+                    session_version: 1,
+                },
             ])
             .when(UserCommand::DeactivateUser)
             .then_expect_events(vec![UserEvent::UserDeactivated { session_version: 2 }]);
@@ -410,7 +462,10 @@ mod tests {
     #[test]
     fn deactivate_twice_is_refused() {
         UserTest::with(())
-            .given(vec![registered(), UserEvent::UserDeactivated { session_version: 1 }])
+            .given(vec![
+                registered(),
+                UserEvent::UserDeactivated { session_version: 1 },
+            ])
             .when(UserCommand::DeactivateUser)
             .then_expect_error(UserError::AlreadyDeactivated);
     }
@@ -418,7 +473,10 @@ mod tests {
     #[test]
     fn reactivate() {
         UserTest::with(())
-            .given(vec![registered(), UserEvent::UserDeactivated { session_version: 1 }])
+            .given(vec![
+                registered(),
+                UserEvent::UserDeactivated { session_version: 1 },
+            ])
             .when(UserCommand::ReactivateUser)
             .then_expect_events(vec![UserEvent::UserReactivated {}]);
     }
@@ -442,11 +500,17 @@ mod tests {
     #[test]
     fn a_deleted_user_refuses_everything() {
         UserTest::with(())
-            .given(vec![registered(), UserEvent::UserDeleted { session_version: 1 }])
+            .given(vec![
+                registered(),
+                UserEvent::UserDeleted { session_version: 1 },
+            ])
             .when(UserCommand::ReactivateUser)
             .then_expect_error(UserError::Deleted);
         UserTest::with(())
-            .given(vec![registered(), UserEvent::UserDeleted { session_version: 1 }])
+            .given(vec![
+                registered(),
+                UserEvent::UserDeleted { session_version: 1 },
+            ])
             .when(UserCommand::DeleteUser)
             .then_expect_error(UserError::Deleted);
     }
@@ -454,9 +518,16 @@ mod tests {
     #[test]
     fn a_deactivated_user_can_still_have_roles_changed() {
         UserTest::with(())
-            .given(vec![registered(), UserEvent::UserDeactivated { session_version: 1 }])
-            .when(UserCommand::GrantRole { role: role("auditor") })
-            .then_expect_events(vec![UserEvent::RoleGranted { role: "auditor".into() }]);
+            .given(vec![
+                registered(),
+                UserEvent::UserDeactivated { session_version: 1 },
+            ])
+            .when(UserCommand::GrantRole {
+                role: role("auditor"),
+            })
+            .then_expect_events(vec![UserEvent::RoleGranted {
+                role: "auditor".into(),
+            }]);
     }
 
     #[test]

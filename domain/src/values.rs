@@ -66,10 +66,14 @@ impl DisplayName {
             return Err(ValueError("display_name is required".into()));
         }
         if name.chars().count() > 100 {
-            return Err(ValueError("display_name is longer than 100 characters".into()));
+            return Err(ValueError(
+                "display_name is longer than 100 characters".into(),
+            ));
         }
         if name.chars().any(char::is_control) {
-            return Err(ValueError("display_name must not contain control characters".into()));
+            return Err(ValueError(
+                "display_name must not contain control characters".into(),
+            ));
         }
         Ok(Self(name.to_owned()))
     }
@@ -101,7 +105,8 @@ impl RoleName {
             Ok(Self(raw.to_owned()))
         } else {
             Err(ValueError(
-                "role must be 1-64 characters of a-z, 0-9, '_' or '-', starting with a letter".into(),
+                "role must be 1-64 characters of a-z, 0-9, '_' or '-', starting with a letter"
+                    .into(),
             ))
         }
     }
@@ -119,12 +124,24 @@ mod tests {
 
     #[test]
     fn email_is_normalised_to_lower_case() {
-        assert_eq!(Email::parse("  Ada@Example.COM ").map(|e| e.0), Ok("ada@example.com".into()));
+        assert_eq!(
+            Email::parse("  Ada@Example.COM ").map(|e| e.0),
+            Ok("ada@example.com".into())
+        );
     }
 
     #[test]
     fn malformed_emails_are_refused() {
-        for bad in ["", "ada", "@example.com", "ada@", "ada@example", "ada@@example.com", "a da@example.com", "ada@example..com"] {
+        for bad in [
+            "",
+            "ada",
+            "@example.com",
+            "ada@",
+            "ada@example",
+            "ada@@example.com",
+            "a da@example.com",
+            "ada@example..com",
+        ] {
             assert!(Email::parse(bad).is_err(), "{bad} was accepted");
         }
     }

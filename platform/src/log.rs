@@ -17,7 +17,11 @@ use crate::envelope::{ConsistencyToken, EventEnvelope};
 ///
 /// # Errors
 /// When the query fails.
-pub async fn read_after(conn: &mut PgConnection, after: ConsistencyToken, limit: i64) -> sqlx::Result<Vec<EventEnvelope>> {
+pub async fn read_after(
+    conn: &mut PgConnection,
+    after: ConsistencyToken,
+    limit: i64,
+) -> sqlx::Result<Vec<EventEnvelope>> {
     let rows = sqlx::query(
         "SELECT event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, \
                 transaction_id::text::bigint AS tx, global_position, recorded_at, payload, metadata \
@@ -73,5 +77,8 @@ pub async fn last_position_of<'e>(
     .bind(aggregate_id)
     .fetch_optional(executor)
     .await?;
-    Ok(row.map(|(tx, pos)| ConsistencyToken { tx: u64::try_from(tx).unwrap_or_default(), pos }))
+    Ok(row.map(|(tx, pos)| ConsistencyToken {
+        tx: u64::try_from(tx).unwrap_or_default(),
+        pos,
+    }))
 }

@@ -74,7 +74,11 @@ pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
 ///
 /// # Errors
 /// When JetStream is unavailable or the stream cannot be created.
-pub async fn ensure_events_stream(js: &jetstream::Context, ns: &Namespace, replicas: usize) -> anyhow::Result<stream::Stream> {
+pub async fn ensure_events_stream(
+    js: &jetstream::Context,
+    ns: &Namespace,
+    replicas: usize,
+) -> anyhow::Result<stream::Stream> {
     js.get_or_create_stream(stream::Config {
         name: ns.events_stream(),
         subjects: vec![ns.all_events()],
@@ -114,28 +118,16 @@ pub async fn ensure_durable_consumer(
         .map_err(|e| anyhow::anyhow!("cannot create JetStream consumer {name}: {e}"))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_are_prefixed_by_the_namespace() {
-        let none = Namespace::new("");
-        assert_eq!(none.events_stream(), "EVENTS");
-        assert_eq!(none.event_subject("User", "UserRegistered"), "events.User.UserRegistered");
-        let ns = Namespace::new("t-42");
-        assert_eq!(ns.events_stream(), "T_42_EVENTS");
-        assert_eq!(ns.all_events(), "t-42.events.>");
-    }
-}
-
 /// Handles batches of events from a durable consumer.
 pub trait EventBatchHandler: Send + Sync {
     /// Applies a batch. Must be idempotent: a batch may be delivered again after a crash.
     ///
     /// # Errors
     /// Any failure: the batch is redelivered after a pause.
-    fn handle(&self, events: &[crate::envelope::EventEnvelope]) -> impl std::future::Future<Output = anyhow::Result<()>> + Send;
+    fn handle(
+        &self,
+        events: &[crate::envelope::EventEnvelope],
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send;
 }
 
 /// Pulls batches from `consumer` and hands them to `handler`; acknowledges only after the
@@ -151,7 +143,12 @@ pub async fn consume<H: EventBatchHandler>(
     use futures::StreamExt;
     let mut backoff = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
-        let fetched = consumer.fetch().max_messages(batch).expires(Duration::from_millis(500)).messages().await;
+        let fetched = consumer
+            .fetch()
+            .max_messages(batch)
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await;
         let mut messages = match fetched {
             Ok(m) => m,
             Err(e) => {
@@ -199,16 +196,37 @@ pub async fn consume<H: EventBatchHandler>(
             }
         }
         backoff = Duration::from_millis(100);
-        let pending = delivered.last().and_then(|m| m.info().ok().map(|i| i.pending));
+        let pending = delivered
+            .last()
+            .and_then(|m| m.info().ok().map(|i| i.pending));
         for message in &delivered {
             if let Err(e) = message.ack().await {
                 // The batch is committed; a lost ack means redelivery, which the handler skips.
                 tracing::warn!(consumer = name, error = %e, "ack failed");
             }
         }
-        metrics::counter!("cairn_consumer_events_total", "consumer" => name).increment(events.len() as u64);
+        metrics::counter!("cairn_consumer_events_total", "consumer" => name)
+            .increment(events.len() as u64);
         if let Some(pending) = pending {
             metrics::gauge!("cairn_consumer_lag_events", "consumer" => name).set(pending as f64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_prefixed_by_the_namespace() {
+        let none = Namespace::new("");
+        assert_eq!(none.events_stream(), "EVENTS");
+        assert_eq!(
+            none.event_subject("User", "UserRegistered"),
+            "events.User.UserRegistered"
+        );
+        let ns = Namespace::new("t-42");
+        assert_eq!(ns.events_stream(), "T_42_EVENTS");
+        assert_eq!(ns.all_events(), "t-42.events.>");
     }
 }

@@ -14,7 +14,12 @@ impl Projection for UsersProjection {
     const NAME: &'static str = "users";
     const TABLES: &'static [&'static str] = &["users"];
 
-    async fn apply(&self, conn: &mut PgConnection, schema: &str, event: &EventEnvelope) -> anyhow::Result<()> {
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        schema: &str,
+        event: &EventEnvelope,
+    ) -> anyhow::Result<()> {
         if event.aggregate_type != "User" {
             return Ok(());
         }
@@ -25,9 +30,16 @@ impl Projection for UsersProjection {
         let table = format!("{schema}.users");
         // Every update is guarded by `version < sequence`, so re-applying an event changes nothing
         // even outside the checkpoint's protection (a rebuild catching up, say).
-        let update = |set: &str| format!("UPDATE {table} SET {set}, updated_at = $2, version = $3 WHERE id = $1 AND version < $3");
+        let update = |set: &str| {
+            format!("UPDATE {table} SET {set}, updated_at = $2, version = $3 WHERE id = $1 AND version < $3")
+        };
         match event_payload {
-            UserEvent::UserRegistered { email, display_name, roles, .. } => {
+            UserEvent::UserRegistered {
+                email,
+                display_name,
+                roles,
+                ..
+            } => {
                 sqlx::query(&format!(
                     "INSERT INTO {table} (id, email, display_name, status, roles, created_at, updated_at, version) \
                      VALUES ($1, $2, $3, 'active', $4, $5, $5, $6) ON CONFLICT (id) DO NOTHING"
@@ -42,7 +54,13 @@ impl Projection for UsersProjection {
                 .await?;
             }
             UserEvent::DisplayNameChanged { display_name } => {
-                sqlx::query(&update("display_name = $4")).bind(id).bind(at).bind(seq).bind(display_name).execute(&mut *conn).await?;
+                sqlx::query(&update("display_name = $4"))
+                    .bind(id)
+                    .bind(at)
+                    .bind(seq)
+                    .bind(display_name)
+                    .execute(&mut *conn)
+                    .await?;
             }
             UserEvent::RoleGranted { role } => {
                 sqlx::query(&update("roles = (SELECT array_agg(DISTINCT r ORDER BY r) FROM unnest(roles || $4::text) AS r)"))
@@ -53,7 +71,10 @@ impl Projection for UsersProjection {
                     .execute(&mut *conn)
                     .await?;
             }
-            UserEvent::RoleRevoked { role, session_version } => {
+            UserEvent::RoleRevoked {
+                role,
+                session_version,
+            } => {
                 sqlx::query(&update("roles = array_remove(roles, $4::text), session_version = greatest(session_version, $5)"))
                     .bind(id)
                     .bind(at)
@@ -64,25 +85,34 @@ impl Projection for UsersProjection {
                     .await?;
             }
             UserEvent::UserDeactivated { session_version } => {
-                sqlx::query(&update("status = 'deactivated', session_version = greatest(session_version, $4)"))
-                    .bind(id)
-                    .bind(at)
-                    .bind(seq)
-                    .bind(i64::try_from(session_version)?)
-                    .execute(&mut *conn)
-                    .await?;
+                sqlx::query(&update(
+                    "status = 'deactivated', session_version = greatest(session_version, $4)",
+                ))
+                .bind(id)
+                .bind(at)
+                .bind(seq)
+                .bind(i64::try_from(session_version)?)
+                .execute(&mut *conn)
+                .await?;
             }
             UserEvent::UserReactivated {} => {
-                sqlx::query(&update("status = 'active'")).bind(id).bind(at).bind(seq).execute(&mut *conn).await?;
-            }
-            UserEvent::UserDeleted { session_version } => {
-                sqlx::query(&update("status = 'deleted', session_version = greatest(session_version, $4)"))
+                sqlx::query(&update("status = 'active'"))
                     .bind(id)
                     .bind(at)
                     .bind(seq)
-                    .bind(i64::try_from(session_version)?)
                     .execute(&mut *conn)
                     .await?;
+            }
+            UserEvent::UserDeleted { session_version } => {
+                sqlx::query(&update(
+                    "status = 'deleted', session_version = greatest(session_version, $4)",
+                ))
+                .bind(id)
+                .bind(at)
+                .bind(seq)
+                .bind(i64::try_from(session_version)?)
+                .execute(&mut *conn)
+                .await?;
             }
         }
         Ok(())

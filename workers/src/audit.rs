@@ -29,7 +29,14 @@ impl AuditWorker {
     ///
     /// # Errors
     /// When the consumer cannot be created.
-    pub async fn run(self, js: jetstream::Context, ns: Namespace, batch: usize, replicas: usize, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        js: jetstream::Context,
+        ns: Namespace,
+        batch: usize,
+        replicas: usize,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
         let stream = nats::ensure_events_stream(&js, &ns, replicas).await?;
         let consumer = nats::ensure_durable_consumer(&stream, CONSUMER).await?;
         tracing::info!("audit worker running");

@@ -43,7 +43,10 @@ pub struct KeySet {
 
 impl std::fmt::Debug for KeySet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeySet").field("kids", &self.keys.keys().collect::<Vec<_>>()).field("private", &"REDACTED").finish()
+        f.debug_struct("KeySet")
+            .field("kids", &self.keys.keys().collect::<Vec<_>>())
+            .field("private", &"REDACTED")
+            .finish()
     }
 }
 
@@ -83,10 +86,13 @@ impl KeySet {
             if path.extension().and_then(|e| e.to_str()) != Some("pem") {
                 continue;
             }
-            let Some(kid) = path.file_stem().and_then(|s| s.to_str()).map(str::to_owned) else { continue };
+            let Some(kid) = path.file_stem().and_then(|s| s.to_str()).map(str::to_owned) else {
+                continue;
+            };
             let text = std::fs::read_to_string(&path).map_err(|e| KeyError::Io(path.clone(), e))?;
             let der = pem::parse(&text).map_err(|_| KeyError::BadKey(path.clone()))?;
-            let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der.contents()).map_err(|_| KeyError::BadKey(path.clone()))?;
+            let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der.contents())
+                .map_err(|_| KeyError::BadKey(path.clone()))?;
             let public = pair.public_key().as_ref().to_vec();
             keys.insert(
                 kid,
@@ -107,7 +113,10 @@ impl KeySet {
     }
 
     pub(crate) fn signing(&self) -> Option<(&str, &EncodingKey)> {
-        self.keys.iter().next_back().map(|(kid, key)| (kid.as_str(), &key.encoding))
+        self.keys
+            .iter()
+            .next_back()
+            .map(|(kid, key)| (kid.as_str(), &key.encoding))
     }
 
     pub(crate) fn decoding(&self, kid: &str) -> Option<&DecodingKey> {
@@ -139,7 +148,12 @@ pub fn generate(dir: &Path, development: bool) -> Result<String, KeyError> {
     use std::os::unix::fs::OpenOptionsExt;
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| KeyError::Generate)?;
-    let suffix: String = uuid::Uuid::new_v4().simple().to_string().chars().take(6).collect();
+    let suffix: String = uuid::Uuid::new_v4()
+        .simple()
+        .to_string()
+        .chars()
+        .take(6)
+        .collect();
     let kid = format!(
         "{}-{suffix}{}",
         chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
@@ -154,7 +168,8 @@ pub fn generate(dir: &Path, development: bool) -> Result<String, KeyError> {
         .mode(0o600)
         .open(&path)
         .map_err(|e| KeyError::Io(path.clone(), e))?;
-    file.write_all(text.as_bytes()).map_err(|e| KeyError::Io(path.clone(), e))?;
+    file.write_all(text.as_bytes())
+        .map_err(|e| KeyError::Io(path.clone(), e))?;
     Ok(kid)
 }
 
@@ -175,10 +190,16 @@ mod tests {
     #[test]
     fn development_generates_a_dev_key_and_production_refuses_it() -> Result<(), KeyError> {
         let dir = tempfile::tempdir().map_err(|e| KeyError::Io(PathBuf::new(), e))?;
-        assert!(matches!(KeySet::load(dir.path(), true), Err(KeyError::Missing(_))));
+        assert!(matches!(
+            KeySet::load(dir.path(), true),
+            Err(KeyError::Missing(_))
+        ));
         let dev = KeySet::load(dir.path(), false)?;
         assert!(dev.signing_kid().is_some_and(|k| k.ends_with("-dev")));
-        assert!(matches!(KeySet::load(dir.path(), true), Err(KeyError::DevelopmentKey(_))));
+        assert!(matches!(
+            KeySet::load(dir.path(), true),
+            Err(KeyError::DevelopmentKey(_))
+        ));
         Ok(())
     }
 

@@ -7,6 +7,6 @@ mod sessions;
 mod tokens;
 
 pub use caller::{AuthState, Caller};
-pub use keys::{KeySet, KeyError};
+pub use keys::{KeyError, KeySet};
 pub use sessions::SessionVersions;
 pub use tokens::{Claims, TokenError, TokenIssuer};

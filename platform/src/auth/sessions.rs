@@ -40,7 +40,9 @@ impl SessionVersions {
     /// Whether a token with session version `sv` is still current for `user`.
     #[must_use]
     pub fn is_current(&self, user: Uuid, sv: u64) -> bool {
-        self.inner.read().map_or(false, |map| map.get(&user).is_none_or(|current| sv >= *current))
+        self.inner
+            .read()
+            .is_ok_and(|map| map.get(&user).is_none_or(|current| sv >= *current))
     }
 
     /// Applies one event from the stream, if it ends sessions.
@@ -48,7 +50,10 @@ impl SessionVersions {
         if event.aggregate_type != "User" || !SESSION_EVENTS.contains(&event.event_type.as_str()) {
             return;
         }
-        let version = event.body().get("session_version").and_then(serde_json::Value::as_u64);
+        let version = event
+            .body()
+            .get("session_version")
+            .and_then(serde_json::Value::as_u64);
         if let (Ok(user), Some(version)) = (event.aggregate_id.parse::<Uuid>(), version) {
             self.observe(user, version);
         }
@@ -79,7 +84,13 @@ impl SessionVersions {
     ///
     /// # Errors
     /// When the initial load from Postgres fails.
-    pub async fn follow(&self, pool: PgPool, js: jetstream::Context, ns: Namespace, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn follow(
+        &self,
+        pool: PgPool,
+        js: jetstream::Context,
+        ns: Namespace,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
         let first = subscribe(&js, &ns).await;
         if first.is_err() {
             tracing::warn!("session-version follower cannot reach JetStream yet; will retry");
@@ -128,11 +139,14 @@ impl SessionVersions {
     }
 }
 
-async fn subscribe(js: &jetstream::Context, ns: &Namespace) -> anyhow::Result<consumer::pull::Ordered> {
+async fn subscribe(
+    js: &jetstream::Context,
+    ns: &Namespace,
+) -> anyhow::Result<consumer::pull::Ordered> {
     let stream = js.get_stream(ns.events_stream()).await?;
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: format!("{}", ns.event_subject("User", "*")),
+            filter_subject: ns.event_subject("User", "*"),
             deliver_policy: consumer::DeliverPolicy::New,
             ..Default::default()
         })

@@ -19,12 +19,20 @@ pub struct ApiResponse<T> {
 impl<T: Serialize> ApiResponse<T> {
     /// 200 with `data`.
     pub fn ok(data: T) -> Self {
-        Self { status: StatusCode::OK, data, meta: Map::new() }
+        Self {
+            status: StatusCode::OK,
+            data,
+            meta: Map::new(),
+        }
     }
 
     /// `status` with `data`.
     pub fn with_status(status: StatusCode, data: T) -> Self {
-        Self { status, data, meta: Map::new() }
+        Self {
+            status,
+            data,
+            meta: Map::new(),
+        }
     }
 
     /// Adds a `meta` field.
@@ -44,7 +52,11 @@ struct Envelope<'a, T> {
 
 impl<T: Serialize> IntoResponse for ApiResponse<T> {
     fn into_response(self) -> Response {
-        let body = Envelope { success: true, data: &self.data, meta: &self.meta };
+        let body = Envelope {
+            success: true,
+            data: &self.data,
+            meta: &self.meta,
+        };
         (self.status, Json(body)).into_response()
     }
 }
@@ -83,6 +95,8 @@ pub struct Page<T> {
 
 impl<T: Serialize> IntoResponse for Page<T> {
     fn into_response(self) -> Response {
-        ApiResponse::ok(self.items).meta("next_cursor", self.next_cursor).into_response()
+        ApiResponse::ok(self.items)
+            .meta("next_cursor", self.next_cursor)
+            .into_response()
     }
 }

@@ -49,36 +49,60 @@ impl Cursor {
     /// Encodes the cursor opaquely.
     #[must_use]
     pub fn encode(&self) -> String {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(format!("{}|{}", self.created_at.timestamp_micros(), self.id))
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+            "{}|{}",
+            self.created_at.timestamp_micros(),
+            self.id
+        ))
     }
 
     /// Decodes a cursor from `encode`.
     #[must_use]
     pub fn decode(raw: &str) -> Option<Self> {
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(raw).ok()?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(raw)
+            .ok()?;
         let text = String::from_utf8(bytes).ok()?;
         let (micros, id) = text.split_once('|')?;
-        Some(Self { created_at: DateTime::from_timestamp_micros(micros.parse().ok()?)?, id: id.parse().ok()? })
+        Some(Self {
+            created_at: DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+            id: id.parse().ok()?,
+        })
     }
 }
 
-const COLUMNS: &str = "id, email, display_name, status, roles, email_verified, created_at, updated_at";
+const COLUMNS: &str =
+    "id, email, display_name, status, roles, email_verified, created_at, updated_at";
 
 /// One user by id.
 ///
 /// # Errors
 /// When the query fails.
 pub async fn find(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<UserRow>> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM users WHERE id = $1")).bind(id).fetch_optional(pool).await
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM users WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(pool)
+        .await
 }
 
 /// A page of users, newest first, and the cursor of the next page.
 ///
 /// # Errors
 /// When the query fails.
-pub async fn list(pool: &PgPool, filter: &UserFilter, after: Option<Cursor>, limit: i64) -> sqlx::Result<(Vec<UserRow>, Option<Cursor>)> {
-    let pattern = filter.q.as_ref().map(|q| format!("%{}%", q.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
+pub async fn list(
+    pool: &PgPool,
+    filter: &UserFilter,
+    after: Option<Cursor>,
+    limit: i64,
+) -> sqlx::Result<(Vec<UserRow>, Option<Cursor>)> {
+    let pattern = filter.q.as_ref().map(|q| {
+        format!(
+            "%{}%",
+            q.replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        )
+    });
     let mut rows: Vec<UserRow> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM users \
          WHERE ($1::text IS NULL OR email ILIKE $1 OR display_name ILIKE $1) \
@@ -97,7 +121,10 @@ pub async fn list(pool: &PgPool, filter: &UserFilter, after: Option<Cursor>, lim
     .await?;
     let next = if rows.len() as i64 > limit {
         rows.truncate(usize::try_from(limit).unwrap_or(0));
-        rows.last().map(|r| Cursor { created_at: r.created_at, id: r.id })
+        rows.last().map(|r| Cursor {
+            created_at: r.created_at,
+            id: r.id,
+        })
     } else {
         None
     };
@@ -110,7 +137,10 @@ mod tests {
 
     #[test]
     fn cursors_round_trip_and_garbage_is_refused() {
-        let c = Cursor { created_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap_or_default(), id: Uuid::new_v4() };
+        let c = Cursor {
+            created_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap_or_default(),
+            id: Uuid::new_v4(),
+        };
         assert_eq!(Cursor::decode(&c.encode()), Some(c));
         assert_eq!(Cursor::decode("not-a-cursor"), None);
     }
