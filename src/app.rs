@@ -45,25 +45,13 @@ impl Services {
     /// Everything (`cairn serve`).
     #[must_use]
     pub fn all() -> Self {
-        Self {
-            command_api: true,
-            query_api: true,
-            relay: true,
-            projector: true,
-            workers: true,
-        }
+        Self { command_api: true, query_api: true, relay: true, projector: true, workers: true }
     }
 
     /// Nothing; combine with struct update syntax.
     #[must_use]
     pub fn none() -> Self {
-        Self {
-            command_api: false,
-            query_api: false,
-            relay: false,
-            projector: false,
-            workers: false,
-        }
+        Self { command_api: false, query_api: false, relay: false, projector: false, workers: false }
     }
 }
 
@@ -114,42 +102,19 @@ impl Application {
         let serves_api = services.command_api || services.query_api;
         if serves_api {
             let keys = Arc::new(KeySet::load(&settings.keys_dir, settings.is_production())?);
-            let tokens = TokenIssuer::new(
-                keys,
-                &settings.token_issuer,
-                &settings.token_audience,
-                settings.access_token_ttl,
-            );
+            let tokens =
+                TokenIssuer::new(keys, &settings.token_issuer, &settings.token_audience, settings.access_token_ttl);
             let sessions = SessionVersions::default();
-            sessions
-                .follow(pool.clone(), js.clone(), ns.clone(), shutdown.clone())
-                .await?;
-            let auth = AuthState {
-                tokens,
-                sessions: sessions.clone(),
-            };
+            sessions.follow(pool.clone(), js.clone(), ns.clone(), shutdown.clone()).await?;
+            let auth = AuthState { tokens, sessions: sessions.clone() };
             if services.command_api {
-                let users = UserCommands::new(
-                    pool.clone(),
-                    Passwords::new(settings.hash_concurrency),
-                    sessions,
-                );
-                api = api.merge(cairn_command_api::router(CommandState {
-                    users,
-                    auth: auth.clone(),
-                }));
+                let users = UserCommands::new(pool.clone(), Passwords::new(settings.hash_concurrency), sessions);
+                api = api.merge(cairn_command_api::router(CommandState { users, auth: auth.clone() }));
             }
             if services.query_api {
                 let users = CheckpointWatcher::spawn(pool.clone(), "users", shutdown.clone());
-                let consistency = Consistency {
-                    users,
-                    max_wait: settings.consistency_wait,
-                };
-                api = api.merge(cairn_query_api::router(QueryState {
-                    pool: pool.clone(),
-                    auth,
-                    consistency,
-                }));
+                let consistency = Consistency { users, max_wait: settings.consistency_wait };
+                api = api.merge(cairn_query_api::router(QueryState { pool: pool.clone(), auth, consistency }));
             }
         }
         if services.relay {
@@ -176,17 +141,12 @@ impl Application {
             let (js, ns, token) = (js.clone(), ns.clone(), shutdown.clone());
             let (batch, replicas) = (settings.projector_batch, settings.stream_replicas);
             tasks.spawn(retrying("audit worker", token.clone(), move || {
-                worker
-                    .clone()
-                    .run(js.clone(), ns.clone(), batch, replicas, token.clone())
+                worker.clone().run(js.clone(), ns.clone(), batch, replicas, token.clone())
             }));
         }
 
         let (api_router, mut openapi) = api.split_for_parts();
-        let mut router = api_router.merge(ops_router(OpsState {
-            pool: pool.clone(),
-            nats: client,
-        }));
+        let mut router = api_router.merge(ops_router(OpsState { pool: pool.clone(), nats: client }));
         if serves_api {
             document(&mut openapi);
             router = router.merge(SwaggerUi::new("/docs").url("/api/v1/openapi.json", openapi));
@@ -195,13 +155,7 @@ impl Application {
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
-        Ok(Self {
-            listener,
-            router,
-            shutdown,
-            tasks,
-            pool,
-        })
+        Ok(Self { listener, router, shutdown, tasks, pool })
     }
 
     /// The bound port.
@@ -230,13 +184,9 @@ impl Application {
         let addr = self.listener.local_addr()?;
         tracing::info!(%addr, "listening");
         let shutdown = self.shutdown.clone();
-        let served = axum::serve(
-            self.listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
+        let served = axum::serve(self.listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await;
         shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
         self.pool.close().await;
@@ -269,17 +219,11 @@ fn document(openapi: &mut OpenApi) {
     openapi.info.version = env!("CARGO_PKG_VERSION").to_owned();
     openapi.info.contact = None;
     openapi.info.license = Some(utoipa::openapi::License::new("Apache-2.0"));
-    openapi.info.description = Some(
-        "Event-sourced backend: commands append events; reads come from projections.".to_owned(),
-    );
+    openapi.info.description =
+        Some("Event-sourced backend: commands append events; reads come from projections.".to_owned());
     let components = openapi.components.get_or_insert_with(Default::default);
     components.add_security_scheme(
         "bearer",
-        SecurityScheme::Http(
-            HttpBuilder::new()
-                .scheme(HttpAuthScheme::Bearer)
-                .bearer_format("JWT")
-                .build(),
-        ),
+        SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
     );
 }

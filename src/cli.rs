@@ -100,8 +100,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve { embedded } => {
             let mut private = None;
             if embedded {
-                let data_dir = std::env::var("CAIRN_DATA_DIR")
-                    .map_or_else(|_| PathBuf::from(".cairn/data"), PathBuf::from);
+                let data_dir =
+                    std::env::var("CAIRN_DATA_DIR").map_or_else(|_| PathBuf::from(".cairn/data"), PathBuf::from);
                 let started = EmbeddedServices::start(EmbeddedOptions {
                     data_dir,
                     database_url: settings.database_url.clone(),
@@ -118,27 +118,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             return result;
         }
-        Command::CommandApi => Services {
-            command_api: true,
-            relay: true,
-            ..Services::none()
-        },
-        Command::QueryApi => Services {
-            query_api: true,
-            ..Services::none()
-        },
-        Command::Projector => Services {
-            projector: true,
-            ..Services::none()
-        },
-        Command::Workers => Services {
-            workers: true,
-            ..Services::none()
-        },
-        Command::Relay => Services {
-            relay: true,
-            ..Services::none()
-        },
+        Command::CommandApi => Services { command_api: true, relay: true, ..Services::none() },
+        Command::QueryApi => Services { query_api: true, ..Services::none() },
+        Command::Projector => Services { projector: true, ..Services::none() },
+        Command::Workers => Services { workers: true, ..Services::none() },
+        Command::Relay => Services { relay: true, ..Services::none() },
         Command::Migrate => {
             db::connect_and_migrate(&settings.database_url, 2).await?;
             tracing::info!("database is up to date");
@@ -162,9 +146,7 @@ async fn stop_on_signal(token: CancellationToken) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}
@@ -182,15 +164,10 @@ async fn stop_on_signal(token: CancellationToken) {
 async fn replay(settings: &Settings, projection: &str) -> anyhow::Result<()> {
     let pool = db::connect_and_migrate(&settings.database_url, 4).await?;
     let events = match projection {
-        "users" => {
-            cairn_projector::rebuild(&pool, &cairn_projector::UsersProjection, 5000, true).await?
-        }
+        "users" => cairn_projector::rebuild(&pool, &cairn_projector::UsersProjection, 5000, true).await?,
         other => bail!("unknown projection '{other}' (known: users)"),
     };
-    let _ = writeln!(
-        std::io::stdout(),
-        "rebuilt {projection} from {events} events"
-    );
+    let _ = writeln!(std::io::stdout(), "rebuilt {projection} from {events} events");
     Ok(())
 }
 
@@ -205,31 +182,17 @@ async fn admin(settings: &Settings, command: AdminCommand) -> anyhow::Result<()>
             );
             Ok(())
         }
-        AdminCommand::CreateUser {
-            email,
-            roles,
-            display_name,
-        } => {
+        AdminCommand::CreateUser { email, roles, display_name } => {
             let password = match std::env::var("CAIRN_ADMIN_PASSWORD") {
                 Ok(p) if !p.is_empty() => p,
                 _ => read_password()?,
             };
             let pool = db::connect_and_migrate(&settings.database_url, 2).await?;
             let users = UserCommands::new(pool, Passwords::new(1), SessionVersions::default());
-            let display_name = display_name
-                .unwrap_or_else(|| email.split('@').next().unwrap_or("admin").to_owned());
-            let input = RegisterUser {
-                email,
-                password,
-                display_name,
-                roles,
-            };
+            let display_name = display_name.unwrap_or_else(|| email.split('@').next().unwrap_or("admin").to_owned());
+            let input = RegisterUser { email, password, display_name, roles };
             let (id, token) = users
-                .register(
-                    input,
-                    &RequestContext::operator("cairn admin create-user"),
-                    None,
-                )
+                .register(input, &RequestContext::operator("cairn admin create-user"), None)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", describe(&e)))?;
             let _ = writeln!(std::io::stdout(), "{id}");
@@ -241,11 +204,9 @@ async fn admin(settings: &Settings, command: AdminCommand) -> anyhow::Result<()>
 
 fn describe(e: &cairn_platform::http::ApiError) -> String {
     match e {
-        cairn_platform::http::ApiError::Validation { details, .. } => details
-            .iter()
-            .map(|(k, v)| format!("{k}: {v}"))
-            .collect::<Vec<_>>()
-            .join("; "),
+        cairn_platform::http::ApiError::Validation { details, .. } => {
+            details.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("; ")
+        }
         other => other.to_string(),
     }
 }
@@ -253,17 +214,11 @@ fn describe(e: &cairn_platform::http::ApiError) -> String {
 fn read_password() -> anyhow::Result<String> {
     let stdin = std::io::stdin();
     if stdin.is_terminal() {
-        let _ = write!(
-            std::io::stderr(),
-            "password (input is visible; prefer CAIRN_ADMIN_PASSWORD or a pipe): "
-        );
+        let _ = write!(std::io::stderr(), "password (input is visible; prefer CAIRN_ADMIN_PASSWORD or a pipe): ");
         let _ = std::io::stderr().flush();
     }
     let mut line = String::new();
-    stdin
-        .lock()
-        .read_line(&mut line)
-        .context("cannot read the password from standard input")?;
+    stdin.lock().read_line(&mut line).context("cannot read the password from standard input")?;
     let password = line.trim_end_matches(['\n', '\r']).to_owned();
     if password.is_empty() {
         bail!("no password: set CAIRN_ADMIN_PASSWORD or pipe it on standard input");
@@ -277,14 +232,9 @@ async fn healthcheck(settings: &Settings) -> anyhow::Result<()> {
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    let mut stream = tokio::time::timeout(
-        std::time::Duration::from_secs(3),
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await??;
-    stream
-        .write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .await?;
+    let mut stream =
+        tokio::time::timeout(std::time::Duration::from_secs(3), tokio::net::TcpStream::connect(addr)).await??;
+    stream.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n").await?;
     let mut head = [0u8; 12];
     stream.read_exact(&mut head).await?;
     if &head[9..12] == b"200" {

@@ -14,11 +14,7 @@ async fn fifty_concurrent_registrations_of_one_email_give_one_account() {
     let mut handles = Vec::new();
     for i in 0..50 {
         // Any letter case: the address is one mailbox.
-        let email = if i % 2 == 0 {
-            "Race@Example.com".to_owned()
-        } else {
-            "race@EXAMPLE.com".to_owned()
-        };
+        let email = if i % 2 == 0 { "Race@Example.com".to_owned() } else { "race@EXAMPLE.com".to_owned() };
         let client = app.client.clone();
         let url = format!("{}/api/v1/auth/register", app.address);
         handles.push(tokio::spawn(async move {
@@ -43,11 +39,10 @@ async fn fifty_concurrent_registrations_of_one_email_give_one_account() {
         }
     }
     assert_eq!((created, conflicts), (1, 49));
-    let accounts: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'UserRegistered'")
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
+    let accounts: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'UserRegistered'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     assert_eq!(accounts, 1);
     app.stop().await;
 }
@@ -57,9 +52,7 @@ async fn a_crash_half_way_through_a_registration_leaves_the_email_usable() {
     let app = TestApp::spawn().await;
     // A registration that dies with its process: the event row is written in a transaction
     // whose connection is cut before commit (what a SIGKILL does to a command in flight).
-    let mut conn = sqlx::PgConnection::connect(&app.env.database_url)
-        .await
-        .unwrap();
+    let mut conn = sqlx::PgConnection::connect(&app.env.database_url).await.unwrap();
     let mut tx = conn.begin().await.unwrap();
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
@@ -74,10 +67,7 @@ async fn a_crash_half_way_through_a_registration_leaves_the_email_usable() {
     // The address is free: nothing was reserved outside the one atomic append.
     let reply = app.register("crash@example.com").await;
     assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
-    assert_eq!(
-        app.register("CRASH@example.com").await.status,
-        StatusCode::CONFLICT
-    );
+    assert_eq!(app.register("CRASH@example.com").await.status, StatusCode::CONFLICT);
     app.stop().await;
 }
 
@@ -85,23 +75,18 @@ async fn a_crash_half_way_through_a_registration_leaves_the_email_usable() {
 async fn registration_refuses_bad_input_naming_each_field() {
     let app = TestApp::spawn().await;
     let reply = app
-        .post("/api/v1/auth/register", None, serde_json::json!({ "email": "not-an-email", "password": "short", "display_name": " " }))
+        .post(
+            "/api/v1/auth/register",
+            None,
+            serde_json::json!({ "email": "not-an-email", "password": "short", "display_name": " " }),
+        )
         .await;
-    assert_eq!(
-        (reply.status, reply.code()),
-        (StatusCode::BAD_REQUEST, "VALIDATION_FAILED")
-    );
+    assert_eq!((reply.status, reply.code()), (StatusCode::BAD_REQUEST, "VALIDATION_FAILED"));
     let details = reply.body["error"]["details"].as_object().unwrap();
     for field in ["email", "password", "display_name"] {
-        assert!(
-            details.contains_key(field),
-            "{field} not named: {details:?}"
-        );
+        assert!(details.contains_key(field), "{field} not named: {details:?}");
     }
-    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&app.pool).await.unwrap();
     assert_eq!(events, 0, "a refused command must write nothing");
     app.stop().await;
 }

@@ -25,9 +25,7 @@ struct Setup {
 async fn setup() -> Setup {
     common::quiet_logs();
     let env = TestEnv::new();
-    let pool = cairn_platform::db::connect_and_migrate(&env.database_url, 5)
-        .await
-        .unwrap();
+    let pool = cairn_platform::db::connect_and_migrate(&env.database_url, 5).await.unwrap();
     let js = jetstream::new(async_nats::connect(&env.nats_url).await.unwrap());
     let ns = Namespace::new(&env.namespace);
     nats::ensure_events_stream(&js, &ns, 1).await.unwrap();
@@ -37,9 +35,7 @@ async fn setup() -> Setup {
 impl Setup {
     fn start_relay(&self) -> CancellationToken {
         let token = CancellationToken::new();
-        tokio::spawn(
-            Relay::new(self.pool.clone(), self.js.clone(), self.ns.clone(), 100).run(token.clone()),
-        );
+        tokio::spawn(Relay::new(self.pool.clone(), self.js.clone(), self.ns.clone(), 100).run(token.clone()));
         token
     }
 
@@ -64,18 +60,12 @@ impl Setup {
     async fn published(&self) -> Vec<EventEnvelope> {
         let n = self.stream_len().await;
         let stream = self.js.get_stream(self.ns.events_stream()).await.unwrap();
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
-            .await
-            .unwrap();
+        let consumer = stream.create_consumer(jetstream::consumer::pull::OrderedConfig::default()).await.unwrap();
         let mut messages = consumer.messages().await.unwrap();
         let mut out = Vec::new();
         while (out.len() as u64) < n {
-            let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap();
+            let message =
+                tokio::time::timeout(Duration::from_secs(5), messages.next()).await.unwrap().unwrap().unwrap();
             out.push(serde_json::from_slice(&message.payload).unwrap());
         }
         out
@@ -110,11 +100,7 @@ async fn a_transaction_that_commits_late_with_a_lower_position_is_not_skipped() 
 
     // B is committed, but publishing it now would let a position-tailing relay move past A for ever.
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(
-        s.stream_len().await,
-        0,
-        "the relay published past a transaction still in flight"
-    );
+    assert_eq!(s.stream_len().await, 0, "the relay published past a transaction still in flight");
 
     sqlx::query("COMMIT").execute(&mut a).await.unwrap();
     s.wait_stream_len(2).await;
@@ -141,21 +127,13 @@ async fn a_relay_restarted_behind_its_checkpoint_publishes_nothing_twice() {
     relay.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;
     // As if it crashed after publishing but before storing its checkpoint.
-    sqlx::query("UPDATE relay_checkpoints SET last_tx = '0', last_pos = 0")
-        .execute(&s.pool)
-        .await
-        .unwrap();
+    sqlx::query("UPDATE relay_checkpoints SET last_tx = '0', last_pos = 0").execute(&s.pool).await.unwrap();
     let relay = s.start_relay();
     append(&mut conn, "after").await;
     s.wait_stream_len(21).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(s.stream_len().await, 21, "re-sent events were stored twice");
-    let ids: Vec<String> = s
-        .published()
-        .await
-        .into_iter()
-        .map(|e| e.aggregate_id)
-        .collect();
+    let ids: Vec<String> = s.published().await.into_iter().map(|e| e.aggregate_id).collect();
     assert_eq!(ids.last().map(String::as_str), Some("after"));
     relay.cancel();
     s.env.cleanup().await;

@@ -80,9 +80,14 @@ async fn services_in_separate_processes_work_together() {
         }
     };
     let admin_email = "split-admin@example.com";
-    let output = env.command(&["admin", "create-user", "--email", admin_email]).env("CAIRN_ADMIN_PASSWORD", PASSWORD).output().unwrap();
+    let output = env
+        .command(&["admin", "create-user", "--email", admin_email])
+        .env("CAIRN_ADMIN_PASSWORD", PASSWORD)
+        .output()
+        .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let (_, login) = post(&writers[1], "/api/v1/auth/login", None, json!({ "email": admin_email, "password": PASSWORD })).await;
+    let (_, login) =
+        post(&writers[1], "/api/v1/auth/login", None, json!({ "email": admin_email, "password": PASSWORD })).await;
     let admin = login["data"]["access_token"].as_str().unwrap().to_owned();
 
     // Writes spread over both command APIs; reads from the query API with the consistency token.
@@ -90,11 +95,22 @@ async fn services_in_separate_processes_work_together() {
     let mut ids = Vec::new();
     for i in 0..20 {
         let base = &writers[i % 2];
-        let (status, body) =
-            post(base, "/api/v1/auth/register", None, json!({ "email": format!("split{i}@example.com"), "password": PASSWORD, "display_name": "S" })).await;
+        let (status, body) = post(
+            base,
+            "/api/v1/auth/register",
+            None,
+            json!({ "email": format!("split{i}@example.com"), "password": PASSWORD, "display_name": "S" }),
+        )
+        .await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         let id = body["data"]["user_id"].as_str().unwrap().to_owned();
-        let (status, body) = post(&writers[(i + 1) % 2], &format!("/api/v1/users/{id}/roles"), Some(&admin), json!({ "role": "auditor" })).await;
+        let (status, body) = post(
+            &writers[(i + 1) % 2],
+            &format!("/api/v1/users/{id}/roles"),
+            Some(&admin),
+            json!({ "role": "auditor" }),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         last_token = body["meta"]["consistency_token"].as_str().unwrap().to_owned();
         ids.push(id);
@@ -113,7 +129,9 @@ async fn services_in_separate_processes_work_together() {
     assert_eq!(read["data"].as_array().unwrap().len(), 20);
 
     // A deactivation through one command API is honoured by the query API process too.
-    let (status, body) = post(&writers[0], "/api/v1/auth/login", None, json!({ "email": "split0@example.com", "password": PASSWORD })).await;
+    let (status, body) =
+        post(&writers[0], "/api/v1/auth/login", None, json!({ "email": "split0@example.com", "password": PASSWORD }))
+            .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let user = body["data"]["access_token"].as_str().unwrap().to_owned();
     let (status, _) = post(&writers[1], &format!("/api/v1/users/{}/deactivate", ids[0]), Some(&admin), json!({})).await;

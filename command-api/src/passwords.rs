@@ -3,9 +3,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use argon2::password_hash::{
-    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
-};
+use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use tokio::sync::Semaphore;
 
@@ -22,9 +20,7 @@ pub struct Passwords {
 
 impl std::fmt::Debug for Passwords {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Passwords")
-            .field("available", &self.permits.available_permits())
-            .finish()
+        f.debug_struct("Passwords").field("available", &self.permits.available_permits()).finish()
     }
 }
 
@@ -53,15 +49,10 @@ impl Passwords {
     /// A pool running at most `concurrency` hashes at once.
     #[must_use]
     pub fn new(concurrency: usize) -> Self {
-        Self {
-            permits: Arc::new(Semaphore::new(concurrency.max(1))),
-        }
+        Self { permits: Arc::new(Semaphore::new(concurrency.max(1))) }
     }
 
-    async fn run<T: Send + 'static>(
-        &self,
-        work: impl FnOnce() -> T + Send + 'static,
-    ) -> anyhow::Result<T> {
+    async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
         let _permit = self.permits.acquire().await?;
         Ok(tokio::task::spawn_blocking(work).await?)
     }
@@ -73,9 +64,7 @@ impl Passwords {
     pub async fn hash(&self, password: String) -> anyhow::Result<String> {
         self.run(move || {
             let salt = SaltString::generate(&mut OsRng);
-            argon2()
-                .hash_password(password.as_bytes(), &salt)
-                .map(|h| h.to_string())
+            argon2().hash_password(password.as_bytes(), &salt).map(|h| h.to_string())
         })
         .await?
         .map_err(|e| anyhow::anyhow!("password hashing failed: {e}"))
@@ -94,11 +83,8 @@ impl Passwords {
         };
         let matches = self
             .run(move || {
-                PasswordHash::new(&hash).is_ok_and(|parsed| {
-                    argon2()
-                        .verify_password(password.as_bytes(), &parsed)
-                        .is_ok()
-                })
+                PasswordHash::new(&hash)
+                    .is_ok_and(|parsed| argon2().verify_password(password.as_bytes(), &parsed).is_ok())
             })
             .await?;
         Ok(known && matches)
@@ -125,10 +111,7 @@ mod tests {
         let pool = Passwords::new(2);
         let hash = pool.hash("correct horse".into()).await?;
         assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
-        assert!(
-            pool.verify("correct horse".into(), Some(hash.clone()))
-                .await?
-        );
+        assert!(pool.verify("correct horse".into(), Some(hash.clone())).await?);
         assert!(!pool.verify("wrong horse".into(), Some(hash)).await?);
         assert!(!pool.verify("anything".into(), None).await?);
         Ok(())

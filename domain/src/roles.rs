@@ -24,43 +24,23 @@ pub const DEFAULT_ROLE: &str = "user";
 pub fn seeded_roles() -> Vec<(&'static str, Vec<&'static str>)> {
     vec![
         ("admin", ALL_PERMISSIONS.to_vec()),
-        (
-            "user",
-            vec![
-                "profile:write",
-                "rooms:write",
-                "messages:write",
-                "files:write",
-                "files:read",
-            ],
-        ),
+        ("user", vec!["profile:write", "rooms:write", "messages:write", "files:write", "files:read"]),
         ("readonly", vec!["files:read"]),
         ("auditor", vec!["audit:read"]),
-        (
-            "operator",
-            vec!["projections:manage", "jobs:manage", "analytics:read"],
-        ),
+        ("operator", vec!["projections:manage", "jobs:manage", "analytics:read"]),
     ]
 }
 
 /// The permissions of a role, or `None` when no such role exists.
 #[must_use]
 pub fn permissions_of(role: &str) -> Option<Vec<&'static str>> {
-    seeded_roles()
-        .into_iter()
-        .find(|(name, _)| *name == role)
-        .map(|(_, perms)| perms)
+    seeded_roles().into_iter().find(|(name, _)| *name == role).map(|(_, perms)| perms)
 }
 
 /// The union of the permissions of `roles`, sorted and without duplicates. Unknown roles add nothing.
 #[must_use]
 pub fn permissions_for<'a>(roles: impl IntoIterator<Item = &'a str>) -> Vec<String> {
-    let mut perms: Vec<String> = roles
-        .into_iter()
-        .filter_map(permissions_of)
-        .flatten()
-        .map(str::to_owned)
-        .collect();
+    let mut perms: Vec<String> = roles.into_iter().filter_map(permissions_of).flatten().map(str::to_owned).collect();
     perms.sort();
     perms.dedup();
     perms

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 
+use chrono::{DateTime, Duration, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
@@ -55,6 +56,31 @@ pub struct User {
     pub roles: BTreeSet<String>,
     /// Tokens carrying a lower session version are refused.
     pub session_version: u64,
+    /// Whether the email address is verified.
+    pub email_verified: bool,
+    /// Failed sign-ins since the last success or lock.
+    pub failed_logins: u32,
+    /// How many locks in a row (each doubles the next one), reset by a successful sign-in.
+    pub lock_level: u32,
+    /// Locked until then.
+    pub locked_until: Option<DateTime<Utc>>,
+}
+
+/// Sign-in failures before the account locks.
+pub const MAX_LOGIN_FAILURES: u32 = 5;
+/// The first lock's length; each later one doubles, up to [`MAX_LOCK_SECS`].
+pub const BASE_LOCK_SECS: i64 = 60;
+/// The longest lock: never permanent, so nobody can lock a victim out for good.
+pub const MAX_LOCK_SECS: i64 = 15 * 60;
+
+/// Why a user's sessions were all ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionsEndedReason {
+    /// The user signed out everywhere.
+    LogoutAll,
+    /// An administrator ended them.
+    Administrator,
 }
 
 /// What can be asked of a user.
@@ -92,6 +118,39 @@ pub enum UserCommand {
     ReactivateUser,
     /// Soft-delete the account; ends its sessions.
     DeleteUser,
+    /// Ask for a (new) verification mail.
+    RequestEmailVerification,
+    /// The emailed token was presented: the address is verified.
+    VerifyEmail,
+    /// Ask for a password-reset mail.
+    RequestPasswordReset,
+    /// Set a new password after checking the current one; ends the other sessions.
+    ChangePassword {
+        /// argon2id PHC string.
+        password_hash: String,
+    },
+    /// Set a new password with a reset token; ends every session.
+    ResetPassword {
+        /// argon2id PHC string.
+        password_hash: String,
+    },
+    /// End every session (sign out everywhere, or an administrator's decision).
+    EndAllSessions {
+        /// Why.
+        reason: SessionsEndedReason,
+    },
+    /// A sign-in with the wrong password.
+    RecordLoginFailure {
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// A successful sign-in: clears the failure count.
+    RecordLoginSuccess,
+    /// A sign-in attempt after the lock ran out.
+    UnlockAccount {
+        /// When.
+        at: DateTime<Utc>,
+    },
 }
 
 /// What happened to a user.
@@ -137,6 +196,49 @@ pub enum UserEvent {
         /// The session version from now on.
         session_version: u64,
     },
+    /// A verification mail was asked for (the mail worker issues the token).
+    EmailVerificationRequested {},
+    /// The email address was verified.
+    EmailVerified {},
+    /// A password-reset mail was asked for (the mail worker issues the token).
+    PasswordResetRequested {},
+    /// The password was changed by its owner.
+    PasswordChanged {
+        /// argon2id PHC string.
+        password_hash: String,
+        /// The session version from now on (the session that changed it is rebound to it).
+        session_version: u64,
+    },
+    /// The password was reset with an emailed token.
+    PasswordReset {
+        /// argon2id PHC string.
+        password_hash: String,
+        /// The session version from now on.
+        session_version: u64,
+    },
+    /// Every session was ended.
+    SessionsEnded {
+        /// The session version from now on.
+        session_version: u64,
+        /// Why.
+        reason: SessionsEndedReason,
+    },
+    /// A sign-in failed.
+    LoginFailed {
+        /// Failures in a row.
+        failures: u32,
+    },
+    /// Too many failures: sign-in is refused until `until`.
+    AccountLocked {
+        /// End of the lock.
+        until: DateTime<Utc>,
+        /// Which lock in a row this is.
+        level: u32,
+    },
+    /// A lock ran out.
+    AccountUnlocked {},
+    /// A sign-in succeeded after failures.
+    LoginSucceeded {},
 }
 
 impl UserEvent {
@@ -144,9 +246,7 @@ impl UserEvent {
     #[must_use]
     pub fn session_version(&self) -> Option<u64> {
         match self {
-            Self::RoleRevoked {
-                session_version, ..
-            }
+            Self::RoleRevoked { session_version, .. }
             | Self::UserDeactivated { session_version }
             | Self::UserDeleted { session_version } => Some(*session_version),
             _ => None,
@@ -164,6 +264,16 @@ impl DomainEvent for UserEvent {
             Self::UserDeactivated { .. } => "UserDeactivated",
             Self::UserReactivated { .. } => "UserReactivated",
             Self::UserDeleted { .. } => "UserDeleted",
+            Self::EmailVerificationRequested { .. } => "EmailVerificationRequested",
+            Self::EmailVerified { .. } => "EmailVerified",
+            Self::PasswordResetRequested { .. } => "PasswordResetRequested",
+            Self::PasswordChanged { .. } => "PasswordChanged",
+            Self::PasswordReset { .. } => "PasswordReset",
+            Self::SessionsEnded { .. } => "SessionsEnded",
+            Self::LoginFailed { .. } => "LoginFailed",
+            Self::AccountLocked { .. } => "AccountLocked",
+            Self::AccountUnlocked { .. } => "AccountUnlocked",
+            Self::LoginSucceeded { .. } => "LoginSucceeded",
         }
         .to_owned()
     }
@@ -197,9 +307,43 @@ pub enum UserError {
     /// Reactivating an active account (409).
     #[error("user is not deactivated")]
     NotDeactivated,
+    /// Verifying or asking to verify an address already verified (409).
+    #[error("email is already verified")]
+    AlreadyVerified,
+    /// An account that is not active cannot do this (409).
+    #[error("user is not active")]
+    NotActive,
+    /// Unlocking an account that is not locked, or whose lock has not run out (409).
+    #[error("account is not due to unlock")]
+    NotLocked,
 }
 
 impl User {
+    /// Seconds left on the lock at `at`, if locked.
+    #[must_use]
+    pub fn locked_for(&self, at: DateTime<Utc>) -> Option<i64> {
+        self.locked_until.filter(|until| *until > at).map(|until| (until - at).num_seconds().max(1))
+    }
+
+    fn ensure_active(&self) -> Result<(), UserError> {
+        if self.status == UserStatus::Active {
+            Ok(())
+        } else {
+            Err(UserError::NotActive)
+        }
+    }
+
+    fn login_failed(&self, at: DateTime<Utc>) -> Vec<UserEvent> {
+        let failures = self.failed_logins + 1;
+        let mut events = vec![UserEvent::LoginFailed { failures }];
+        if failures >= MAX_LOGIN_FAILURES {
+            let level = self.lock_level + 1;
+            let secs = BASE_LOCK_SECS.saturating_mul(1 << (level - 1).min(10)).min(MAX_LOCK_SECS);
+            events.push(UserEvent::AccountLocked { until: at + Duration::seconds(secs), level });
+        }
+        events
+    }
+
     /// Whether the account exists and is not deleted.
     fn ensure_live(&self) -> Result<(), UserError> {
         match self.status {
@@ -210,13 +354,7 @@ impl User {
     }
 
     fn decide(&self, command: UserCommand) -> Result<Vec<UserEvent>, UserError> {
-        if let UserCommand::RegisterUser {
-            email,
-            display_name,
-            password_hash,
-            roles,
-        } = command
-        {
+        if let UserCommand::RegisterUser { email, display_name, password_hash, roles } = command {
             if self.status != UserStatus::Unregistered {
                 return Err(UserError::AlreadyRegistered);
             }
@@ -234,33 +372,26 @@ impl User {
         let next_version = self.session_version + 1;
         let event = match command {
             UserCommand::RegisterUser { .. } => return Err(UserError::AlreadyRegistered),
-            UserCommand::ChangeDisplayName { display_name } => UserEvent::DisplayNameChanged {
-                display_name: display_name.as_str().to_owned(),
-            },
+            UserCommand::ChangeDisplayName { display_name } => {
+                UserEvent::DisplayNameChanged { display_name: display_name.as_str().to_owned() }
+            }
             UserCommand::GrantRole { role } => {
                 if self.roles.contains(role.as_str()) {
                     return Err(UserError::RoleAlreadyGranted(role.as_str().to_owned()));
                 }
-                UserEvent::RoleGranted {
-                    role: role.as_str().to_owned(),
-                }
+                UserEvent::RoleGranted { role: role.as_str().to_owned() }
             }
             UserCommand::RevokeRole { role } => {
                 if !self.roles.contains(role.as_str()) {
                     return Err(UserError::RoleNotGranted(role.as_str().to_owned()));
                 }
-                UserEvent::RoleRevoked {
-                    role: role.as_str().to_owned(),
-                    session_version: next_version,
-                }
+                UserEvent::RoleRevoked { role: role.as_str().to_owned(), session_version: next_version }
             }
             UserCommand::DeactivateUser => {
                 if self.status == UserStatus::Deactivated {
                     return Err(UserError::AlreadyDeactivated);
                 }
-                UserEvent::UserDeactivated {
-                    session_version: next_version,
-                }
+                UserEvent::UserDeactivated { session_version: next_version }
             }
             UserCommand::ReactivateUser => {
                 if self.status != UserStatus::Deactivated {
@@ -268,8 +399,45 @@ impl User {
                 }
                 UserEvent::UserReactivated {}
             }
-            UserCommand::DeleteUser => UserEvent::UserDeleted {
-                session_version: next_version,
+            UserCommand::DeleteUser => UserEvent::UserDeleted { session_version: next_version },
+            UserCommand::RequestEmailVerification => {
+                if self.email_verified {
+                    return Err(UserError::AlreadyVerified);
+                }
+                UserEvent::EmailVerificationRequested {}
+            }
+            UserCommand::VerifyEmail => {
+                if self.email_verified {
+                    return Err(UserError::AlreadyVerified);
+                }
+                UserEvent::EmailVerified {}
+            }
+            UserCommand::RequestPasswordReset => {
+                self.ensure_active()?;
+                UserEvent::PasswordResetRequested {}
+            }
+            UserCommand::ChangePassword { password_hash } => {
+                self.ensure_active()?;
+                UserEvent::PasswordChanged { password_hash, session_version: next_version }
+            }
+            UserCommand::ResetPassword { password_hash } => {
+                self.ensure_active()?;
+                // A reset also clears any lock: the owner proved control of the mailbox.
+                UserEvent::PasswordReset { password_hash, session_version: next_version }
+            }
+            UserCommand::EndAllSessions { reason } => {
+                UserEvent::SessionsEnded { session_version: next_version, reason }
+            }
+            UserCommand::RecordLoginFailure { at } => return Ok(self.login_failed(at)),
+            UserCommand::RecordLoginSuccess => {
+                if self.failed_logins == 0 && self.lock_level == 0 {
+                    return Ok(vec![]);
+                }
+                UserEvent::LoginSucceeded {}
+            }
+            UserCommand::UnlockAccount { at } => match self.locked_until {
+                Some(until) if until <= at => UserEvent::AccountUnlocked {},
+                _ => return Err(UserError::NotLocked),
             },
         };
         Ok(vec![event])
@@ -300,12 +468,7 @@ impl Aggregate for User {
             self.session_version = self.session_version.max(version);
         }
         match event {
-            UserEvent::UserRegistered {
-                email,
-                display_name,
-                password_hash,
-                roles,
-            } => {
+            UserEvent::UserRegistered { email, display_name, password_hash, roles } => {
                 self.status = UserStatus::Active;
                 self.email = email;
                 self.display_name = display_name;
@@ -322,6 +485,28 @@ impl Aggregate for User {
             UserEvent::UserDeactivated { .. } => self.status = UserStatus::Deactivated,
             UserEvent::UserReactivated {} => self.status = UserStatus::Active,
             UserEvent::UserDeleted { .. } => self.status = UserStatus::Deleted,
+            UserEvent::EmailVerificationRequested {}
+            | UserEvent::PasswordResetRequested {}
+            | UserEvent::SessionsEnded { .. } => {}
+            UserEvent::EmailVerified {} => self.email_verified = true,
+            UserEvent::PasswordChanged { password_hash, .. } => self.password_hash = password_hash,
+            UserEvent::PasswordReset { password_hash, .. } => {
+                self.password_hash = password_hash;
+                self.failed_logins = 0;
+                self.locked_until = None;
+            }
+            UserEvent::LoginFailed { failures } => self.failed_logins = failures,
+            UserEvent::AccountLocked { until, level } => {
+                self.locked_until = Some(until);
+                self.lock_level = level;
+                self.failed_logins = 0;
+            }
+            UserEvent::AccountUnlocked {} => self.locked_until = None,
+            UserEvent::LoginSucceeded {} => {
+                self.failed_logins = 0;
+                self.lock_level = 0;
+                self.locked_until = None;
+            }
         }
     }
 }
@@ -358,10 +543,7 @@ mod tests {
 
     #[test]
     fn register_opens_an_account_with_normalised_email_and_unique_roles() {
-        UserTest::with(())
-            .given_no_previous_events()
-            .when(register_command())
-            .then_expect_events(vec![registered()]);
+        UserTest::with(()).given_no_previous_events().when(register_command()).then_expect_events(vec![registered()]);
     }
 
     #[test]
@@ -376,9 +558,7 @@ mod tests {
     fn commands_on_a_missing_user_are_refused() {
         UserTest::with(())
             .given_no_previous_events()
-            .when(UserCommand::GrantRole {
-                role: role("admin"),
-            })
+            .when(UserCommand::GrantRole { role: role("admin") })
             .then_expect_error(UserError::NotFound);
     }
 
@@ -386,24 +566,16 @@ mod tests {
     fn change_display_name() {
         UserTest::with(())
             .given(vec![registered()])
-            .when(UserCommand::ChangeDisplayName {
-                display_name: DisplayName::parse("Countess").expect("valid"),
-            })
-            .then_expect_events(vec![UserEvent::DisplayNameChanged {
-                display_name: "Countess".into(),
-            }]);
+            .when(UserCommand::ChangeDisplayName { display_name: DisplayName::parse("Countess").expect("valid") })
+            .then_expect_events(vec![UserEvent::DisplayNameChanged { display_name: "Countess".into() }]);
     }
 
     #[test]
     fn grant_role() {
         UserTest::with(())
             .given(vec![registered()])
-            .when(UserCommand::GrantRole {
-                role: role("admin"),
-            })
-            .then_expect_events(vec![UserEvent::RoleGranted {
-                role: "admin".into(),
-            }]);
+            .when(UserCommand::GrantRole { role: role("admin") })
+            .then_expect_events(vec![UserEvent::RoleGranted { role: "admin".into() }]);
     }
 
     #[test]
@@ -417,28 +589,16 @@ mod tests {
     #[test]
     fn revoke_role_bumps_the_session_version() {
         UserTest::with(())
-            .given(vec![
-                registered(),
-                UserEvent::RoleGranted {
-                    role: "admin".into(),
-                },
-            ])
-            .when(UserCommand::RevokeRole {
-                role: role("admin"),
-            })
-            .then_expect_events(vec![UserEvent::RoleRevoked {
-                role: "admin".into(),
-                session_version: 1,
-            }]);
+            .given(vec![registered(), UserEvent::RoleGranted { role: "admin".into() }])
+            .when(UserCommand::RevokeRole { role: role("admin") })
+            .then_expect_events(vec![UserEvent::RoleRevoked { role: "admin".into(), session_version: 1 }]);
     }
 
     #[test]
     fn revoke_a_missing_role_is_refused() {
         UserTest::with(())
             .given(vec![registered()])
-            .when(UserCommand::RevokeRole {
-                role: role("admin"),
-            })
+            .when(UserCommand::RevokeRole { role: role("admin") })
             .then_expect_error(UserError::RoleNotGranted("admin".into()));
     }
 
@@ -447,13 +607,8 @@ mod tests {
         UserTest::with(())
             .given(vec![
                 registered(),
-                UserEvent::RoleGranted {
-                    role: "admin".into(),
-                },
-                UserEvent::RoleRevoked {
-                    role: "admin".into(),
-                    session_version: 1,
-                },
+                UserEvent::RoleGranted { role: "admin".into() },
+                UserEvent::RoleRevoked { role: "admin".into(), session_version: 1 },
             ])
             .when(UserCommand::DeactivateUser)
             .then_expect_events(vec![UserEvent::UserDeactivated { session_version: 2 }]);
@@ -462,10 +617,7 @@ mod tests {
     #[test]
     fn deactivate_twice_is_refused() {
         UserTest::with(())
-            .given(vec![
-                registered(),
-                UserEvent::UserDeactivated { session_version: 1 },
-            ])
+            .given(vec![registered(), UserEvent::UserDeactivated { session_version: 1 }])
             .when(UserCommand::DeactivateUser)
             .then_expect_error(UserError::AlreadyDeactivated);
     }
@@ -473,10 +625,7 @@ mod tests {
     #[test]
     fn reactivate() {
         UserTest::with(())
-            .given(vec![
-                registered(),
-                UserEvent::UserDeactivated { session_version: 1 },
-            ])
+            .given(vec![registered(), UserEvent::UserDeactivated { session_version: 1 }])
             .when(UserCommand::ReactivateUser)
             .then_expect_events(vec![UserEvent::UserReactivated {}]);
     }
@@ -500,17 +649,11 @@ mod tests {
     #[test]
     fn a_deleted_user_refuses_everything() {
         UserTest::with(())
-            .given(vec![
-                registered(),
-                UserEvent::UserDeleted { session_version: 1 },
-            ])
+            .given(vec![registered(), UserEvent::UserDeleted { session_version: 1 }])
             .when(UserCommand::ReactivateUser)
             .then_expect_error(UserError::Deleted);
         UserTest::with(())
-            .given(vec![
-                registered(),
-                UserEvent::UserDeleted { session_version: 1 },
-            ])
+            .given(vec![registered(), UserEvent::UserDeleted { session_version: 1 }])
             .when(UserCommand::DeleteUser)
             .then_expect_error(UserError::Deleted);
     }
@@ -518,16 +661,9 @@ mod tests {
     #[test]
     fn a_deactivated_user_can_still_have_roles_changed() {
         UserTest::with(())
-            .given(vec![
-                registered(),
-                UserEvent::UserDeactivated { session_version: 1 },
-            ])
-            .when(UserCommand::GrantRole {
-                role: role("auditor"),
-            })
-            .then_expect_events(vec![UserEvent::RoleGranted {
-                role: "auditor".into(),
-            }]);
+            .given(vec![registered(), UserEvent::UserDeactivated { session_version: 1 }])
+            .when(UserCommand::GrantRole { role: role("auditor") })
+            .then_expect_events(vec![UserEvent::RoleGranted { role: "auditor".into() }]);
     }
 
     #[test]
@@ -537,5 +673,87 @@ mod tests {
         let back: UserEvent = serde_json::from_value(json).expect("deserialises");
         assert_eq!(back, registered());
         assert_eq!(registered().event_type(), "UserRegistered");
+    }
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap_or_default()
+    }
+
+    #[test]
+    fn the_fifth_failure_locks_for_a_minute_and_locks_double_up_to_fifteen_minutes() {
+        let failures: Vec<UserEvent> = (1..=4).map(|failures| UserEvent::LoginFailed { failures }).collect();
+        UserTest::with(())
+            .given([vec![registered()], failures.clone()].concat())
+            .when(UserCommand::RecordLoginFailure { at: at(0) })
+            .then_expect_events(vec![
+                UserEvent::LoginFailed { failures: 5 },
+                UserEvent::AccountLocked { until: at(60), level: 1 },
+            ]);
+        let mut history = vec![registered()];
+        for level in 1..=5 {
+            history.extend(failures.clone());
+            history.push(UserEvent::LoginFailed { failures: 5 });
+            history.push(UserEvent::AccountLocked { until: at(0), level });
+            history.push(UserEvent::AccountUnlocked {});
+        }
+        UserTest::with(())
+            .given([history, failures].concat())
+            .when(UserCommand::RecordLoginFailure { at: at(0) })
+            .then_expect_events(vec![
+                UserEvent::LoginFailed { failures: 5 },
+                UserEvent::AccountLocked { until: at(MAX_LOCK_SECS), level: 6 },
+            ]);
+    }
+
+    #[test]
+    fn a_lock_ends_only_when_it_has_run_out() {
+        let locked = vec![registered(), UserEvent::AccountLocked { until: at(60), level: 1 }];
+        UserTest::with(())
+            .given(locked.clone())
+            .when(UserCommand::UnlockAccount { at: at(30) })
+            .then_expect_error(UserError::NotLocked);
+        UserTest::with(())
+            .given(locked)
+            .when(UserCommand::UnlockAccount { at: at(60) })
+            .then_expect_events(vec![UserEvent::AccountUnlocked {}]);
+    }
+
+    #[test]
+    fn success_after_failures_clears_them_and_success_alone_records_nothing() {
+        UserTest::with(())
+            .given(vec![registered(), UserEvent::LoginFailed { failures: 2 }])
+            .when(UserCommand::RecordLoginSuccess)
+            .then_expect_events(vec![UserEvent::LoginSucceeded {}]);
+        UserTest::with(()).given(vec![registered()]).when(UserCommand::RecordLoginSuccess).then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn password_change_and_reset_move_the_session_version() {
+        UserTest::with(())
+            .given(vec![registered()])
+            .when(UserCommand::ChangePassword { password_hash: "new".into() })
+            .then_expect_events(vec![UserEvent::PasswordChanged { password_hash: "new".into(), session_version: 1 }]);
+        UserTest::with(())
+            .given(vec![registered(), UserEvent::UserDeactivated { session_version: 1 }])
+            .when(UserCommand::ResetPassword { password_hash: "new".into() })
+            .then_expect_error(UserError::NotActive);
+        UserTest::with(())
+            .given(vec![registered()])
+            .when(UserCommand::EndAllSessions { reason: SessionsEndedReason::LogoutAll })
+            .then_expect_events(vec![UserEvent::SessionsEnded {
+                session_version: 1,
+                reason: SessionsEndedReason::LogoutAll,
+            }]);
+    }
+
+    #[test]
+    fn email_verification_happens_once() {
+        UserTest::with(())
+            .given(vec![registered()])
+            .when(UserCommand::VerifyEmail)
+            .then_expect_events(vec![UserEvent::EmailVerified {}]);
+        UserTest::with(())
+            .given(vec![registered(), UserEvent::EmailVerified {}])
+            .when(UserCommand::RequestEmailVerification)
+            .then_expect_error(UserError::AlreadyVerified);
     }
 }

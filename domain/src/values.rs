@@ -66,14 +66,10 @@ impl DisplayName {
             return Err(ValueError("display_name is required".into()));
         }
         if name.chars().count() > 100 {
-            return Err(ValueError(
-                "display_name is longer than 100 characters".into(),
-            ));
+            return Err(ValueError("display_name is longer than 100 characters".into()));
         }
         if name.chars().any(char::is_control) {
-            return Err(ValueError(
-                "display_name must not contain control characters".into(),
-            ));
+            return Err(ValueError("display_name must not contain control characters".into()));
         }
         Ok(Self(name.to_owned()))
     }
@@ -98,16 +94,11 @@ impl RoleName {
     pub fn parse(raw: &str) -> Result<Self, ValueError> {
         let ok = (1..=64).contains(&raw.len())
             && raw.starts_with(|c: char| c.is_ascii_lowercase())
-            && raw
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+            && raw.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
         if ok {
             Ok(Self(raw.to_owned()))
         } else {
-            Err(ValueError(
-                "role must be 1-64 characters of a-z, 0-9, '_' or '-', starting with a letter"
-                    .into(),
-            ))
+            Err(ValueError("role must be 1-64 characters of a-z, 0-9, '_' or '-', starting with a letter".into()))
         }
     }
 
@@ -124,10 +115,7 @@ mod tests {
 
     #[test]
     fn email_is_normalised_to_lower_case() {
-        assert_eq!(
-            Email::parse("  Ada@Example.COM ").map(|e| e.0),
-            Ok("ada@example.com".into())
-        );
+        assert_eq!(Email::parse("  Ada@Example.COM ").map(|e| e.0), Ok("ada@example.com".into()));
     }
 
     #[test]

@@ -78,9 +78,7 @@ pub struct EmbeddedOptions {
 impl std::fmt::Debug for EmbeddedOptions {
     // The URLs may carry passwords, so only the data directory is shown.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmbeddedOptions")
-            .field("data_dir", &self.data_dir)
-            .finish_non_exhaustive()
+        f.debug_struct("EmbeddedOptions").field("data_dir", &self.data_dir).finish_non_exhaustive()
     }
 }
 
@@ -109,8 +107,8 @@ impl EmbeddedServices {
     pub async fn start(opts: EmbeddedOptions) -> Result<Self> {
         let pg_endpoints = parse_endpoints(&opts.database_url, PG_DEFAULT_PORT)
             .context("DATABASE_URL is not a valid PostgreSQL URL")?;
-        let nats_endpoints = parse_endpoints(&opts.nats_url, NATS_DEFAULT_PORT)
-            .context("NATS_URL is not a valid NATS URL")?;
+        let nats_endpoints =
+            parse_endpoints(&opts.nats_url, NATS_DEFAULT_PORT).context("NATS_URL is not a valid NATS URL")?;
 
         let pg_answers = any_answers(&pg_endpoints).await;
         let nats_answers = any_answers(&nats_endpoints).await;
@@ -176,11 +174,8 @@ impl EmbeddedServices {
         if let Some(bin_dir) = pg_bin {
             let run_as = RunAs::detect().await?;
             let pg = Postgres::start(bin_dir, run_as, data_dir.join("postgres")).await?;
-            services.database_url = format!(
-                "postgres://{PG_USER}@127.0.0.1:{}/{}",
-                pg.port,
-                database_name(&opts.database_url)
-            );
+            services.database_url =
+                format!("postgres://{PG_USER}@127.0.0.1:{}/{}", pg.port, database_name(&opts.database_url));
             services.postgres = Some(pg);
         }
 
@@ -259,16 +254,11 @@ impl Postgres {
         let initdb = bin_dir.join("initdb");
         let pg_ctl = bin_dir.join("pg_ctl");
 
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .with_context(|| format!("could not create {}", dir.display()))?;
+        tokio::fs::create_dir_all(&dir).await.with_context(|| format!("could not create {}", dir.display()))?;
         if let RunAs::User { .. } = run_as {
-            run(
-                plain_command("chown").arg("-R").arg(PG_USER).arg(&dir),
-                "chown",
-            )
-            .await
-            .with_context(|| format!("could not hand {} to the `{PG_USER}` user", dir.display()))?;
+            run(plain_command("chown").arg("-R").arg(PG_USER).arg(&dir), "chown")
+                .await
+                .with_context(|| format!("could not hand {} to the `{PG_USER}` user", dir.display()))?;
             let writable = run_as
                 .command(Path::new("test"), &dir)
                 .arg("-w")
@@ -294,12 +284,7 @@ impl Postgres {
             init_cluster(&initdb, &run_as, &dir).await?;
         }
 
-        let pg = |port| Self {
-            pg_ctl: pg_ctl.clone(),
-            run_as: run_as.clone(),
-            dir: dir.clone(),
-            port,
-        };
+        let pg = |port| Self { pg_ctl: pg_ctl.clone(), run_as: run_as.clone(), dir: dir.clone(), port };
 
         // A server left running by an earlier run that did not stop it would
         // hold the data dir: stop it so this one can start.
@@ -313,10 +298,7 @@ impl Postgres {
         loop {
             attempt += 1;
             let port = free_port()?;
-            let log_start = tokio::fs::metadata(&log)
-                .await
-                .map(|m| m.len())
-                .unwrap_or(0);
+            let log_start = tokio::fs::metadata(&log).await.map(|m| m.len()).unwrap_or(0);
             let socket_dir = if dir.as_os_str().len() <= MAX_SOCKET_DIR_LEN {
                 shell_quote(&dir.to_string_lossy())
             } else {
@@ -351,10 +333,7 @@ impl Postgres {
             }
             let log_tail = read_log_since(&log, log_start, PG_LOG_LINES).await;
             if attempt < PORT_ATTEMPTS && log_tail.contains("already in use") {
-                tracing::debug!(
-                    port,
-                    "port was taken before PostgreSQL could bind it; trying another"
-                );
+                tracing::debug!(port, "port was taken before PostgreSQL could bind it; trying another");
                 continue;
             }
             bail!(
@@ -455,21 +434,11 @@ impl Postgres {
 
 /// Run `initdb` on `dir`, with the options this `initdb` supports.
 async fn init_cluster(initdb: &Path, run_as: &RunAs, dir: &Path) -> Result<()> {
-    let help = run(
-        run_as.command(initdb, dir).arg("--help"),
-        &format!("{} --help", initdb.display()),
-    )
-    .await?;
+    let help = run(run_as.command(initdb, dir).arg("--help"), &format!("{} --help", initdb.display())).await?;
     let help = String::from_utf8_lossy(&help.stdout);
 
     let mut cmd = run_as.command(initdb, dir);
-    cmd.arg("-D")
-        .arg(dir)
-        .arg("-U")
-        .arg(PG_USER)
-        .arg("--auth=trust")
-        .arg("-E")
-        .arg("UTF8");
+    cmd.arg("-D").arg(dir).arg("-U").arg(PG_USER).arg("--auth=trust").arg("-E").arg("UTF8");
     // The C locale works everywhere, whatever locales the host has installed.
     if help.contains("--no-locale") {
         cmd.arg("--no-locale");
@@ -522,11 +491,7 @@ impl RunAs {
             // No `id` to ask: look in the local user database.
             Err(_) => tokio::fs::read_to_string("/etc/passwd")
                 .await
-                .is_ok_and(|passwd| {
-                    passwd
-                        .lines()
-                        .any(|line| line.split(':').next() == Some(PG_USER))
-                }),
+                .is_ok_and(|passwd| passwd.lines().any(|line| line.split(':').next() == Some(PG_USER))),
         };
         if !user_exists {
             bail!(
@@ -551,12 +516,7 @@ impl RunAs {
             Self::Current => (program.as_os_str().to_owned(), Vec::new()),
             Self::User { runuser } => (
                 runuser.as_os_str().to_owned(),
-                vec![
-                    "-u".into(),
-                    PG_USER.into(),
-                    "--".into(),
-                    program.as_os_str().to_owned(),
-                ],
+                vec!["-u".into(), PG_USER.into(), "--".into(), program.as_os_str().to_owned()],
             ),
         }
     }
@@ -575,20 +535,11 @@ impl RunAs {
 
 /// Whether the effective uid is 0: `id -u`, or `/proc/self/status` where `id` cannot be run.
 async fn effective_uid_is_root() -> Result<bool> {
-    let id_error = match plain_command("id")
-        .arg("-u")
-        .stdin(Stdio::null())
-        .output()
-        .await
-    {
+    let id_error = match plain_command("id").arg("-u").stdin(Stdio::null()).output().await {
         Ok(output) if output.status.success() => {
             return Ok(String::from_utf8_lossy(&output.stdout).trim() == "0");
         }
-        Ok(output) => format!(
-            "`id -u` failed ({}): {}",
-            output.status,
-            output_text(&output)
-        ),
+        Ok(output) => format!("`id -u` failed ({}): {}", output.status, output_text(&output)),
         Err(err) => format!("could not run `id -u`: {err}"),
     };
     // "Uid:\t<real>\t<effective>\t<saved>\t<filesystem>"
@@ -642,9 +593,7 @@ impl Nats {
                     return Ok(nats);
                 }
                 Err(err) if attempt < PORT_ATTEMPTS && format!("{err:#}").contains("in use") => {
-                    tracing::debug!(
-                        "port was taken before nats-server could bind it; trying another"
-                    );
+                    tracing::debug!("port was taken before nats-server could bind it; trying another");
                 }
                 Err(err) => return Err(err),
             }
@@ -687,20 +636,11 @@ impl Nats {
             }
             None => tokio::spawn(async {}),
         };
-        let mut nats = Self {
-            child,
-            port,
-            log,
-            reader,
-        };
+        let mut nats = Self { child, port, log, reader };
 
         let deadline = Instant::now() + NATS_READY_TIMEOUT;
         loop {
-            if let Some(status) = nats
-                .child
-                .try_wait()
-                .context("could not check nats-server")?
-            {
+            if let Some(status) = nats.child.try_wait().context("could not check nats-server")? {
                 return Ok(Err(nats.exited_early(status).await));
             }
             let connect = TcpStream::connect(("127.0.0.1", port));
@@ -732,11 +672,7 @@ impl Nats {
             let log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
             tail(log.iter().map(String::as_str), NATS_LOG_LINES)
         };
-        let log = if log.is_empty() {
-            "(no output)".to_owned()
-        } else {
-            log
-        };
+        let log = if log.is_empty() { "(no output)".to_owned() } else { log };
         anyhow!("nats-server exited during start-up ({status}):\n{log}")
     }
 
@@ -748,21 +684,11 @@ impl Nats {
 
     /// SIGTERM, then wait for the exit (SIGKILL after a timeout).
     async fn stop(mut self) -> Result<()> {
-        if self
-            .child
-            .try_wait()
-            .context("could not check nats-server")?
-            .is_some()
-        {
+        if self.child.try_wait().context("could not check nats-server")?.is_some() {
             return Ok(());
         }
         if let Some(pid) = self.child.id() {
-            let term = plain_command("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .stdin(Stdio::null())
-                .output()
-                .await;
+            let term = plain_command("kill").arg("-TERM").arg(pid.to_string()).stdin(Stdio::null()).output().await;
             if let Err(err) = term {
                 tracing::warn!("could not run kill: {err}");
             }
@@ -776,10 +702,7 @@ impl Nats {
                     "nats-server did not exit within {} s of SIGTERM; killing it",
                     NATS_STOP_TIMEOUT.as_secs()
                 );
-                self.child
-                    .kill()
-                    .await
-                    .context("could not kill nats-server")?;
+                self.child.kill().await.context("could not kill nats-server")?;
             }
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.reader).await;
@@ -824,22 +747,14 @@ impl Nats {
 /// The first directory holding all of [`PG_PROGRAMS`]: PATH, then the
 /// versioned install directories, highest version first.
 fn postgres_bin_dir() -> Option<PathBuf> {
-    let path_dirs = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .unwrap_or_default();
+    let path_dirs =
+        std::env::var_os("PATH").map(|path| std::env::split_paths(&path).collect::<Vec<_>>()).unwrap_or_default();
     let versioned = versioned_dirs(Path::new("/usr/lib/postgresql"), "")
         .into_iter()
-        .chain(versioned_dirs(
-            Path::new("/opt/homebrew/opt"),
-            "postgresql@",
-        ))
+        .chain(versioned_dirs(Path::new("/opt/homebrew/opt"), "postgresql@"))
         .chain(versioned_dirs(Path::new("/usr/local/opt"), "postgresql@"))
         .map(|dir| dir.join("bin"));
-    path_dirs.into_iter().chain(versioned).find(|dir| {
-        PG_PROGRAMS
-            .iter()
-            .all(|name| is_executable(&dir.join(name)))
-    })
+    path_dirs.into_iter().chain(versioned).find(|dir| PG_PROGRAMS.iter().all(|name| is_executable(&dir.join(name))))
 }
 
 /// Entries of `parent` named `<prefix><version>`, highest version first.
@@ -871,9 +786,8 @@ fn find_nats_server() -> Option<PathBuf> {
 
 /// `name` in PATH, then in `extra_dirs`.
 fn find_program(name: &str, extra_dirs: &[&str]) -> Option<PathBuf> {
-    let path_dirs = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .unwrap_or_default();
+    let path_dirs =
+        std::env::var_os("PATH").map(|path| std::env::split_paths(&path).collect::<Vec<_>>()).unwrap_or_default();
     path_dirs
         .into_iter()
         .chain(extra_dirs.iter().map(PathBuf::from))
@@ -886,8 +800,7 @@ fn is_executable(path: &Path) -> bool {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(path)
-            .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+        std::fs::metadata(path).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
     }
     #[cfg(not(unix))]
     {
@@ -940,21 +853,14 @@ fn parse_endpoints(url: &str, default_port: u16) -> Result<Vec<Endpoint>> {
 fn parse_endpoint(url: &str, default_port: u16) -> Result<Endpoint> {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host_port = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
 
     let (host, port) = if let Some(bracketed) = host_port.strip_prefix('[') {
-        let (host, after) = bracketed
-            .split_once(']')
-            .ok_or_else(|| anyhow!("unclosed `[` in the host of {host_port:?}"))?;
+        let (host, after) =
+            bracketed.split_once(']').ok_or_else(|| anyhow!("unclosed `[` in the host of {host_port:?}"))?;
         let port = match after {
             "" => None,
-            _ => Some(
-                after
-                    .strip_prefix(':')
-                    .ok_or_else(|| anyhow!("unexpected {after:?} after the host"))?,
-            ),
+            _ => Some(after.strip_prefix(':').ok_or_else(|| anyhow!("unexpected {after:?} after the host"))?),
         };
         (host, port)
     } else {
@@ -965,25 +871,17 @@ fn parse_endpoint(url: &str, default_port: u16) -> Result<Endpoint> {
     };
     let port = match port {
         None | Some("") => default_port,
-        Some(port) => port
-            .parse()
-            .with_context(|| format!("invalid port {port:?}"))?,
+        Some(port) => port.parse().with_context(|| format!("invalid port {port:?}"))?,
     };
     let host = if host.is_empty() { "localhost" } else { host };
-    Ok(Endpoint {
-        host: host.to_owned(),
-        port,
-    })
+    Ok(Endpoint { host: host.to_owned(), port })
 }
 
 /// The database a PostgreSQL URL names, or [`DEFAULT_DATABASE`].
 fn database_name(url: &str) -> String {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     let name = match rest.find(['/', '?', '#']) {
-        Some(start) if rest[start..].starts_with('/') => rest[start + 1..]
-            .split(['?', '#'])
-            .next()
-            .unwrap_or_default(),
+        Some(start) if rest[start..].starts_with('/') => rest[start + 1..].split(['?', '#']).next().unwrap_or_default(),
         _ => "",
     };
     if name.is_empty() {
@@ -1006,17 +904,12 @@ async fn any_answers(endpoints: &[Endpoint]) -> bool {
 
 /// `endpoints` for messages.
 fn list(endpoints: &[Endpoint]) -> String {
-    endpoints
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
+    endpoints.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
 fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .context("could not find a free port on 127.0.0.1")?;
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).context("could not find a free port on 127.0.0.1")?;
     Ok(listener.local_addr()?.port())
 }
 
@@ -1026,17 +919,9 @@ fn free_port() -> Result<u16> {
 
 /// Run `cmd` to completion; a non-zero exit is an error quoting its output.
 async fn run(cmd: &mut Command, what: &str) -> Result<Output> {
-    let output = cmd
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .with_context(|| format!("could not run {what}"))?;
+    let output = cmd.stdin(Stdio::null()).output().await.with_context(|| format!("could not run {what}"))?;
     if !output.status.success() {
-        bail!(
-            "{what} failed ({}): {}",
-            output.status,
-            output_text(&output)
-        );
+        bail!("{what} failed ({}): {}", output.status, output_text(&output));
     }
     Ok(output)
 }
@@ -1045,11 +930,8 @@ async fn run(cmd: &mut Command, what: &str) -> Result<Output> {
 fn output_text(output: &Output) -> String {
     let stderr = String::from_utf8_lossy(&output.stderr);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let text = [stderr.trim(), stdout.trim()]
-        .into_iter()
-        .filter(|part| !part.is_empty())
-        .collect::<Vec<_>>()
-        .join("\n");
+    let text =
+        [stderr.trim(), stdout.trim()].into_iter().filter(|part| !part.is_empty()).collect::<Vec<_>>().join("\n");
     if text.is_empty() {
         "(no output)".to_owned()
     } else {
@@ -1073,51 +955,27 @@ mod tests {
     use super::*;
 
     fn endpoint(host: &str, port: u16) -> Endpoint {
-        Endpoint {
-            host: host.to_owned(),
-            port,
-        }
+        Endpoint { host: host.to_owned(), port }
     }
 
     #[test]
     fn parses_postgres_urls() -> Result<()> {
         assert_eq!(
-            parse_endpoint(
-                "postgres://cairn:secret@db.example:6543/cairn?sslmode=disable",
-                5432
-            )?,
+            parse_endpoint("postgres://cairn:secret@db.example:6543/cairn?sslmode=disable", 5432)?,
             endpoint("db.example", 6543)
         );
-        assert_eq!(
-            parse_endpoint("postgresql://localhost/cairn", 5432)?,
-            endpoint("localhost", 5432)
-        );
-        assert_eq!(
-            parse_endpoint("postgres://u:p%40ss@[::1]:5433/x", 5432)?,
-            endpoint("::1", 5433)
-        );
-        assert_eq!(
-            parse_endpoint("postgres:///cairn", 5432)?,
-            endpoint("localhost", 5432)
-        );
+        assert_eq!(parse_endpoint("postgresql://localhost/cairn", 5432)?, endpoint("localhost", 5432));
+        assert_eq!(parse_endpoint("postgres://u:p%40ss@[::1]:5433/x", 5432)?, endpoint("::1", 5433));
+        assert_eq!(parse_endpoint("postgres:///cairn", 5432)?, endpoint("localhost", 5432));
         assert!(parse_endpoint("postgres://host:port/x", 5432).is_err());
         Ok(())
     }
 
     #[test]
     fn parses_nats_urls() -> Result<()> {
-        assert_eq!(
-            parse_endpoints("nats://127.0.0.1:4222", 4222)?,
-            vec![endpoint("127.0.0.1", 4222)]
-        );
-        assert_eq!(
-            parse_endpoints("nats://a:1, tls://user:pw@b", 4222)?,
-            vec![endpoint("a", 1), endpoint("b", 4222)]
-        );
-        assert_eq!(
-            parse_endpoints("localhost", 4222)?,
-            vec![endpoint("localhost", 4222)]
-        );
+        assert_eq!(parse_endpoints("nats://127.0.0.1:4222", 4222)?, vec![endpoint("127.0.0.1", 4222)]);
+        assert_eq!(parse_endpoints("nats://a:1, tls://user:pw@b", 4222)?, vec![endpoint("a", 1), endpoint("b", 4222)]);
+        assert_eq!(parse_endpoints("localhost", 4222)?, vec![endpoint("localhost", 4222)]);
         assert!(parse_endpoints("", 4222).is_err());
         Ok(())
     }

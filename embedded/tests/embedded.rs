@@ -21,19 +21,14 @@ fn unused_port() -> Result<u16> {
 fn port_of(url: &str) -> Result<u16> {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     let authority = rest.split('/').next().unwrap_or_default();
-    let (_, port) = authority
-        .rsplit_once(':')
-        .with_context(|| format!("no port in {url}"))?;
+    let (_, port) = authority.rsplit_once(':').with_context(|| format!("no port in {url}"))?;
     Ok(port.parse()?)
 }
 
 /// Whether 127.0.0.1:`port` accepts a TCP connection.
 async fn accepts(port: u16) -> bool {
     let connect = TcpStream::connect(("127.0.0.1", port));
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), connect).await,
-        Ok(Ok(_))
-    )
+    matches!(tokio::time::timeout(Duration::from_secs(1), connect).await, Ok(Ok(_)))
 }
 
 /// A temporary data dir that the `postgres` user can use when the tests run as root.
@@ -46,24 +41,14 @@ fn world_accessible_tempdir() -> Result<tempfile::TempDir> {
 
 /// `psql`, from PATH or the versioned PostgreSQL install directories.
 fn find_psql() -> Option<PathBuf> {
-    let path_dirs = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .unwrap_or_default();
+    let path_dirs =
+        std::env::var_os("PATH").map(|path| std::env::split_paths(&path).collect::<Vec<_>>()).unwrap_or_default();
     let mut versioned: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok())
-                .map(|e| e.path().join("bin"))
-                .collect()
-        })
+        .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
         .unwrap_or_default();
     versioned.sort();
     versioned.reverse();
-    path_dirs
-        .into_iter()
-        .chain(versioned)
-        .map(|dir| dir.join("psql"))
-        .find(|path| path.is_file())
+    path_dirs.into_iter().chain(versioned).map(|dir| dir.join("psql")).find(|path| path.is_file())
 }
 
 /// `psql <url> -c 'select 1'` prints 1.
@@ -114,35 +99,20 @@ async fn starts_private_servers_when_nothing_answers() -> Result<()> {
 
     let pg_port = port_of(services.database_url())?;
     let nats_port = port_of(services.nats_url())?;
-    assert_eq!(
-        services.database_url(),
-        format!("postgres://postgres@127.0.0.1:{pg_port}/postgres")
-    );
+    assert_eq!(services.database_url(), format!("postgres://postgres@127.0.0.1:{pg_port}/postgres"));
     assert_eq!(services.nats_url(), format!("nats://127.0.0.1:{nats_port}"));
     assert_ne!(pg_port, configured_pg);
     assert_ne!(nats_port, configured_nats);
     assert!(data.path().join("postgres/PG_VERSION").is_file());
     assert!(data.path().join("nats").is_dir());
 
-    assert!(
-        accepts(pg_port).await,
-        "PostgreSQL does not accept connections"
-    );
-    assert!(
-        accepts(nats_port).await,
-        "nats-server does not accept connections"
-    );
+    assert!(accepts(pg_port).await, "PostgreSQL does not accept connections");
+    assert!(accepts(nats_port).await, "nats-server does not accept connections");
     select_one(&psql, services.database_url()).await?;
 
     services.stop().await?;
-    assert!(
-        !accepts(pg_port).await,
-        "PostgreSQL still accepts connections"
-    );
-    assert!(
-        !accepts(nats_port).await,
-        "nats-server still accepts connections"
-    );
+    assert!(!accepts(pg_port).await, "PostgreSQL still accepts connections");
+    assert!(!accepts(nats_port).await, "nats-server still accepts connections");
     // Stopping again does nothing.
     services.stop().await?;
 
@@ -151,19 +121,10 @@ async fn starts_private_servers_when_nothing_answers() -> Result<()> {
     let pg_port = port_of(services.database_url())?;
     let nats_port = port_of(services.nats_url())?;
     select_one(&psql, services.database_url()).await?;
-    assert!(
-        accepts(nats_port).await,
-        "nats-server does not accept connections"
-    );
+    assert!(accepts(nats_port).await, "nats-server does not accept connections");
     drop(services);
-    assert!(
-        !accepts(pg_port).await,
-        "PostgreSQL still accepts connections after drop"
-    );
-    assert!(
-        !accepts(nats_port).await,
-        "nats-server still accepts connections after drop"
-    );
+    assert!(!accepts(pg_port).await, "PostgreSQL still accepts connections after drop");
+    assert!(!accepts(nats_port).await, "nats-server still accepts connections after drop");
     Ok(())
 }
 
@@ -172,10 +133,7 @@ async fn uses_servers_that_already_answer() -> Result<()> {
     let data = tempfile::tempdir()?;
     let pg = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
     let nats = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
-    let database_url = format!(
-        "postgres://cairn:secret@127.0.0.1:{}/app?sslmode=disable",
-        pg.local_addr()?.port()
-    );
+    let database_url = format!("postgres://cairn:secret@127.0.0.1:{}/app?sslmode=disable", pg.local_addr()?.port());
     let nats_url = format!("nats://127.0.0.1:{}", nats.local_addr()?.port());
 
     let mut services = EmbeddedServices::start(EmbeddedOptions {

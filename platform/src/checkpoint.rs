@@ -16,22 +16,16 @@ pub const CHECKPOINT_CHANNEL: &str = "cairn_checkpoint";
 ///
 /// # Errors
 /// When the query fails.
-pub async fn read<'e>(
-    executor: impl sqlx::PgExecutor<'e>,
-    name: &str,
-) -> sqlx::Result<ConsistencyToken> {
-    let row: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT last_tx::text::bigint, last_pos FROM projection_checkpoints WHERE name = $1",
-    )
-    .bind(name)
-    .fetch_optional(executor)
-    .await?;
-    Ok(
-        row.map_or_else(ConsistencyToken::default, |(tx, pos)| ConsistencyToken {
-            tx: u64::try_from(tx).unwrap_or_default(),
-            pos,
-        }),
-    )
+pub async fn read<'e>(executor: impl sqlx::PgExecutor<'e>, name: &str) -> sqlx::Result<ConsistencyToken> {
+    let row: Option<(i64, i64)> =
+        sqlx::query_as("SELECT last_tx::text::bigint, last_pos FROM projection_checkpoints WHERE name = $1")
+            .bind(name)
+            .fetch_optional(executor)
+            .await?;
+    Ok(row.map_or_else(ConsistencyToken::default, |(tx, pos)| ConsistencyToken {
+        tx: u64::try_from(tx).unwrap_or_default(),
+        pos,
+    }))
 }
 
 /// Follows one projection's checkpoint: woken by NOTIFY, with a slow poll as the fallback.
@@ -69,9 +63,7 @@ impl CheckpointWatcher {
     /// Waits until the checkpoint reaches `token`, at most `timeout`. Returns whether it did.
     pub async fn wait_for(&self, token: ConsistencyToken, timeout: Duration) -> bool {
         let mut rx = self.rx.clone();
-        tokio::time::timeout(timeout, rx.wait_for(|seen| *seen >= token))
-            .await
-            .is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(timeout, rx.wait_for(|seen| *seen >= token)).await.is_ok_and(|r| r.is_ok())
     }
 }
 

@@ -15,8 +15,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 /// # Errors
 /// When Postgres cannot be reached or the database cannot be created.
 pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
-    let options = PgConnectOptions::from_str(url)
-        .with_context(|| "DATABASE_URL is not a valid Postgres URL")?;
+    let options = PgConnectOptions::from_str(url).with_context(|| "DATABASE_URL is not a valid Postgres URL")?;
     create_database_if_missing(&options).await?;
     PgPoolOptions::new()
         .max_connections(max_connections)
@@ -33,10 +32,7 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> 
 /// As [`connect`], or when a migration fails.
 pub async fn connect_and_migrate(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
     let pool = connect(url, max_connections).await?;
-    MIGRATOR
-        .run(&pool)
-        .await
-        .context("database migration failed")?;
+    MIGRATOR.run(&pool).await.context("database migration failed")?;
     Ok(pool)
 }
 
@@ -49,24 +45,14 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> anyhow::Resul
         .database("postgres")
         .connect()
         .await
-        .with_context(|| {
-            format!(
-                "cannot connect to Postgres at {}:{}",
-                options.get_host(),
-                options.get_port()
-            )
-        })?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(&database)
-            .fetch_one(&mut admin)
-            .await?;
+        .with_context(|| format!("cannot connect to Postgres at {}:{}", options.get_host(), options.get_port()))?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&database)
+        .fetch_one(&mut admin)
+        .await?;
     if !exists {
         let quoted = database.replace('"', "\"\"");
-        match sqlx::query(&format!("CREATE DATABASE \"{quoted}\""))
-            .execute(&mut admin)
-            .await
-        {
+        match sqlx::query(&format!("CREATE DATABASE \"{quoted}\"")).execute(&mut admin).await {
             Ok(_) => tracing::info!(database, "created database"),
             // Another process created it between our check and our CREATE.
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
@@ -100,10 +86,7 @@ mod url {
 mod tests {
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(
-            super::redact("postgres://u:secret@h:5432/d"),
-            "postgres://u:REDACTED@h:5432/d"
-        );
+        assert_eq!(super::redact("postgres://u:secret@h:5432/d"), "postgres://u:REDACTED@h:5432/d");
         assert_eq!(super::redact("postgres://u@h/d"), "postgres://u@h/d");
     }
 }

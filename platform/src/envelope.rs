@@ -46,19 +46,13 @@ impl EventEnvelope {
     /// The position of this event in the global order.
     #[must_use]
     pub fn position(&self) -> ConsistencyToken {
-        ConsistencyToken {
-            tx: self.transaction_id,
-            pos: self.global_position,
-        }
+        ConsistencyToken { tx: self.transaction_id, pos: self.global_position }
     }
 
     /// The position of the event before this one.
     #[must_use]
     pub fn previous(&self) -> ConsistencyToken {
-        ConsistencyToken {
-            tx: self.previous_transaction_id,
-            pos: self.previous_global_position,
-        }
+        ConsistencyToken { tx: self.previous_transaction_id, pos: self.previous_global_position }
     }
 
     /// The body of the payload under its type tag (`payload[event_type]`), or the payload itself.
@@ -70,10 +64,7 @@ impl EventEnvelope {
     /// A metadata field as a string.
     #[must_use]
     pub fn meta(&self, key: &str) -> Option<&str> {
-        self.metadata
-            .get(key)
-            .and_then(serde_json::Value::as_str)
-            .filter(|s| !s.is_empty())
+        self.metadata.get(key).and_then(serde_json::Value::as_str).filter(|s| !s.is_empty())
     }
 }
 
@@ -104,10 +95,7 @@ impl FromStr for ConsistencyToken {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (tx, pos) = s.trim().split_once('.').ok_or(BadToken)?;
-        Ok(Self {
-            tx: tx.parse().map_err(|_| BadToken)?,
-            pos: pos.parse().map_err(|_| BadToken)?,
-        })
+        Ok(Self { tx: tx.parse().map_err(|_| BadToken)?, pos: pos.parse().map_err(|_| BadToken)? })
     }
 }
 

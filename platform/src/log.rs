@@ -77,8 +77,5 @@ pub async fn last_position_of<'e>(
     .bind(aggregate_id)
     .fetch_optional(executor)
     .await?;
-    Ok(row.map(|(tx, pos)| ConsistencyToken {
-        tx: u64::try_from(tx).unwrap_or_default(),
-        pos,
-    }))
+    Ok(row.map(|(tx, pos)| ConsistencyToken { tx: u64::try_from(tx).unwrap_or_default(), pos }))
 }

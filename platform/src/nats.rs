@@ -143,12 +143,7 @@ pub async fn consume<H: EventBatchHandler>(
     use futures::StreamExt;
     let mut backoff = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
-        let fetched = consumer
-            .fetch()
-            .max_messages(batch)
-            .expires(Duration::from_millis(500))
-            .messages()
-            .await;
+        let fetched = consumer.fetch().max_messages(batch).expires(Duration::from_millis(500)).messages().await;
         let mut messages = match fetched {
             Ok(m) => m,
             Err(e) => {
@@ -196,17 +191,14 @@ pub async fn consume<H: EventBatchHandler>(
             }
         }
         backoff = Duration::from_millis(100);
-        let pending = delivered
-            .last()
-            .and_then(|m| m.info().ok().map(|i| i.pending));
+        let pending = delivered.last().and_then(|m| m.info().ok().map(|i| i.pending));
         for message in &delivered {
             if let Err(e) = message.ack().await {
                 // The batch is committed; a lost ack means redelivery, which the handler skips.
                 tracing::warn!(consumer = name, error = %e, "ack failed");
             }
         }
-        metrics::counter!("cairn_consumer_events_total", "consumer" => name)
-            .increment(events.len() as u64);
+        metrics::counter!("cairn_consumer_events_total", "consumer" => name).increment(events.len() as u64);
         if let Some(pending) = pending {
             metrics::gauge!("cairn_consumer_lag_events", "consumer" => name).set(pending as f64);
         }
@@ -221,10 +213,7 @@ mod tests {
     fn names_are_prefixed_by_the_namespace() {
         let none = Namespace::new("");
         assert_eq!(none.events_stream(), "EVENTS");
-        assert_eq!(
-            none.event_subject("User", "UserRegistered"),
-            "events.User.UserRegistered"
-        );
+        assert_eq!(none.event_subject("User", "UserRegistered"), "events.User.UserRegistered");
         let ns = Namespace::new("t-42");
         assert_eq!(ns.events_stream(), "T_42_EVENTS");
         assert_eq!(ns.all_events(), "t-42.events.>");

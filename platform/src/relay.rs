@@ -38,13 +38,7 @@ impl Relay {
     /// A relay for `ns` publishing up to `batch` events per round.
     #[must_use]
     pub fn new(pool: PgPool, js: jetstream::Context, ns: Namespace, batch: i64) -> Self {
-        Self {
-            pool,
-            js,
-            ns,
-            batch,
-            idle_poll: Duration::from_millis(500),
-        }
+        Self { pool, js, ns, batch, idle_poll: Duration::from_millis(500) }
     }
 
     /// Runs until `shutdown`: waits for the lock, then publishes; on any failure starts over.
@@ -77,19 +71,12 @@ impl Relay {
     }
 
     async fn run_once(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .context("relay cannot reach Postgres")?
-            .detach();
+        let mut conn = self.pool.acquire().await.context("relay cannot reach Postgres")?.detach();
         let key = self.lock_key();
         let mut waiting_logged = false;
         loop {
-            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                .bind(key)
-                .fetch_one(&mut conn)
-                .await?;
+            let got: bool =
+                sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(key).fetch_one(&mut conn).await?;
             if got {
                 break;
             }
@@ -109,27 +96,19 @@ impl Relay {
         result
     }
 
-    async fn publish_loop(
-        &self,
-        conn: &mut PgConnection,
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<()> {
+    async fn publish_loop(&self, conn: &mut PgConnection, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen("cairn_events").await?;
         sqlx::query("INSERT INTO relay_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING")
             .bind(self.ns.as_str())
             .execute(&mut *conn)
             .await?;
-        let (tx, pos): (i64, i64) = sqlx::query_as(
-            "SELECT last_tx::text::bigint, last_pos FROM relay_checkpoints WHERE name = $1",
-        )
-        .bind(self.ns.as_str())
-        .fetch_one(&mut *conn)
-        .await?;
-        let mut checkpoint = ConsistencyToken {
-            tx: u64::try_from(tx).unwrap_or_default(),
-            pos,
-        };
+        let (tx, pos): (i64, i64) =
+            sqlx::query_as("SELECT last_tx::text::bigint, last_pos FROM relay_checkpoints WHERE name = $1")
+                .bind(self.ns.as_str())
+                .fetch_one(&mut *conn)
+                .await?;
+        let mut checkpoint = ConsistencyToken { tx: u64::try_from(tx).unwrap_or_default(), pos };
         let mut held_back_rounds = 0u32;
         loop {
             if shutdown.is_cancelled() {
@@ -162,10 +141,7 @@ impl Relay {
                 continue;
             }
             self.publish_batch(&events).await?;
-            let last = events
-                .last()
-                .map(EventEnvelope::position)
-                .unwrap_or(checkpoint);
+            let last = events.last().map(EventEnvelope::position).unwrap_or(checkpoint);
             sqlx::query(
                 "UPDATE relay_checkpoints SET last_tx = $2::text::xid8, last_pos = $3, updated_at = now() WHERE name = $1",
             )
@@ -179,9 +155,7 @@ impl Relay {
             metrics::gauge!("cairn_relay_checkpoint_position").set(last.pos as f64);
             if events.len() as i64 == self.batch {
                 let newest: Option<i64> =
-                    sqlx::query_scalar("SELECT max(global_position) FROM events")
-                        .fetch_one(&mut *conn)
-                        .await?;
+                    sqlx::query_scalar("SELECT max(global_position) FROM events").fetch_one(&mut *conn).await?;
                 metrics::gauge!("cairn_relay_lag_events")
                     .set(newest.unwrap_or(0).saturating_sub(last.pos).max(0) as f64);
             }
@@ -199,20 +173,12 @@ impl Relay {
             if let Some(prev) = &previous {
                 message = message.expected_last_message_id(prev);
             }
-            let subject = self
-                .ns
-                .event_subject(&event.aggregate_type, &event.event_type);
-            acks.push(
-                self.js
-                    .send_publish(subject, message)
-                    .await
-                    .context("publish to JetStream failed")?,
-            );
+            let subject = self.ns.event_subject(&event.aggregate_type, &event.event_type);
+            acks.push(self.js.send_publish(subject, message).await.context("publish to JetStream failed")?);
             previous = Some(id);
         }
         for ack in acks {
-            ack.await
-                .context("JetStream did not acknowledge a publish")?;
+            ack.await.context("JetStream did not acknowledge a publish")?;
         }
         Ok(())
     }

@@ -5,11 +5,6 @@
 pub fn catalogue() -> Vec<(String, Vec<String>)> {
     cairn_domain::roles::seeded_roles()
         .into_iter()
-        .map(|(name, perms)| {
-            (
-                name.to_owned(),
-                perms.into_iter().map(str::to_owned).collect(),
-            )
-        })
+        .map(|(name, perms)| (name.to_owned(), perms.into_iter().map(str::to_owned).collect()))
         .collect()
 }

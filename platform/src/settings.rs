@@ -82,11 +82,8 @@ impl Settings {
     /// # Errors
     /// When a value is malformed.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
-        let get = |key: &str, default: &str| {
-            lookup(key)
-                .filter(|v| !v.is_empty())
-                .unwrap_or_else(|| default.to_owned())
-        };
+        let get =
+            |key: &str, default: &str| lookup(key).filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_owned());
         let num = |key: &str, default: u64| -> anyhow::Result<u64> {
             get(key, &default.to_string())
                 .parse::<u64>()
@@ -103,10 +100,7 @@ impl Settings {
             other => bail!("CAIRN_LOG_FORMAT must be 'pretty' or 'json', not '{other}'"),
         };
         let namespace = get("CAIRN_NAMESPACE", "");
-        if !namespace
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        {
+        if !namespace.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
             bail!("CAIRN_NAMESPACE may hold only letters, digits, '_' and '-'");
         }
         let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
@@ -115,9 +109,7 @@ impl Settings {
             db_max_connections: u32::try_from(num("CAIRN_DB_MAX_CONNECTIONS", 20)?)
                 .context("CAIRN_DB_MAX_CONNECTIONS too large")?,
             nats_url: get("NATS_URL", "nats://127.0.0.1:4222"),
-            listen: get("CAIRN_LISTEN", "127.0.0.1:8080")
-                .parse()
-                .context("CAIRN_LISTEN must be host:port")?,
+            listen: get("CAIRN_LISTEN", "127.0.0.1:8080").parse().context("CAIRN_LISTEN must be host:port")?,
             namespace,
             environment,
             keys_dir: PathBuf::from(get("CAIRN_KEYS_DIR", DEFAULT_KEYS_DIR)),
@@ -149,10 +141,7 @@ mod tests {
     use super::*;
 
     fn settings(pairs: &[(&str, &str)]) -> anyhow::Result<Settings> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         Settings::from_lookup(|k| map.get(k).cloned())
     }
 
@@ -168,20 +157,11 @@ mod tests {
 
     #[test]
     fn malformed_values_are_refused_with_the_variable_named() {
-        let err = settings(&[("CAIRN_ENV", "staging")])
-            .map(|_| ())
-            .unwrap_err()
-            .to_string();
+        let err = settings(&[("CAIRN_ENV", "staging")]).map(|_| ()).unwrap_err().to_string();
         assert!(err.contains("CAIRN_ENV"), "{err}");
-        let err = settings(&[("CAIRN_LISTEN", "nowhere")])
-            .map(|_| ())
-            .unwrap_err()
-            .to_string();
+        let err = settings(&[("CAIRN_LISTEN", "nowhere")]).map(|_| ()).unwrap_err().to_string();
         assert!(err.contains("CAIRN_LISTEN"), "{err}");
-        let err = settings(&[("CAIRN_NAMESPACE", "a.b")])
-            .map(|_| ())
-            .unwrap_err()
-            .to_string();
+        let err = settings(&[("CAIRN_NAMESPACE", "a.b")]).map(|_| ()).unwrap_err().to_string();
         assert!(err.contains("CAIRN_NAMESPACE"), "{err}");
     }
 }

@@ -38,15 +38,13 @@ impl<P: Projection> EventBatchHandler for Checkpointed<P> {
             .bind(P::NAME)
             .execute(&mut *tx)
             .await?;
-        let (last_tx, last_pos): (i64, i64) =
-            sqlx::query_as("SELECT last_tx::text::bigint, last_pos FROM projection_checkpoints WHERE name = $1 FOR UPDATE")
-                .bind(P::NAME)
-                .fetch_one(&mut *tx)
-                .await?;
-        let start = ConsistencyToken {
-            tx: u64::try_from(last_tx).unwrap_or(0),
-            pos: last_pos,
-        };
+        let (last_tx, last_pos): (i64, i64) = sqlx::query_as(
+            "SELECT last_tx::text::bigint, last_pos FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
+        )
+        .bind(P::NAME)
+        .fetch_one(&mut *tx)
+        .await?;
+        let start = ConsistencyToken { tx: u64::try_from(last_tx).unwrap_or(0), pos: last_pos };
         let mut checkpoint = start;
         for event in events {
             if event.position() <= checkpoint {
@@ -63,28 +61,21 @@ impl<P: Projection> EventBatchHandler for Checkpointed<P> {
             save_checkpoint(&mut tx, P::NAME, checkpoint).await?;
         }
         tx.commit().await?;
-        metrics::gauge!("cairn_projector_checkpoint_position", "projection" => P::NAME)
-            .set(checkpoint.pos as f64);
+        metrics::gauge!("cairn_projector_checkpoint_position", "projection" => P::NAME).set(checkpoint.pos as f64);
         Ok(())
     }
 }
 
-async fn save_checkpoint(
-    conn: &mut PgConnection,
-    name: &str,
-    at: ConsistencyToken,
-) -> sqlx::Result<()> {
-    sqlx::query("UPDATE projection_checkpoints SET last_tx = $2::text::xid8, last_pos = $3, updated_at = now() WHERE name = $1")
-        .bind(name)
-        .bind(at.tx.to_string())
-        .bind(at.pos)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(CHECKPOINT_CHANNEL)
-        .bind(name)
-        .execute(&mut *conn)
-        .await?;
+async fn save_checkpoint(conn: &mut PgConnection, name: &str, at: ConsistencyToken) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE projection_checkpoints SET last_tx = $2::text::xid8, last_pos = $3, updated_at = now() WHERE name = $1",
+    )
+    .bind(name)
+    .bind(at.tx.to_string())
+    .bind(at.pos)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("SELECT pg_notify($1, $2)").bind(CHECKPOINT_CHANNEL).bind(name).execute(&mut *conn).await?;
     Ok(())
 }
 
@@ -124,17 +115,9 @@ pub async fn run<P: Projection>(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let stream = nats::ensure_events_stream(&js, &ns, replicas).await?;
-    let consumer =
-        nats::ensure_durable_consumer(&stream, &format!("projector_{}", P::NAME)).await?;
+    let consumer = nats::ensure_durable_consumer(&stream, &format!("projector_{}", P::NAME)).await?;
     tracing::info!(projection = P::NAME, "projector running");
-    nats::consume(
-        consumer,
-        batch,
-        Checkpointed { pool, projection },
-        P::NAME,
-        shutdown,
-    )
-    .await;
+    nats::consume(consumer, batch, Checkpointed { pool, projection }, P::NAME, shutdown).await;
     Ok(())
 }
 
@@ -149,25 +132,14 @@ pub const REBUILD_SCHEMA: &str = "cairn_rebuild";
 ///
 /// # Errors
 /// When Postgres fails.
-pub async fn rebuild<P: Projection>(
-    pool: &PgPool,
-    projection: &P,
-    batch: i64,
-    swap: bool,
-) -> anyhow::Result<u64> {
+pub async fn rebuild<P: Projection>(pool: &PgPool, projection: &P, batch: i64, swap: bool) -> anyhow::Result<u64> {
     let mut conn = pool.acquire().await?;
-    sqlx::query(&format!("DROP SCHEMA IF EXISTS {REBUILD_SCHEMA} CASCADE"))
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query(&format!("CREATE SCHEMA {REBUILD_SCHEMA}"))
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {REBUILD_SCHEMA} CASCADE")).execute(&mut *conn).await?;
+    sqlx::query(&format!("CREATE SCHEMA {REBUILD_SCHEMA}")).execute(&mut *conn).await?;
     for table in P::TABLES {
-        sqlx::query(&format!(
-            "CREATE TABLE {REBUILD_SCHEMA}.{table} (LIKE public.{table} INCLUDING ALL)"
-        ))
-        .execute(&mut *conn)
-        .await?;
+        sqlx::query(&format!("CREATE TABLE {REBUILD_SCHEMA}.{table} (LIKE public.{table} INCLUDING ALL)"))
+            .execute(&mut *conn)
+            .await?;
     }
     let mut at = ConsistencyToken::default();
     let mut count = 0u64;
@@ -194,10 +166,7 @@ pub async fn rebuild<P: Projection>(
             .bind(P::NAME)
             .fetch_one(&mut *tx)
             .await?;
-    let live = ConsistencyToken {
-        tx: u64::try_from(live_tx).unwrap_or(0),
-        pos: live_pos,
-    };
+    let live = ConsistencyToken { tx: u64::try_from(live_tx).unwrap_or(0), pos: live_pos };
     // Bring the new tables exactly to the live checkpoint: no further, no less.
     while at < live {
         let events = cairn_platform::log::read_after(&mut tx, at, batch).await?;
@@ -215,29 +184,16 @@ pub async fn rebuild<P: Projection>(
     }
     if swap {
         for table in P::TABLES {
-            sqlx::query(&format!("DROP TABLE public.{table}"))
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(&format!(
-                "ALTER TABLE {REBUILD_SCHEMA}.{table} SET SCHEMA public"
-            ))
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(&format!("DROP TABLE public.{table}")).execute(&mut *tx).await?;
+            sqlx::query(&format!("ALTER TABLE {REBUILD_SCHEMA}.{table} SET SCHEMA public")).execute(&mut *tx).await?;
         }
-        sqlx::query(&format!("DROP SCHEMA {REBUILD_SCHEMA}"))
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(&format!("DROP SCHEMA {REBUILD_SCHEMA}")).execute(&mut *tx).await?;
         if at > live {
             // The live projector had applied nothing yet: the rebuilt tables are now ahead.
             save_checkpoint(&mut tx, P::NAME, at).await?;
         }
     }
     tx.commit().await?;
-    tracing::info!(
-        projection = P::NAME,
-        events = count,
-        swapped = swap,
-        "rebuild finished"
-    );
+    tracing::info!(projection = P::NAME, events = count, swapped = swap, "rebuild finished");
     Ok(count)
 }

@@ -14,12 +14,7 @@ impl Projection for UsersProjection {
     const NAME: &'static str = "users";
     const TABLES: &'static [&'static str] = &["users"];
 
-    async fn apply(
-        &self,
-        conn: &mut PgConnection,
-        schema: &str,
-        event: &EventEnvelope,
-    ) -> anyhow::Result<()> {
+    async fn apply(&self, conn: &mut PgConnection, schema: &str, event: &EventEnvelope) -> anyhow::Result<()> {
         if event.aggregate_type != "User" {
             return Ok(());
         }
@@ -34,12 +29,7 @@ impl Projection for UsersProjection {
             format!("UPDATE {table} SET {set}, updated_at = $2, version = $3 WHERE id = $1 AND version < $3")
         };
         match event_payload {
-            UserEvent::UserRegistered {
-                email,
-                display_name,
-                roles,
-                ..
-            } => {
+            UserEvent::UserRegistered { email, display_name, roles, .. } => {
                 sqlx::query(&format!(
                     "INSERT INTO {table} (id, email, display_name, status, roles, created_at, updated_at, version) \
                      VALUES ($1, $2, $3, 'active', $4, $5, $5, $6) ON CONFLICT (id) DO NOTHING"
@@ -63,56 +53,48 @@ impl Projection for UsersProjection {
                     .await?;
             }
             UserEvent::RoleGranted { role } => {
-                sqlx::query(&update("roles = (SELECT array_agg(DISTINCT r ORDER BY r) FROM unnest(roles || $4::text) AS r)"))
-                    .bind(id)
-                    .bind(at)
-                    .bind(seq)
-                    .bind(role)
-                    .execute(&mut *conn)
-                    .await?;
+                sqlx::query(&update(
+                    "roles = (SELECT array_agg(DISTINCT r ORDER BY r) FROM unnest(roles || $4::text) AS r)",
+                ))
+                .bind(id)
+                .bind(at)
+                .bind(seq)
+                .bind(role)
+                .execute(&mut *conn)
+                .await?;
             }
-            UserEvent::RoleRevoked {
-                role,
-                session_version,
-            } => {
-                sqlx::query(&update("roles = array_remove(roles, $4::text), session_version = greatest(session_version, $5)"))
+            UserEvent::RoleRevoked { role, session_version } => {
+                sqlx::query(&update(
+                    "roles = array_remove(roles, $4::text), session_version = greatest(session_version, $5)",
+                ))
+                .bind(id)
+                .bind(at)
+                .bind(seq)
+                .bind(role)
+                .bind(i64::try_from(session_version)?)
+                .execute(&mut *conn)
+                .await?;
+            }
+            UserEvent::UserDeactivated { session_version } => {
+                sqlx::query(&update("status = 'deactivated', session_version = greatest(session_version, $4)"))
                     .bind(id)
                     .bind(at)
                     .bind(seq)
-                    .bind(role)
                     .bind(i64::try_from(session_version)?)
                     .execute(&mut *conn)
                     .await?;
             }
-            UserEvent::UserDeactivated { session_version } => {
-                sqlx::query(&update(
-                    "status = 'deactivated', session_version = greatest(session_version, $4)",
-                ))
-                .bind(id)
-                .bind(at)
-                .bind(seq)
-                .bind(i64::try_from(session_version)?)
-                .execute(&mut *conn)
-                .await?;
-            }
             UserEvent::UserReactivated {} => {
-                sqlx::query(&update("status = 'active'"))
+                sqlx::query(&update("status = 'active'")).bind(id).bind(at).bind(seq).execute(&mut *conn).await?;
+            }
+            UserEvent::UserDeleted { session_version } => {
+                sqlx::query(&update("status = 'deleted', session_version = greatest(session_version, $4)"))
                     .bind(id)
                     .bind(at)
                     .bind(seq)
+                    .bind(i64::try_from(session_version)?)
                     .execute(&mut *conn)
                     .await?;
-            }
-            UserEvent::UserDeleted { session_version } => {
-                sqlx::query(&update(
-                    "status = 'deleted', session_version = greatest(session_version, $4)",
-                ))
-                .bind(id)
-                .bind(at)
-                .bind(seq)
-                .bind(i64::try_from(session_version)?)
-                .execute(&mut *conn)
-                .await?;
             }
         }
         Ok(())

@@ -46,22 +46,10 @@ where
         let Some(raw) = parts.headers.get(HEADER) else {
             return Ok(Self(None));
         };
-        let token: ConsistencyToken =
-            raw.to_str()
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| {
-                    ApiError::field(
-                        "X-Consistency-Token",
-                        "is not a consistency token from a command's meta",
-                    )
-                })?;
+        let token: ConsistencyToken = raw.to_str().ok().and_then(|s| s.parse().ok()).ok_or_else(|| {
+            ApiError::field("X-Consistency-Token", "is not a consistency token from a command's meta")
+        })?;
         let consistency = Consistency::from_ref(state);
-        Ok(Self(Some(
-            consistency
-                .users
-                .wait_for(token, consistency.max_wait)
-                .await,
-        )))
+        Ok(Self(Some(consistency.users.wait_for(token, consistency.max_wait).await)))
     }
 }

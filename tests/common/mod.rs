@@ -19,8 +19,7 @@ pub const PASSWORD: &str = "correct horse battery staple";
 
 /// Base URLs of the local services, overridable like the real ones.
 pub fn pg_base() -> String {
-    std::env::var("TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+    std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
 }
 
 pub fn nats_base() -> String {
@@ -55,10 +54,7 @@ impl TestEnv {
             ("DATABASE_URL".to_owned(), self.database_url.clone()),
             ("NATS_URL".to_owned(), self.nats_url.clone()),
             ("CAIRN_NAMESPACE".to_owned(), self.namespace.clone()),
-            (
-                "CAIRN_KEYS_DIR".to_owned(),
-                self.keys.path().display().to_string(),
-            ),
+            ("CAIRN_KEYS_DIR".to_owned(), self.keys.path().display().to_string()),
             ("CAIRN_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
             ("CAIRN_HASH_CONCURRENCY".to_owned(), "4".to_owned()),
             ("RUST_LOG".to_owned(), "warn".to_owned()),
@@ -84,19 +80,12 @@ impl TestEnv {
     pub async fn cleanup(&self) {
         if let Ok(client) = async_nats::connect(&self.nats_url).await {
             let js = async_nats::jetstream::new(client);
-            let _ = js
-                .delete_stream(
-                    cairn_platform::nats::Namespace::new(&self.namespace).events_stream(),
-                )
-                .await;
+            let _ = js.delete_stream(cairn_platform::nats::Namespace::new(&self.namespace).events_stream()).await;
         }
         if let Ok(pool) = PgPool::connect(&format!("{}/postgres", pg_base())).await {
-            let _ = sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.database
-            ))
-            .execute(&pool)
-            .await;
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database))
+                .execute(&pool)
+                .await;
         }
     }
 }
@@ -125,10 +114,7 @@ impl Reply {
         self.body["error"]["code"].as_str().unwrap_or("")
     }
     pub fn token(&self) -> String {
-        self.body["meta"]["consistency_token"]
-            .as_str()
-            .unwrap()
-            .to_owned()
+        self.body["meta"]["consistency_token"].as_str().unwrap().to_owned()
     }
 }
 
@@ -140,25 +126,13 @@ impl TestApp {
 
     pub async fn spawn_with(env: TestEnv, services: Services, extra: &[(&str, &str)]) -> Self {
         quiet_logs();
-        let app = Application::build(env.settings(extra), services)
-            .await
-            .unwrap();
+        let app = Application::build(env.settings(extra), services).await.unwrap();
         let address = format!("http://127.0.0.1:{}", app.port());
         let shutdown = app.shutdown_token();
         let pool = PgPool::connect(&env.database_url).await.unwrap();
         let handle = tokio::spawn(app.run_until_stopped());
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap();
-        Self {
-            env,
-            address,
-            client,
-            pool,
-            shutdown,
-            handle: Some(handle),
-        }
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        Self { env, address, client, pool, shutdown, handle: Some(handle) }
     }
 
     pub async fn stop(mut self) {
@@ -179,9 +153,7 @@ impl TestApp {
         headers: &[(&str, &str)],
     ) -> Reply {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut req = self
-            .client
-            .request(method, format!("{}{path}", self.address));
+        let mut req = self.client.request(method, format!("{}{path}", self.address));
         if let Some(token) = token {
             req = req.bearer_auth(token);
         }
@@ -196,11 +168,7 @@ impl TestApp {
         let headers = resp.headers().clone();
         let text = resp.text().await.unwrap();
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Reply {
-            status,
-            body,
-            headers,
-        }
+        Reply { status, body, headers }
     }
 
     pub async fn get(&self, path: &str, token: Option<&str>) -> Reply {
@@ -212,8 +180,12 @@ impl TestApp {
     }
 
     pub async fn register(&self, email: &str) -> Reply {
-        self.post("/api/v1/auth/register", None, json!({ "email": email, "password": PASSWORD, "display_name": email.split('@').next().unwrap() }))
-            .await
+        self.post(
+            "/api/v1/auth/register",
+            None,
+            json!({ "email": email, "password": PASSWORD, "display_name": email.split('@').next().unwrap() }),
+        )
+        .await
     }
 
     /// Registers and returns the user id.
@@ -224,13 +196,7 @@ impl TestApp {
     }
 
     pub async fn login(&self, email: &str) -> String {
-        let reply = self
-            .post(
-                "/api/v1/auth/login",
-                None,
-                json!({ "email": email, "password": PASSWORD }),
-            )
-            .await;
+        let reply = self.post("/api/v1/auth/login", None, json!({ "email": email, "password": PASSWORD })).await;
         assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
         reply.data()["access_token"].as_str().unwrap().to_owned()
     }
@@ -243,22 +209,12 @@ impl TestApp {
             .env("CAIRN_ADMIN_PASSWORD", PASSWORD)
             .output()
             .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout)
-            .trim()
-            .parse()
-            .unwrap()
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).trim().parse().unwrap()
     }
 
     pub async fn admin_token(&self) -> (Uuid, String) {
-        let email = format!(
-            "admin-{}@example.com",
-            &Uuid::new_v4().simple().to_string()[..8]
-        );
+        let email = format!("admin-{}@example.com", &Uuid::new_v4().simple().to_string()[..8]);
         let id = self.create_admin_process(&email);
         (id, self.login(&email).await)
     }
@@ -272,17 +228,11 @@ impl TestApp {
 pub async fn wait_count(pool: &PgPool, query: &str, expected: i64, timeout: Duration) {
     let started = Instant::now();
     loop {
-        let n: i64 = sqlx::query_scalar(query)
-            .fetch_one(pool)
-            .await
-            .unwrap_or(-1);
+        let n: i64 = sqlx::query_scalar(query).fetch_one(pool).await.unwrap_or(-1);
         if n == expected {
             return;
         }
-        assert!(
-            started.elapsed() < timeout,
-            "`{query}` stayed at {n}, expected {expected}"
-        );
+        assert!(started.elapsed() < timeout, "`{query}` stayed at {n}, expected {expected}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -291,19 +241,12 @@ pub async fn wait_count(pool: &PgPool, query: &str, expected: i64, timeout: Dura
 pub fn quiet_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_test_writer()
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
 }
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A private nats-server with JetStream, for tests that stop and start the broker.
@@ -315,11 +258,7 @@ pub struct PrivateNats {
 
 impl PrivateNats {
     pub fn start() -> Self {
-        let mut nats = Self {
-            port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-        };
+        let mut nats = Self { port: free_port(), dir: tempfile::tempdir().unwrap(), child: None };
         nats.restart();
         nats
     }
@@ -329,24 +268,13 @@ impl PrivateNats {
     }
 
     pub fn restart(&mut self) {
-        let binary = [
-            "/usr/sbin/nats-server",
-            "/usr/bin/nats-server",
-            "/usr/local/bin/nats-server",
-        ]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("nats-server"));
+        let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("nats-server"));
         let child = std::process::Command::new(binary)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.dir.path())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -355,10 +283,7 @@ impl PrivateNats {
         self.child = Some(child);
         let started = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "nats-server did not start"
-            );
+            assert!(started.elapsed() < Duration::from_secs(10), "nats-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -366,9 +291,7 @@ impl PrivateNats {
     /// Stops the server (SIGTERM, then waits).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
+            let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
             let _ = child.wait();
         }
     }

@@ -48,8 +48,7 @@ impl UserCommands {
     /// so this process refuses old tokens at once; other processes learn it from the stream.
     #[must_use]
     pub fn new(pool: PgPool, passwords: Passwords, sessions: SessionVersions) -> Self {
-        let store =
-            || PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()));
+        let store = || PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()));
         Self {
             cqrs: Arc::new(CqrsFramework::new(store(), vec![], ())),
             store: Arc::new(store()),
@@ -77,20 +76,13 @@ impl UserCommands {
         actor: Option<Uuid>,
     ) -> Result<(Uuid, ConsistencyToken), ApiError> {
         let mut problems = BTreeMap::new();
-        let email = Email::parse(&input.email)
-            .map_err(|e| problems.insert("email".to_owned(), e.0))
-            .ok();
-        let display_name = DisplayName::parse(&input.display_name)
-            .map_err(|e| problems.insert("display_name".to_owned(), e.0))
-            .ok();
+        let email = Email::parse(&input.email).map_err(|e| problems.insert("email".to_owned(), e.0)).ok();
+        let display_name =
+            DisplayName::parse(&input.display_name).map_err(|e| problems.insert("display_name".to_owned(), e.0)).ok();
         if let Err(p) = check_policy(&input.password) {
             problems.insert("password".to_owned(), p);
         }
-        let role_names = if input.roles.is_empty() {
-            vec![DEFAULT_ROLE.to_owned()]
-        } else {
-            input.roles
-        };
+        let role_names = if input.roles.is_empty() { vec![DEFAULT_ROLE.to_owned()] } else { input.roles };
         let mut roles = Vec::new();
         for role in &role_names {
             match RoleName::parse(role) {
@@ -100,12 +92,8 @@ impl UserCommands {
                 }
             }
         }
-        let (Some(email), Some(display_name), true) = (email, display_name, problems.is_empty())
-        else {
-            return Err(ApiError::Validation {
-                message: "registration is invalid".to_owned(),
-                details: problems,
-            });
+        let (Some(email), Some(display_name), true) = (email, display_name, problems.is_empty()) else {
+            return Err(ApiError::Validation { message: "registration is invalid".to_owned(), details: problems });
         };
         // Cheap early answer for the common duplicate; the index still decides races.
         if self.find_id_by_email(&email).await?.is_some() {
@@ -113,19 +101,11 @@ impl UserCommands {
         }
         let password_hash = self.passwords.hash(input.password).await?;
         let id = Uuid::now_v7();
-        let command = UserCommand::RegisterUser {
-            email,
-            display_name,
-            password_hash,
-            roles,
-        };
-        let token = self
-            .execute(id, command, ctx, actor.or(Some(id)))
-            .await
-            .map_err(|e| match e {
-                ApiError::Conflict(_) => email_taken(),
-                other => other,
-            })?;
+        let command = UserCommand::RegisterUser { email, display_name, password_hash, roles };
+        let token = self.execute(id, command, ctx, actor.or(Some(id))).await.map_err(|e| match e {
+            ApiError::Conflict(_) => email_taken(),
+            other => other,
+        })?;
         Ok((id, token))
     }
 
@@ -143,11 +123,7 @@ impl UserCommands {
         let actor = actor.map(|a| a.to_string());
         let aggregate_id = id.to_string();
         self.cqrs
-            .execute_with_metadata(
-                &aggregate_id,
-                command,
-                ctx.command_metadata(actor.as_deref()),
-            )
+            .execute_with_metadata(&aggregate_id, command, ctx.command_metadata(actor.as_deref()))
             .await
             .map_err(map_aggregate_error)?;
         metrics::counter!("cairn_events_appended_total", "aggregate" => "User").increment(1);
@@ -159,13 +135,9 @@ impl UserCommands {
         .fetch_one(&self.pool)
         .await?;
         if let Some(version) = version {
-            self.sessions
-                .observe(id, u64::try_from(version).unwrap_or(0));
+            self.sessions.observe(id, u64::try_from(version).unwrap_or(0));
         }
-        Ok(ConsistencyToken {
-            tx: u64::try_from(tx).unwrap_or(0),
-            pos,
-        })
+        Ok(ConsistencyToken { tx: u64::try_from(tx).unwrap_or(0), pos })
     }
 
     /// The id of the account registered with `email`, read from the event store's email index.
@@ -188,11 +160,7 @@ impl UserCommands {
     /// # Errors
     /// When Postgres fails.
     pub async fn load(&self, id: Uuid) -> Result<User, ApiError> {
-        let context = self
-            .store
-            .load_aggregate(&id.to_string())
-            .await
-            .map_err(map_aggregate_error)?;
+        let context = self.store.load_aggregate(&id.to_string()).await.map_err(map_aggregate_error)?;
         Ok(context.aggregate)
     }
 }
@@ -204,13 +172,9 @@ fn email_taken() -> ApiError {
 /// Domain refusals are 4xx; infrastructure failures are 5xx.
 fn map_aggregate_error(e: AggregateError<UserError>) -> ApiError {
     match e {
-        AggregateError::UserError(e @ (UserError::NotFound | UserError::Deleted)) => {
-            ApiError::NotFound(e.to_string())
-        }
+        AggregateError::UserError(e @ (UserError::NotFound | UserError::Deleted)) => ApiError::NotFound(e.to_string()),
         AggregateError::UserError(e) => ApiError::Conflict(e.to_string()),
-        AggregateError::AggregateConflict => {
-            ApiError::Conflict("the user was modified concurrently; retry".to_owned())
-        }
+        AggregateError::AggregateConflict => ApiError::Conflict("the user was modified concurrently; retry".to_owned()),
         AggregateError::DatabaseConnectionError(e) => ApiError::ServiceUnavailable(e.to_string()),
         AggregateError::DeserializationError(e) | AggregateError::UnexpectedError(e) => {
             // postgres-es reports a pool timeout as an unexpected error.

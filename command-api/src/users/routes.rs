@@ -57,18 +57,10 @@ async fn register(
     ctx: RequestContext,
     ApiJson(body): ApiJson<RegisterBody>,
 ) -> Result<ApiResponse<serde_json::Value>, ApiError> {
-    let input = RegisterUser {
-        email: body.email,
-        password: body.password,
-        display_name: body.display_name,
-        roles: vec![],
-    };
+    let input =
+        RegisterUser { email: body.email, password: body.password, display_name: body.display_name, roles: vec![] };
     let (id, token) = users.register(input, &ctx, None).await?;
-    Ok(accepted(
-        StatusCode::CREATED,
-        json!({ "user_id": id }),
-        token,
-    ))
+    Ok(accepted(StatusCode::CREATED, json!({ "user_id": id }), token))
 }
 
 /// `POST /api/v1/auth/login` body.
@@ -105,22 +97,12 @@ async fn login(
     };
     match user.status {
         UserStatus::Active => {}
-        UserStatus::Deactivated => {
-            return Err(ApiError::Unauthenticated(
-                "account is deactivated".to_owned(),
-            ))
-        }
+        UserStatus::Deactivated => return Err(ApiError::Unauthenticated("account is deactivated".to_owned())),
         UserStatus::Deleted | UserStatus::Unregistered => return Err(refused()),
     }
     let roles: Vec<String> = user.roles.iter().cloned().collect();
     let perms = permissions_for(roles.iter().map(String::as_str));
-    let token = auth.tokens.issue(
-        id,
-        roles.clone(),
-        perms.clone(),
-        user.session_version,
-        Uuid::new_v4(),
-    )?;
+    let token = auth.tokens.issue(id, roles.clone(), perms.clone(), user.session_version, Uuid::new_v4())?;
     Ok(ApiResponse::ok(json!({
         "access_token": token,
         "token_type": "Bearer",
@@ -147,21 +129,10 @@ async fn update_me(
     ApiJson(body): ApiJson<UpdateMeBody>,
 ) -> Result<ApiResponse<serde_json::Value>, ApiError> {
     caller.require("profile:write")?;
-    let display_name =
-        DisplayName::parse(&body.display_name).map_err(|e| ApiError::field("display_name", e.0))?;
-    let token = users
-        .execute(
-            caller.id(),
-            UserCommand::ChangeDisplayName { display_name },
-            &ctx,
-            Some(caller.id()),
-        )
-        .await?;
-    Ok(accepted(
-        StatusCode::OK,
-        json!({ "user_id": caller.id() }),
-        token,
-    ))
+    let display_name = DisplayName::parse(&body.display_name).map_err(|e| ApiError::field("display_name", e.0))?;
+    let token =
+        users.execute(caller.id(), UserCommand::ChangeDisplayName { display_name }, &ctx, Some(caller.id())).await?;
+    Ok(accepted(StatusCode::OK, json!({ "user_id": caller.id() }), token))
 }
 
 /// `POST /api/v1/users/{id}/roles` body.
@@ -194,14 +165,8 @@ async fn grant_role(
     caller.require("roles:manage")?;
     let role = known_role(&body.role)?;
     let name = role.as_str().to_owned();
-    let token = users
-        .execute(id, UserCommand::GrantRole { role }, &ctx, Some(caller.id()))
-        .await?;
-    Ok(accepted(
-        StatusCode::OK,
-        json!({ "user_id": id, "role": name }),
-        token,
-    ))
+    let token = users.execute(id, UserCommand::GrantRole { role }, &ctx, Some(caller.id())).await?;
+    Ok(accepted(StatusCode::OK, json!({ "user_id": id, "role": name }), token))
 }
 
 /// Revokes a role (RoleRevoked); the user's current tokens stop working. Needs `roles:manage`.
@@ -218,19 +183,8 @@ async fn revoke_role(
     caller.require("roles:manage")?;
     let role = known_role(&role)?;
     let name = role.as_str().to_owned();
-    let token = users
-        .execute(
-            id,
-            UserCommand::RevokeRole { role },
-            &ctx,
-            Some(caller.id()),
-        )
-        .await?;
-    Ok(accepted(
-        StatusCode::OK,
-        json!({ "user_id": id, "role": name }),
-        token,
-    ))
+    let token = users.execute(id, UserCommand::RevokeRole { role }, &ctx, Some(caller.id())).await?;
+    Ok(accepted(StatusCode::OK, json!({ "user_id": id, "role": name }), token))
 }
 
 async fn lifecycle(
@@ -242,9 +196,7 @@ async fn lifecycle(
 ) -> Result<ApiResponse<serde_json::Value>, ApiError> {
     caller.require("users:write")?;
     if id == caller.id() && command != UserCommand::ReactivateUser {
-        return Err(ApiError::Conflict(
-            "you cannot deactivate or delete your own account here".to_owned(),
-        ));
+        return Err(ApiError::Conflict("you cannot deactivate or delete your own account here".to_owned()));
     }
     let token = users.execute(id, command, ctx, Some(caller.id())).await?;
     Ok(accepted(StatusCode::OK, json!({ "user_id": id }), token))

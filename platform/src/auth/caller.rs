@@ -44,9 +44,7 @@ impl Caller {
         if self.has(permission) {
             Ok(())
         } else {
-            Err(ApiError::Forbidden(format!(
-                "this action needs the '{permission}' permission"
-            )))
+            Err(ApiError::Forbidden(format!("this action needs the '{permission}' permission")))
         }
     }
 
@@ -67,25 +65,16 @@ fn authenticate(parts: &Parts, auth: &AuthState) -> Result<Option<Caller>, ApiEr
     let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
         return Ok(None);
     };
-    let value = header
-        .to_str()
-        .map_err(|_| ApiError::Unauthenticated("malformed Authorization header".into()))?;
+    let value = header.to_str().map_err(|_| ApiError::Unauthenticated("malformed Authorization header".into()))?;
     let token = value
         .strip_prefix("Bearer ")
         .or_else(|| value.strip_prefix("bearer "))
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| {
-            ApiError::Unauthenticated("expected 'Authorization: Bearer <token>'".into())
-        })?;
-    let claims = auth
-        .tokens
-        .verify(token)
-        .map_err(|e| ApiError::Unauthenticated(e.0))?;
+        .ok_or_else(|| ApiError::Unauthenticated("expected 'Authorization: Bearer <token>'".into()))?;
+    let claims = auth.tokens.verify(token).map_err(|e| ApiError::Unauthenticated(e.0))?;
     if !auth.sessions.is_current(claims.sub, claims.sv) {
-        return Err(ApiError::Unauthenticated(
-            "session has ended; sign in again".into(),
-        ));
+        return Err(ApiError::Unauthenticated("session has ended; sign in again".into()));
     }
     Ok(Some(Caller { claims }))
 }
@@ -110,10 +99,7 @@ where
 {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &S,
-    ) -> Result<Option<Self>, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Option<Self>, Self::Rejection> {
         authenticate(parts, &AuthState::from_ref(state))
     }
 }

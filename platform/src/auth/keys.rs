@@ -113,10 +113,7 @@ impl KeySet {
     }
 
     pub(crate) fn signing(&self) -> Option<(&str, &EncodingKey)> {
-        self.keys
-            .iter()
-            .next_back()
-            .map(|(kid, key)| (kid.as_str(), &key.encoding))
+        self.keys.iter().next_back().map(|(kid, key)| (kid.as_str(), &key.encoding))
     }
 
     pub(crate) fn decoding(&self, kid: &str) -> Option<&DecodingKey> {
@@ -148,12 +145,7 @@ pub fn generate(dir: &Path, development: bool) -> Result<String, KeyError> {
     use std::os::unix::fs::OpenOptionsExt;
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| KeyError::Generate)?;
-    let suffix: String = uuid::Uuid::new_v4()
-        .simple()
-        .to_string()
-        .chars()
-        .take(6)
-        .collect();
+    let suffix: String = uuid::Uuid::new_v4().simple().to_string().chars().take(6).collect();
     let kid = format!(
         "{}-{suffix}{}",
         chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
@@ -168,8 +160,7 @@ pub fn generate(dir: &Path, development: bool) -> Result<String, KeyError> {
         .mode(0o600)
         .open(&path)
         .map_err(|e| KeyError::Io(path.clone(), e))?;
-    file.write_all(text.as_bytes())
-        .map_err(|e| KeyError::Io(path.clone(), e))?;
+    file.write_all(text.as_bytes()).map_err(|e| KeyError::Io(path.clone(), e))?;
     Ok(kid)
 }
 
@@ -190,16 +181,10 @@ mod tests {
     #[test]
     fn development_generates_a_dev_key_and_production_refuses_it() -> Result<(), KeyError> {
         let dir = tempfile::tempdir().map_err(|e| KeyError::Io(PathBuf::new(), e))?;
-        assert!(matches!(
-            KeySet::load(dir.path(), true),
-            Err(KeyError::Missing(_))
-        ));
+        assert!(matches!(KeySet::load(dir.path(), true), Err(KeyError::Missing(_))));
         let dev = KeySet::load(dir.path(), false)?;
         assert!(dev.signing_kid().is_some_and(|k| k.ends_with("-dev")));
-        assert!(matches!(
-            KeySet::load(dir.path(), true),
-            Err(KeyError::DevelopmentKey(_))
-        ));
+        assert!(matches!(KeySet::load(dir.path(), true), Err(KeyError::DevelopmentKey(_))));
         Ok(())
     }
 

@@ -40,9 +40,7 @@ impl SessionVersions {
     /// Whether a token with session version `sv` is still current for `user`.
     #[must_use]
     pub fn is_current(&self, user: Uuid, sv: u64) -> bool {
-        self.inner
-            .read()
-            .is_ok_and(|map| map.get(&user).is_none_or(|current| sv >= *current))
+        self.inner.read().is_ok_and(|map| map.get(&user).is_none_or(|current| sv >= *current))
     }
 
     /// Applies one event from the stream, if it ends sessions.
@@ -50,10 +48,7 @@ impl SessionVersions {
         if event.aggregate_type != "User" || !SESSION_EVENTS.contains(&event.event_type.as_str()) {
             return;
         }
-        let version = event
-            .body()
-            .get("session_version")
-            .and_then(serde_json::Value::as_u64);
+        let version = event.body().get("session_version").and_then(serde_json::Value::as_u64);
         if let (Ok(user), Some(version)) = (event.aggregate_id.parse::<Uuid>(), version) {
             self.observe(user, version);
         }
@@ -139,10 +134,7 @@ impl SessionVersions {
     }
 }
 
-async fn subscribe(
-    js: &jetstream::Context,
-    ns: &Namespace,
-) -> anyhow::Result<consumer::pull::Ordered> {
+async fn subscribe(js: &jetstream::Context, ns: &Namespace) -> anyhow::Result<consumer::pull::Ordered> {
     let stream = js.get_stream(ns.events_stream()).await?;
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {

@@ -50,12 +50,7 @@ impl TokenIssuer {
     /// An issuer over `keys`.
     #[must_use]
     pub fn new(keys: Arc<KeySet>, issuer: &str, audience: &str, ttl: Duration) -> Self {
-        Self {
-            keys,
-            issuer: issuer.to_owned(),
-            audience: audience.to_owned(),
-            ttl,
-        }
+        Self { keys, issuer: issuer.to_owned(), audience: audience.to_owned(), ttl }
     }
 
     /// Lifetime of new tokens.
@@ -82,10 +77,7 @@ impl TokenIssuer {
         sv: u64,
         sid: Uuid,
     ) -> anyhow::Result<String> {
-        let (kid, key) = self
-            .keys
-            .signing()
-            .ok_or_else(|| anyhow::anyhow!("no signing key"))?;
+        let (kid, key) = self.keys.signing().ok_or_else(|| anyhow::anyhow!("no signing key"))?;
         let now = chrono::Utc::now().timestamp();
         let claims = Claims {
             sub: user,
@@ -109,38 +101,30 @@ impl TokenIssuer {
     /// # Errors
     /// A [`TokenError`] saying why.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|_| TokenError("malformed token".into()))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError("malformed token".into()))?;
         if header.alg != Algorithm::EdDSA {
             return Err(TokenError("token algorithm not accepted".into()));
         }
-        let kid = header
-            .kid
-            .ok_or_else(|| TokenError("token has no key id".into()))?;
-        let key = self
-            .keys
-            .decoding(&kid)
-            .ok_or_else(|| TokenError("token signed by an unknown key".into()))?;
+        let kid = header.kid.ok_or_else(|| TokenError("token has no key id".into()))?;
+        let key = self.keys.decoding(&kid).ok_or_else(|| TokenError("token signed by an unknown key".into()))?;
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[&self.issuer]);
         validation.set_audience(&[&self.audience]);
         validation.leeway = 5;
         validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
-        jsonwebtoken::decode::<Claims>(token, key, &validation)
-            .map(|d| d.claims)
-            .map_err(|e| {
-                use jsonwebtoken::errors::ErrorKind;
-                TokenError(
-                    match e.kind() {
-                        ErrorKind::ExpiredSignature => "token expired",
-                        ErrorKind::InvalidAudience => "token is for another audience",
-                        ErrorKind::InvalidIssuer => "token is from another issuer",
-                        ErrorKind::InvalidSignature => "token signature is invalid",
-                        _ => "token is invalid",
-                    }
-                    .into(),
-                )
-            })
+        jsonwebtoken::decode::<Claims>(token, key, &validation).map(|d| d.claims).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            TokenError(
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => "token expired",
+                    ErrorKind::InvalidAudience => "token is for another audience",
+                    ErrorKind::InvalidIssuer => "token is from another issuer",
+                    ErrorKind::InvalidSignature => "token signature is invalid",
+                    _ => "token is invalid",
+                }
+                .into(),
+            )
+        })
     }
 }
 
@@ -160,15 +144,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let tokens = issuer(dir.path(), "api");
         let user = Uuid::new_v4();
-        let token = tokens
-            .issue(
-                user,
-                vec!["user".into()],
-                vec!["profile:write".into()],
-                3,
-                Uuid::new_v4(),
-            )
-            .expect("issue");
+        let token =
+            tokens.issue(user, vec!["user".into()], vec!["profile:write".into()], 3, Uuid::new_v4()).expect("issue");
         let claims = tokens.verify(&token).expect("verifies");
         assert_eq!((claims.sub, claims.sv), (user, 3));
     }
@@ -177,18 +154,11 @@ mod tests {
     fn forged_and_foreign_tokens_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let tokens = issuer(dir.path(), "api");
-        let token = tokens
-            .issue(Uuid::new_v4(), vec![], vec![], 0, Uuid::new_v4())
-            .expect("issue");
+        let token = tokens.issue(Uuid::new_v4(), vec![], vec![], 0, Uuid::new_v4()).expect("issue");
         // Another audience.
         let other_dir = tempfile::tempdir().expect("tempdir");
         std::fs::copy(
-            std::fs::read_dir(dir.path())
-                .expect("dir")
-                .next()
-                .expect("key")
-                .expect("entry")
-                .path(),
+            std::fs::read_dir(dir.path()).expect("dir").next().expect("key").expect("entry").path(),
             other_dir.path().join("x.pem"),
         )
         .expect("copy");
@@ -199,10 +169,7 @@ mod tests {
         // alg: none.
         let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let payload = token.split('.').nth(1).expect("payload");
-        let none = format!(
-            "{}.{payload}.",
-            engine.encode(br#"{"alg":"none","typ":"JWT"}"#)
-        );
+        let none = format!("{}.{payload}.", engine.encode(br#"{"alg":"none","typ":"JWT"}"#));
         assert!(tokens.verify(&none).is_err());
         // Tampered payload.
         let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();

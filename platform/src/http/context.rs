@@ -34,20 +34,13 @@ fn sane_id(value: Option<&HeaderValue>) -> Option<String> {
 
 impl RequestContext {
     pub(crate) fn from_request(headers: &HeaderMap, peer: Option<SocketAddr>) -> Self {
-        let request_id =
-            sane_id(headers.get(REQUEST_ID_HEADER)).unwrap_or_else(|| Uuid::new_v4().to_string());
-        let correlation_id =
-            sane_id(headers.get("x-correlation-id")).unwrap_or_else(|| request_id.clone());
+        let request_id = sane_id(headers.get(REQUEST_ID_HEADER)).unwrap_or_else(|| Uuid::new_v4().to_string());
+        let correlation_id = sane_id(headers.get("x-correlation-id")).unwrap_or_else(|| request_id.clone());
         let user_agent = headers
             .get(axum::http::header::USER_AGENT)
             .and_then(|v| v.to_str().ok())
             .map(|v| v.chars().take(512).collect());
-        Self {
-            request_id,
-            correlation_id,
-            client_ip: peer.map(|p| p.ip().to_string()),
-            user_agent,
-        }
+        Self { request_id, correlation_id, client_ip: peer.map(|p| p.ip().to_string()), user_agent }
     }
 
     /// The metadata of a command issued by `actor` in this request. The request is the cause.
@@ -74,20 +67,12 @@ impl RequestContext {
     #[must_use]
     pub fn operator(tool: &str) -> Self {
         let id = Uuid::new_v4().to_string();
-        Self {
-            request_id: id.clone(),
-            correlation_id: id,
-            client_ip: None,
-            user_agent: Some(tool.to_owned()),
-        }
+        Self { request_id: id.clone(), correlation_id: id, client_ip: None, user_agent: Some(tool.to_owned()) }
     }
 }
 
 pub(crate) fn peer_of(parts: &Parts) -> Option<SocketAddr> {
-    parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0)
+    parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for RequestContext {
@@ -103,7 +88,5 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestContext {
 }
 
 pub(crate) fn peer_of_request(req: &axum::extract::Request) -> Option<SocketAddr> {
-    req.extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0)
+    req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
 }

@@ -82,9 +82,7 @@ impl ApiError {
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "CONFLICT"),
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
-            Self::UnsupportedMediaType(_) => {
-                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE")
-            }
+            Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE"),
             Self::ServiceUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
         }
@@ -95,30 +93,19 @@ impl ApiError {
     pub(crate) fn body_for_status(status: StatusCode) -> ErrorBody {
         let (code, message) = match status {
             StatusCode::NOT_FOUND => ("NOT_FOUND", "no such route"),
-            StatusCode::METHOD_NOT_ALLOWED => {
-                ("METHOD_NOT_ALLOWED", "method not allowed on this route")
-            }
+            StatusCode::METHOD_NOT_ALLOWED => ("METHOD_NOT_ALLOWED", "method not allowed on this route"),
             StatusCode::PAYLOAD_TOO_LARGE => ("PAYLOAD_TOO_LARGE", "request body is too large"),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
-                ("UNSUPPORTED_MEDIA_TYPE", "unsupported media type")
-            }
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ("UNSUPPORTED_MEDIA_TYPE", "unsupported media type"),
             StatusCode::UNAUTHORIZED => ("UNAUTHENTICATED", "authentication required"),
             StatusCode::FORBIDDEN => ("FORBIDDEN", "forbidden"),
             StatusCode::REQUEST_TIMEOUT | StatusCode::GATEWAY_TIMEOUT => {
                 ("SERVICE_UNAVAILABLE", "the request timed out")
             }
             StatusCode::SERVICE_UNAVAILABLE => ("SERVICE_UNAVAILABLE", "service unavailable"),
-            s if s.is_client_error() => {
-                ("MALFORMED_REQUEST", "the request could not be understood")
-            }
+            s if s.is_client_error() => ("MALFORMED_REQUEST", "the request could not be understood"),
             _ => ("INTERNAL", "internal error"),
         };
-        ErrorBody {
-            code,
-            message: message.to_owned(),
-            details: None,
-            internal: None,
-        }
+        ErrorBody { code, message: message.to_owned(), details: None, internal: None }
     }
 }
 
@@ -134,23 +121,14 @@ impl IntoResponse for ApiError {
             },
             Self::ServiceUnavailable(m) => ErrorBody {
                 code,
-                message: "a backing service is unavailable; nothing was written, try again"
-                    .to_owned(),
+                message: "a backing service is unavailable; nothing was written, try again".to_owned(),
                 details: None,
                 internal: Some(m),
             },
-            Self::Validation { message, details } => ErrorBody {
-                code,
-                message,
-                details: Some(details),
-                internal: None,
-            },
-            other => ErrorBody {
-                code,
-                message: other.to_string(),
-                details: None,
-                internal: None,
-            },
+            Self::Validation { message, details } => {
+                ErrorBody { code, message, details: Some(details), internal: None }
+            }
+            other => ErrorBody { code, message: other.to_string(), details: None, internal: None },
         };
         let mut response = status.into_response();
         response.extensions_mut().insert(body);
@@ -161,10 +139,9 @@ impl IntoResponse for ApiError {
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         match e {
-            sqlx::Error::PoolTimedOut
-            | sqlx::Error::Io(_)
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Tls(_) => Self::ServiceUnavailable(format!("postgres: {e}")),
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
+                Self::ServiceUnavailable(format!("postgres: {e}"))
+            }
             other => Self::Internal(other.into()),
         }
     }
@@ -176,16 +153,11 @@ pub trait ResultExt<T> {
     ///
     /// # Errors
     /// The mapped error, or the original one converted.
-    fn on_constraint(self, constraint: &str, map: impl FnOnce() -> ApiError)
-        -> Result<T, ApiError>;
+    fn on_constraint(self, constraint: &str, map: impl FnOnce() -> ApiError) -> Result<T, ApiError>;
 }
 
 impl<T> ResultExt<T> for Result<T, sqlx::Error> {
-    fn on_constraint(
-        self,
-        constraint: &str,
-        map: impl FnOnce() -> ApiError,
-    ) -> Result<T, ApiError> {
+    fn on_constraint(self, constraint: &str, map: impl FnOnce() -> ApiError) -> Result<T, ApiError> {
         self.map_err(|e| match &e {
             sqlx::Error::Database(db) if db.constraint() == Some(constraint) => map(),
             _ => e.into(),

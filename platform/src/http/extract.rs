@@ -31,9 +31,7 @@ fn json_rejection(rejection: &JsonRejection) -> ApiError {
         JsonRejection::MissingJsonContentType(_) => {
             ApiError::UnsupportedMediaType("expected Content-Type: application/json".to_owned())
         }
-        JsonRejection::JsonSyntaxError(e) => {
-            ApiError::Malformed(format!("body is not valid JSON: {}", e.body_text()))
-        }
+        JsonRejection::JsonSyntaxError(e) => ApiError::Malformed(format!("body is not valid JSON: {}", e.body_text())),
         JsonRejection::JsonDataError(e) => {
             let text = e.body_text();
             if text.contains("unknown field") {
@@ -60,8 +58,7 @@ fn backticked(text: &str) -> Option<String> {
 
 /// The serde message without axum's prefix or serde's " at line 1 column 19" suffix.
 fn strip_prefix(text: &str) -> String {
-    let text =
-        text.trim_start_matches("Failed to deserialize the JSON body into the target type: ");
+    let text = text.trim_start_matches("Failed to deserialize the JSON body into the target type: ");
     let text = text.split(" at line ").next().unwrap_or(text);
     // serde prefixes the path of a nested error ("email: invalid type…"); keep the message.
     text.to_owned()
@@ -81,14 +78,8 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath
                 let text = e.body_text();
                 let field = backticked(&text).unwrap_or_else(|| "path".to_owned());
                 Err(ApiError::Validation {
-                    message: format!(
-                        "invalid path parameter: {}",
-                        text.trim_start_matches("Invalid URL: ")
-                    ),
-                    details: BTreeMap::from([(
-                        field,
-                        "has the wrong format (ids are UUIDs)".to_owned(),
-                    )]),
+                    message: format!("invalid path parameter: {}", text.trim_start_matches("Invalid URL: ")),
+                    details: BTreeMap::from([(field, "has the wrong format (ids are UUIDs)".to_owned())]),
                 })
             }
             Err(other) => Err(ApiError::Malformed(other.body_text())),
@@ -108,19 +99,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
             Ok(axum::extract::Query(value)) => Ok(Self(value)),
             Err(QueryRejection::FailedToDeserializeQueryString(e)) => {
                 let text = e.body_text();
-                let message = text
-                    .trim_start_matches("Failed to deserialize query string: ")
-                    .to_owned();
-                let field = message
-                    .split(':')
-                    .next()
-                    .unwrap_or("query")
-                    .trim()
-                    .to_owned();
-                Err(ApiError::Validation {
-                    details: BTreeMap::from([(field, message.clone())]),
-                    message,
-                })
+                let message = text.trim_start_matches("Failed to deserialize query string: ").to_owned();
+                let field = message.split(':').next().unwrap_or("query").trim().to_owned();
+                Err(ApiError::Validation { details: BTreeMap::from([(field, message.clone())]), message })
             }
             Err(other) => Err(ApiError::Malformed(other.body_text())),
         }

@@ -23,10 +23,7 @@ pub fn finish_router(router: Router, max_body_bytes: usize, request_timeout: Dur
         .fallback(|| async { ApiError::NotFound("no such route".to_owned()) })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(CatchPanicLayer::new())
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            request_timeout,
-        ))
+        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, request_timeout))
         .layer(middleware::from_fn(request_envelope))
 }
 
@@ -34,13 +31,9 @@ async fn request_envelope(mut req: Request, next: Next) -> Response {
     let ctx = RequestContext::from_request(req.headers(), peer_of_request(&req));
     let request_id = ctx.request_id.clone();
     let method = req.method().to_string();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     req.extensions_mut().insert(ctx);
-    let span =
-        tracing::info_span!("request", request_id = %request_id, method = %method, route = %route);
+    let span = tracing::info_span!("request", request_id = %request_id, method = %method, route = %route);
     let started = Instant::now();
     let mut response = next.run(req).instrument(span.clone()).await;
     let elapsed = started.elapsed();
@@ -49,12 +42,7 @@ async fn request_envelope(mut req: Request, next: Next) -> Response {
     if let Some(body) = response.extensions_mut().remove::<ErrorBody>() {
         response = render_error(status, body, &request_id, &span);
     } else if status.is_client_error() || status.is_server_error() {
-        response = render_error(
-            status,
-            ApiError::body_for_status(status),
-            &request_id,
-            &span,
-        );
+        response = render_error(status, ApiError::body_for_status(status), &request_id, &span);
     }
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
@@ -64,22 +52,11 @@ async fn request_envelope(mut req: Request, next: Next) -> Response {
         .increment(1);
     metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route)
         .record(elapsed.as_secs_f64());
-    span.in_scope(|| {
-        tracing::info!(
-            status = status.as_u16(),
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-            "request"
-        )
-    });
+    span.in_scope(|| tracing::info!(status = status.as_u16(), latency_ms = elapsed.as_secs_f64() * 1000.0, "request"));
     response
 }
 
-fn render_error(
-    status: StatusCode,
-    body: ErrorBody,
-    request_id: &str,
-    span: &tracing::Span,
-) -> Response {
+fn render_error(status: StatusCode, body: ErrorBody, request_id: &str, span: &tracing::Span) -> Response {
     if status.is_server_error() {
         span.in_scope(|| {
             tracing::error!(

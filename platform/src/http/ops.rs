@@ -33,26 +33,16 @@ async fn health() -> ApiResponse<serde_json::Value> {
 }
 
 async fn ready(State(state): State<OpsState>) -> Result<ApiResponse<serde_json::Value>, ApiError> {
-    let postgres = sqlx::query_scalar::<_, i32>("SELECT 1")
-        .fetch_one(&state.pool)
-        .await
-        .is_ok();
+    let postgres = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.pool).await.is_ok();
     let nats = state.nats.connection_state() == async_nats::connection::State::Connected;
     if postgres && nats {
-        Ok(ApiResponse::ok(
-            json!({ "status": "ready", "postgres": true, "nats": true }),
-        ))
+        Ok(ApiResponse::ok(json!({ "status": "ready", "postgres": true, "nats": true })))
     } else {
-        Err(ApiError::ServiceUnavailable(format!(
-            "not ready: postgres={postgres} nats={nats}"
-        )))
+        Err(ApiError::ServiceUnavailable(format!("not ready: postgres={postgres} nats={nats}")))
     }
 }
 
 async fn metrics_text() -> impl IntoResponse {
     let handle = crate::telemetry::metrics_handle();
-    (
-        [(CONTENT_TYPE, "text/plain; version=0.0.4")],
-        handle.render(),
-    )
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render())
 }

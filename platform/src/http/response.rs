@@ -19,20 +19,12 @@ pub struct ApiResponse<T> {
 impl<T: Serialize> ApiResponse<T> {
     /// 200 with `data`.
     pub fn ok(data: T) -> Self {
-        Self {
-            status: StatusCode::OK,
-            data,
-            meta: Map::new(),
-        }
+        Self { status: StatusCode::OK, data, meta: Map::new() }
     }
 
     /// `status` with `data`.
     pub fn with_status(status: StatusCode, data: T) -> Self {
-        Self {
-            status,
-            data,
-            meta: Map::new(),
-        }
+        Self { status, data, meta: Map::new() }
     }
 
     /// Adds a `meta` field.
@@ -52,11 +44,7 @@ struct Envelope<'a, T> {
 
 impl<T: Serialize> IntoResponse for ApiResponse<T> {
     fn into_response(self) -> Response {
-        let body = Envelope {
-            success: true,
-            data: &self.data,
-            meta: &self.meta,
-        };
+        let body = Envelope { success: true, data: &self.data, meta: &self.meta };
         (self.status, Json(body)).into_response()
     }
 }
@@ -95,8 +83,6 @@ pub struct Page<T> {
 
 impl<T: Serialize> IntoResponse for Page<T> {
     fn into_response(self) -> Response {
-        ApiResponse::ok(self.items)
-            .meta("next_cursor", self.next_cursor)
-            .into_response()
+        ApiResponse::ok(self.items).meta("next_cursor", self.next_cursor).into_response()
     }
 }

@@ -33,9 +33,7 @@ async fn me(
     caller: Caller,
     consistency: ReadConsistency,
 ) -> Result<ApiResponse<serde_json::Value>, ApiError> {
-    let user = store::find(&pool, caller.id())
-        .await?
-        .ok_or_else(|| ApiError::NotFound("user not found".to_owned()))?;
+    let user = store::find(&pool, caller.id()).await?.ok_or_else(|| ApiError::NotFound("user not found".to_owned()))?;
     let mut view = serde_json::to_value(&user).map_err(anyhow::Error::from)?;
     view["permissions"] = json!(caller.claims.perms);
     Ok(consistency.annotate(ApiResponse::ok(view)))
@@ -68,39 +66,24 @@ async fn list_users(
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<ApiResponse<Vec<UserRow>>, ApiError> {
     caller.require("users:read")?;
-    let limit = cairn_platform::http::PageParams {
-        limit: query.limit,
-        cursor: None,
-    }
-    .limit()?;
+    let limit = cairn_platform::http::PageParams { limit: query.limit, cursor: None }.limit()?;
     if let Some(status) = &query.status {
         if !["active", "deactivated", "deleted"].contains(&status.as_str()) {
-            return Err(ApiError::field(
-                "status",
-                "must be one of active, deactivated, deleted",
-            ));
+            return Err(ApiError::field("status", "must be one of active, deactivated, deleted"));
         }
     }
     if query.q.as_ref().is_some_and(|q| q.chars().count() > 200) {
         return Err(ApiError::field("q", "must be at most 200 characters"));
     }
-    let after =
-        match &query.cursor {
-            Some(raw) => Some(Cursor::decode(raw).ok_or_else(|| {
-                ApiError::field("cursor", "is not a cursor from meta.next_cursor")
-            })?),
-            None => None,
-        };
-    let filter = UserFilter {
-        q: query.q.filter(|q| !q.is_empty()),
-        role: query.role,
-        status: query.status,
+    let after = match &query.cursor {
+        Some(raw) => Some(
+            Cursor::decode(raw).ok_or_else(|| ApiError::field("cursor", "is not a cursor from meta.next_cursor"))?,
+        ),
+        None => None,
     };
+    let filter = UserFilter { q: query.q.filter(|q| !q.is_empty()), role: query.role, status: query.status };
     let (items, next) = store::list(&pool, &filter, after, limit).await?;
-    let page = Page {
-        items,
-        next_cursor: next.map(|c| c.encode()),
-    };
+    let page = Page { items, next_cursor: next.map(|c| c.encode()) };
     Ok(consistency.annotate(ApiResponse::ok(page.items).meta("next_cursor", page.next_cursor)))
 }
 
@@ -117,9 +100,7 @@ async fn get_user(
     consistency: ReadConsistency,
 ) -> Result<ApiResponse<UserRow>, ApiError> {
     caller.require_self_or(id, "users:read")?;
-    let user = store::find(&pool, id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound("user not found".to_owned()))?;
+    let user = store::find(&pool, id).await?.ok_or_else(|| ApiError::NotFound("user not found".to_owned()))?;
     Ok(consistency.annotate(ApiResponse::ok(user)))
 }
 

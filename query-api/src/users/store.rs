@@ -59,30 +59,21 @@ impl Cursor {
     /// Decodes a cursor from `encode`.
     #[must_use]
     pub fn decode(raw: &str) -> Option<Self> {
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(raw)
-            .ok()?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(raw).ok()?;
         let text = String::from_utf8(bytes).ok()?;
         let (micros, id) = text.split_once('|')?;
-        Some(Self {
-            created_at: DateTime::from_timestamp_micros(micros.parse().ok()?)?,
-            id: id.parse().ok()?,
-        })
+        Some(Self { created_at: DateTime::from_timestamp_micros(micros.parse().ok()?)?, id: id.parse().ok()? })
     }
 }
 
-const COLUMNS: &str =
-    "id, email, display_name, status, roles, email_verified, created_at, updated_at";
+const COLUMNS: &str = "id, email, display_name, status, roles, email_verified, created_at, updated_at";
 
 /// One user by id.
 ///
 /// # Errors
 /// When the query fails.
 pub async fn find(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<UserRow>> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM users WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(pool)
-        .await
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM users WHERE id = $1")).bind(id).fetch_optional(pool).await
 }
 
 /// A page of users, newest first, and the cursor of the next page.
@@ -95,14 +86,8 @@ pub async fn list(
     after: Option<Cursor>,
     limit: i64,
 ) -> sqlx::Result<(Vec<UserRow>, Option<Cursor>)> {
-    let pattern = filter.q.as_ref().map(|q| {
-        format!(
-            "%{}%",
-            q.replace('\\', "\\\\")
-                .replace('%', "\\%")
-                .replace('_', "\\_")
-        )
-    });
+    let pattern =
+        filter.q.as_ref().map(|q| format!("%{}%", q.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
     let mut rows: Vec<UserRow> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM users \
          WHERE ($1::text IS NULL OR email ILIKE $1 OR display_name ILIKE $1) \
@@ -121,10 +106,7 @@ pub async fn list(
     .await?;
     let next = if rows.len() as i64 > limit {
         rows.truncate(usize::try_from(limit).unwrap_or(0));
-        rows.last().map(|r| Cursor {
-            created_at: r.created_at,
-            id: r.id,
-        })
+        rows.last().map(|r| Cursor { created_at: r.created_at, id: r.id })
     } else {
         None
     };
