@@ -8,6 +8,7 @@
 //! - [`log`]: reading the events table in the global order.
 //! - [`relay`]: the gap-safe relay from the events table to JetStream.
 //! - [`checkpoint`]: projection checkpoints and waiting for one to reach a consistency token.
+//! - [`secrets`]: random tokens and their hashes.
 //! - [`auth`]: signing keys, access tokens, the session-version map, the authenticated caller.
 //! - [`http`]: the response envelope, the error type, extractors and the layers every router shares.
 
@@ -20,6 +21,7 @@ pub mod log;
 pub mod nats;
 pub mod relay;
 pub mod roles;
+pub mod secrets;
 pub mod settings;
 pub mod telemetry;
 
