@@ -101,19 +101,35 @@ impl Application {
         let mut api = OpenApiRouter::new();
         let serves_api = services.command_api || services.query_api;
         if serves_api {
-            let keys = Arc::new(KeySet::load(&settings.keys_dir, settings.is_production())?);
-            let tokens =
-                TokenIssuer::new(keys, &settings.token_issuer, &settings.token_audience, settings.access_token_ttl);
-            let sessions = SessionVersions::default();
+            let keys = KeySet::load_with_ttl(&settings.keys_dir, settings.is_production(), settings.access_token_ttl)?;
+            let tokens = TokenIssuer::new(
+                Arc::new(keys),
+                &settings.token_issuer,
+                &settings.token_audience,
+                settings.access_token_ttl,
+            );
+            // A key added by `cairn admin rotate-key` reaches running processes within a minute.
+            tokens.spawn_reload(
+                settings.keys_dir.clone(),
+                settings.is_production(),
+                Duration::from_secs(60),
+                shutdown.clone(),
+            );
+            let sessions = SessionVersions::new(settings.access_token_ttl);
             sessions.follow(pool.clone(), js.clone(), ns.clone(), shutdown.clone()).await?;
             let auth = AuthState { tokens, sessions: sessions.clone() };
             if services.command_api {
                 let users = UserCommands::new(pool.clone(), Passwords::new(settings.hash_concurrency), sessions);
-                api = api.merge(cairn_command_api::router(CommandState { users, auth: auth.clone() }));
+                users.roles().seed().await.map_err(|e| anyhow::anyhow!("cannot define the seeded roles: {e}"))?;
+                let state = CommandState::new(pool.clone(), &settings, auth.clone(), users)?;
+                api = api.merge(cairn_command_api::router(state));
             }
             if services.query_api {
-                let users = CheckpointWatcher::spawn(pool.clone(), "users", shutdown.clone());
-                let consistency = Consistency { users, max_wait: settings.consistency_wait };
+                let projections = cairn_projector::PROJECTIONS
+                    .iter()
+                    .map(|name| CheckpointWatcher::spawn(pool.clone(), name, shutdown.clone()))
+                    .collect();
+                let consistency = Consistency { projections, max_wait: settings.consistency_wait };
                 api = api.merge(cairn_query_api::router(QueryState { pool: pool.clone(), auth, consistency }));
             }
         }
@@ -122,26 +138,26 @@ impl Application {
             tasks.spawn(relay.run(shutdown.clone()));
         }
         if services.projector {
-            let (pool, js, ns, token) = (pool.clone(), js.clone(), ns.clone(), shutdown.clone());
-            let (batch, replicas) = (settings.projector_batch, settings.stream_replicas);
-            tasks.spawn(retrying("projector", token.clone(), move || {
-                cairn_projector::run(
-                    pool.clone(),
-                    js.clone(),
-                    ns.clone(),
-                    cairn_projector::UsersProjection,
-                    batch,
-                    replicas,
-                    token.clone(),
-                )
-            }));
+            spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::UsersProjection);
+            spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::SessionsProjection);
+            spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::RolesProjection);
         }
         if services.workers {
-            let worker = cairn_workers::AuditWorker::new(pool.clone());
-            let (js, ns, token) = (js.clone(), ns.clone(), shutdown.clone());
             let (batch, replicas) = (settings.projector_batch, settings.stream_replicas);
+            let audit = cairn_workers::AuditWorker::new(pool.clone());
+            let (js_audit, ns_audit, token) = (js.clone(), ns.clone(), shutdown.clone());
             tasks.spawn(retrying("audit worker", token.clone(), move || {
-                worker.clone().run(js.clone(), ns.clone(), batch, replicas, token.clone())
+                audit.clone().run(js_audit.clone(), ns_audit.clone(), batch, replicas, token.clone())
+            }));
+            // SMTP settings are read only where mail is sent, so a bad SMTP setup stops no API.
+            let email_settings = cairn_workers::EmailSettings::from_env()?;
+            if settings.is_production() {
+                email_settings.check_production()?;
+            }
+            let email = cairn_workers::EmailWorker::new(pool.clone(), email_settings)?;
+            let (js_email, ns_email, token) = (js.clone(), ns.clone(), shutdown.clone());
+            tasks.spawn(retrying("email worker", token.clone(), move || {
+                email.clone().run(js_email.clone(), ns_email.clone(), batch, replicas, token.clone())
             }));
         }
 
@@ -151,7 +167,7 @@ impl Application {
             document(&mut openapi);
             router = router.merge(SwaggerUi::new("/docs").url("/api/v1/openapi.json", openapi));
         }
-        let router = finish_router(router, settings.max_body_bytes, settings.request_timeout);
+        let router = finish_router(router, &settings);
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
@@ -194,8 +210,25 @@ impl Application {
     }
 }
 
+/// Runs projection `P` as its own durable consumer.
+fn spawn_projection<P: cairn_projector::Projection>(
+    tasks: &mut JoinSet<()>,
+    settings: &Settings,
+    pool: &PgPool,
+    js: &jetstream::Context,
+    ns: &Namespace,
+    shutdown: &CancellationToken,
+    projection: P,
+) {
+    let (pool, js, ns, token) = (pool.clone(), js.clone(), ns.clone(), shutdown.clone());
+    let (batch, replicas) = (settings.projector_batch, settings.stream_replicas);
+    tasks.spawn(retrying(P::NAME, token.clone(), move || {
+        cairn_projector::run(pool.clone(), js.clone(), ns.clone(), projection.clone(), batch, replicas, token.clone())
+    }));
+}
+
 /// Runs a long-lived service, restarting it after a pause if it fails to start (NATS down, say).
-async fn retrying<F, Fut>(name: &'static str, shutdown: CancellationToken, mut start: F)
+async fn retrying<F, Fut>(name: &str, shutdown: CancellationToken, mut start: F)
 where
     F: FnMut() -> Fut + Send,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,

@@ -48,7 +48,7 @@ enum Command {
     Migrate,
     /// Rebuild a projection from the events table and swap it in without taking reads down.
     Replay {
-        /// The projection (`users`).
+        /// The projection (`users`, `sessions` or `roles`).
         #[arg(long)]
         projection: String,
     },
@@ -165,7 +165,9 @@ async fn replay(settings: &Settings, projection: &str) -> anyhow::Result<()> {
     let pool = db::connect_and_migrate(&settings.database_url, 4).await?;
     let events = match projection {
         "users" => cairn_projector::rebuild(&pool, &cairn_projector::UsersProjection, 5000, true).await?,
-        other => bail!("unknown projection '{other}' (known: users)"),
+        "sessions" => cairn_projector::rebuild(&pool, &cairn_projector::SessionsProjection, 5000, true).await?,
+        "roles" => cairn_projector::rebuild(&pool, &cairn_projector::RolesProjection, 5000, true).await?,
+        other => bail!("unknown projection '{other}' (known: {})", cairn_projector::PROJECTIONS.join(", ")),
     };
     let _ = writeln!(std::io::stdout(), "rebuilt {projection} from {events} events");
     Ok(())

@@ -15,8 +15,14 @@ async fn each_endpoint_answers_anonymous_user_and_admin_as_the_api_says() {
     let (_, admin) = app.admin_token().await;
     let user_id = app.register_ok("plain@example.com").await;
     let user = app.login("plain@example.com").await;
-    let target = app.register_ok("target@example.com").await;
+    let registered = app.register("target@example.com").await;
+    let target: uuid::Uuid = registered.data()["user_id"].as_str().unwrap().parse().unwrap();
     let id = target.to_string();
+    // Reads below must see both users: wait for the projections once.
+    let seen = app
+        .request("GET", "/api/v1/users/me", Some(&user), None, &[("X-Consistency-Token", &registered.token())])
+        .await;
+    assert_eq!(seen.body["meta"]["consistent"], true);
 
     // (method, path, body, anonymous, user, admin)
     let unauth = StatusCode::UNAUTHORIZED;

@@ -132,6 +132,11 @@ impl BenchEnv {
             .env("CAIRN_KEYS_DIR", self.keys_dir())
             .env("CAIRN_ENV", "development")
             .env("RUST_LOG", "warn")
+            // The bench is one client address sending thousands of requests a second: per-IP
+            // and per-user limits would measure the limiter, not the service.
+            .env("CAIRN_RATE_LIMIT_AUTH", "off")
+            .env("CAIRN_RATE_LIMIT_PUBLIC", "off")
+            .env("CAIRN_RATE_LIMIT_API", "off")
             .stdin(Stdio::null());
         for (key, value) in extra_env {
             command.env(key, value);
@@ -175,8 +180,9 @@ impl BenchEnv {
         }
         match admin_connection().await {
             Ok(mut admin) => {
-                let dropped =
-                    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database)).execute(&mut admin).await;
+                let dropped = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database))
+                    .execute(&mut admin)
+                    .await;
                 if let Err(e) = dropped {
                     crate::report::note(&format!("could not drop database {}: {e}", self.database));
                 }

@@ -16,11 +16,19 @@ fn workspace_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
-/// The release `cairn` binary, built first when missing or when `rebuild` is set.
+/// The release `cairn` binary: `CAIRN_BIN` when set, else `<target>/release/cairn`, built
+/// first when missing or when `rebuild` is set.
 ///
 /// # Errors
-/// When the build fails.
+/// When the build fails or `CAIRN_BIN` names no file.
 pub async fn cairn_binary(rebuild: bool) -> anyhow::Result<PathBuf> {
+    if let Some(given) = std::env::var_os("CAIRN_BIN") {
+        let given = PathBuf::from(given);
+        if !given.is_file() {
+            bail!("CAIRN_BIN={} is not a file", given.display());
+        }
+        return Ok(given);
+    }
     let workspace = workspace_dir();
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from);
     let target = if target.is_relative() { workspace.join(target) } else { target };
@@ -75,7 +83,8 @@ pub fn memory_of(pid: u32) -> anyhow::Result<Memory> {
 /// # Errors
 /// When the process is gone.
 pub fn cpu_seconds_of(pid: u32, ticks_per_second: f64) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("process {pid} is gone"))?;
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("process {pid} is gone"))?;
     // The command name (field 2) may hold spaces; the fields after its closing parenthesis do not.
     let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
     let fields: Vec<&str> = after.split_whitespace().collect();

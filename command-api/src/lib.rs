@@ -1,16 +1,31 @@
 //! The write side: validates requests, authenticates callers and turns each accepted request
 //! into a command on an aggregate. Every command answers with a consistency token.
 //!
-//! - [`users`]: registration, sign-in, profile, roles, deactivation (the `User` aggregate).
-//! - [`passwords`]: argon2id hashing on a bounded blocking pool.
+//! - [`executor`]: runs commands on any aggregate through postgres-es, with request metadata.
+//! - [`users`]: registration, profile, roles held, deactivation (the `User` aggregate).
+//! - [`auth`]: sign-in with lockout, sessions and refresh rotation, password change and reset,
+//!   email verification (the `Session` aggregate).
+//! - [`roles`]: defining and editing roles (the `Role` aggregate).
+//! - [`passwords`]: argon2id hashing on a bounded blocking pool, and the password policy.
 
+pub mod auth;
+pub mod executor;
 pub mod passwords;
+pub mod roles;
 pub mod users;
 
+use std::sync::Arc;
+
 use axum::extract::FromRef;
+use cairn_domain::SessionPolicy;
 use cairn_platform::auth::AuthState;
+use cairn_platform::http::limits::Limiter;
+use cairn_platform::settings::{RateLimit, Settings};
+use sqlx::PgPool;
 use utoipa_axum::router::OpenApiRouter;
 
+pub use auth::{RefreshCookie, SessionService};
+pub use roles::RoleCatalog;
 pub use users::UserCommands;
 
 /// Everything the command handlers share.
@@ -18,11 +33,49 @@ pub use users::UserCommands;
 pub struct CommandState {
     /// User commands.
     pub users: UserCommands,
+    /// Sessions.
+    pub sessions: SessionService,
+    /// Roles.
+    pub roles: RoleCatalog,
     /// Token issuing and verification.
     pub auth: AuthState,
+    /// The refresh cookie.
+    pub cookie: RefreshCookie,
+    /// The database (emailed tokens).
+    pub pool: PgPool,
+    /// Verification and reset mails asked for, per address.
+    pub mail_requests: Arc<Limiter<String>>,
+    /// Absolute session lifetime, for the cookie's Max-Age.
+    #[from_ref(skip)]
+    pub sessions_lifetime_secs: i64,
+}
+
+impl CommandState {
+    /// Builds the command side's services from settings.
+    ///
+    /// # Errors
+    /// When a duration is out of range.
+    pub fn new(pool: PgPool, settings: &Settings, auth: AuthState, users: UserCommands) -> anyhow::Result<Self> {
+        let policy = SessionPolicy {
+            absolute: chrono::Duration::from_std(settings.session_lifetime)?,
+            idle: chrono::Duration::from_std(settings.session_idle)?,
+            grace: chrono::Duration::from_std(settings.refresh_grace)?,
+        };
+        let mail_rate = RateLimit { count: 3, period: std::time::Duration::from_secs(3600) };
+        Ok(Self {
+            sessions: SessionService::new(pool.clone(), auth.sessions.clone(), policy),
+            roles: users.roles().clone(),
+            users,
+            auth,
+            cookie: RefreshCookie { secure: settings.cookie_secure, allowed_origins: settings.allowed_origins.clone() },
+            pool,
+            mail_requests: Arc::new(Limiter::new(mail_rate).ok_or_else(|| anyhow::anyhow!("mail request limit"))?),
+            sessions_lifetime_secs: i64::try_from(settings.session_lifetime.as_secs()).unwrap_or(i64::MAX),
+        })
+    }
 }
 
 /// The command API's routes, documented.
 pub fn router(state: CommandState) -> OpenApiRouter {
-    users::routes().with_state(state)
+    users::routes().merge(auth::routes()).merge(roles::routes()).with_state(state)
 }

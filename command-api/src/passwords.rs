@@ -30,17 +30,28 @@ fn argon2() -> Argon2<'static> {
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
-/// Checks length bounds.
+/// Checks length bounds and strength (zxcvbn score 3 of 4 or better, judged also against the
+/// user's own email and name).
 ///
 /// # Errors
 /// The reason, for the `password` field.
-pub fn check_policy(password: &str) -> Result<(), String> {
+pub fn check_policy(password: &str, user_inputs: &[&str]) -> Result<(), String> {
     let chars = password.chars().count();
     if chars < MIN_PASSWORD_CHARS {
         return Err(format!("must be at least {MIN_PASSWORD_CHARS} characters"));
     }
     if chars > MAX_PASSWORD_CHARS {
         return Err(format!("must be at most {MAX_PASSWORD_CHARS} characters"));
+    }
+    let estimate = zxcvbn::zxcvbn(password, user_inputs);
+    if estimate.score() < zxcvbn::Score::Three {
+        let reason = estimate
+            .feedback()
+            .and_then(|f| {
+                f.warning().map(|w| w.to_string()).or_else(|| f.suggestions().first().map(ToString::to_string))
+            })
+            .unwrap_or_else(|| "is too easy to guess".to_owned());
+        return Err(format!("is too weak: {reason}"));
     }
     Ok(())
 }
@@ -118,9 +129,11 @@ mod tests {
     }
 
     #[test]
-    fn length_policy() {
-        assert!(check_policy("short").is_err());
-        assert!(check_policy(&"x".repeat(129)).is_err());
-        assert!(check_policy("long enough").is_ok());
+    fn length_and_strength_policy() {
+        assert!(check_policy("short", &[]).is_err());
+        assert!(check_policy(&"x".repeat(129), &[]).is_err());
+        assert!(check_policy("password123", &[]).is_err_and(|e| e.contains("too weak")));
+        assert!(check_policy("ada.lovelace@example.com", &["ada.lovelace@example.com"]).is_err());
+        assert!(check_policy("correct horse battery staple", &[]).is_ok());
     }
 }

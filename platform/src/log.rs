@@ -22,60 +22,73 @@ pub async fn read_after(
     after: ConsistencyToken,
     limit: i64,
 ) -> sqlx::Result<Vec<EventEnvelope>> {
-    let rows = sqlx::query(
-        "SELECT event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, \
-                transaction_id::text::bigint AS tx, global_position, recorded_at, payload, metadata \
-         FROM events \
+    let rows = sqlx::query(&format!(
+        "SELECT {EVENT_COLUMNS} FROM events \
          WHERE (transaction_id, global_position) > ($1::text::xid8, $2) \
            AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
          ORDER BY transaction_id, global_position \
-         LIMIT $3",
-    )
+         LIMIT $3"
+    ))
     .bind(after.tx.to_string())
     .bind(after.pos)
     .bind(limit)
     .fetch_all(conn)
     .await?;
     let mut previous = after;
-    rows.into_iter()
+    rows.iter()
         .map(|row| {
-            let event = EventEnvelope {
-                event_id: row.try_get("event_id")?,
-                aggregate_type: row.try_get("aggregate_type")?,
-                aggregate_id: row.try_get("aggregate_id")?,
-                sequence: row.try_get("sequence")?,
-                event_type: row.try_get("event_type")?,
-                event_version: row.try_get("event_version")?,
-                transaction_id: u64::try_from(row.try_get::<i64, _>("tx")?).unwrap_or_default(),
-                global_position: row.try_get("global_position")?,
-                recorded_at: row.try_get("recorded_at")?,
-                payload: row.try_get("payload")?,
-                metadata: row.try_get("metadata")?,
-                previous_transaction_id: previous.tx,
-                previous_global_position: previous.pos,
-            };
+            let mut event = from_row(row)?;
+            event.previous_transaction_id = previous.tx;
+            event.previous_global_position = previous.pos;
             previous = event.position();
             Ok(event)
         })
         .collect()
 }
 
-/// The position of the newest event of one aggregate: the consistency token of a command.
+/// The columns [`from_row`] reads, for queries that select whole events.
+pub const EVENT_COLUMNS: &str = "event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, \
+     transaction_id::text::bigint AS tx, global_position, recorded_at, payload, metadata";
+
+/// One event from a row selected with [`EVENT_COLUMNS`] (its predecessor left unset).
+///
+/// # Errors
+/// When a column is missing or mistyped.
+pub fn from_row(row: &sqlx::postgres::PgRow) -> sqlx::Result<EventEnvelope> {
+    Ok(EventEnvelope {
+        event_id: row.try_get("event_id")?,
+        aggregate_type: row.try_get("aggregate_type")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        sequence: row.try_get("sequence")?,
+        event_type: row.try_get("event_type")?,
+        event_version: row.try_get("event_version")?,
+        transaction_id: u64::try_from(row.try_get::<i64, _>("tx")?).unwrap_or_default(),
+        global_position: row.try_get("global_position")?,
+        recorded_at: row.try_get("recorded_at")?,
+        payload: row.try_get("payload")?,
+        metadata: row.try_get("metadata")?,
+        previous_transaction_id: 0,
+        previous_global_position: 0,
+    })
+}
+
+/// The newest `limit` events of one aggregate, newest first.
 ///
 /// # Errors
 /// When the query fails.
-pub async fn last_position_of<'e>(
+pub async fn last_events_of<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     aggregate_type: &str,
     aggregate_id: &str,
-) -> sqlx::Result<Option<ConsistencyToken>> {
-    let row: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT transaction_id::text::bigint, global_position FROM events \
-         WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence DESC LIMIT 1",
-    )
+    limit: i64,
+) -> sqlx::Result<Vec<EventEnvelope>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence DESC LIMIT $3"
+    ))
     .bind(aggregate_type)
     .bind(aggregate_id)
-    .fetch_optional(executor)
+    .bind(limit)
+    .fetch_all(executor)
     .await?;
-    Ok(row.map(|(tx, pos)| ConsistencyToken { tx: u64::try_from(tx).unwrap_or_default(), pos }))
+    rows.iter().map(from_row).collect()
 }

@@ -63,7 +63,64 @@ pub struct Settings {
     pub projector_batch: usize,
     /// `CAIRN_REQUEST_TIMEOUT_SECS`.
     pub request_timeout: Duration,
+    /// `CAIRN_SESSION_LIFETIME_SECS`: absolute session lifetime (default 7 days).
+    pub session_lifetime: Duration,
+    /// `CAIRN_SESSION_IDLE_SECS`: idle timeout between refreshes (default 24 hours).
+    pub session_idle: Duration,
+    /// `CAIRN_REFRESH_GRACE_SECS`: how long a just-rotated refresh token still gets the current session.
+    pub refresh_grace: Duration,
+    /// `CAIRN_COOKIE_SECURE`: mark the refresh cookie `Secure` (only `false` for plain-HTTP development).
+    pub cookie_secure: bool,
+    /// `CAIRN_ALLOWED_ORIGINS`: comma-separated origins for CORS and for cookie-authenticated endpoints.
+    pub allowed_origins: Vec<String>,
+    /// `CAIRN_TRUSTED_PROXIES`: comma-separated proxy IPs whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// `CAIRN_HSTS`: send `Strict-Transport-Security` (when TLS is terminated in front of cairn).
+    pub hsts: bool,
+    /// `CAIRN_RATE_LIMIT_AUTH`: per-IP limit on `/api/v1/auth/*` (e.g. `20/min`, `off`).
+    pub rate_limit_auth: Option<RateLimit>,
+    /// `CAIRN_RATE_LIMIT_PUBLIC`: per-IP limit outside `/api/`.
+    pub rate_limit_public: Option<RateLimit>,
+    /// `CAIRN_RATE_LIMIT_API`: per-IP and per-user limit on the rest of `/api/`.
+    pub rate_limit_api: Option<RateLimit>,
 }
+
+/// A rate: `count` requests per `period`, refilled evenly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Requests allowed per period (also the burst).
+    pub count: u32,
+    /// The period.
+    pub period: Duration,
+}
+
+impl RateLimit {
+    /// Parses `COUNT/PERIOD` with PERIOD one of `s`, `sec`, `min`, `h`; `off` means no limit.
+    ///
+    /// # Errors
+    /// When the text is malformed.
+    pub fn parse(text: &str) -> anyhow::Result<Option<Self>> {
+        if text.eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        let (count, period) = text.split_once('/').context("rate limits look like '20/min' or 'off'")?;
+        let count: u32 = count.trim().parse().context("rate limit count must be a positive integer")?;
+        let period = match period.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            other => bail!("rate limit period must be s, min or h, not '{other}'"),
+        };
+        if count == 0 {
+            bail!("rate limit count must be positive (use 'off' for none)");
+        }
+        Ok(Some(Self { count, period }))
+    }
+}
+
+/// Origins a local frontend is served from during development.
+pub const DEVELOPMENT_ORIGINS: &str =
+    "http://localhost:3000,http://localhost:5173,http://localhost:8080,http://127.0.0.1:3000,http://127.0.0.1:5173,http://127.0.0.1:8080";
 
 /// Where the keys live unless `CAIRN_KEYS_DIR` says otherwise (development only).
 pub const DEFAULT_KEYS_DIR: &str = ".cairn/keys";
@@ -124,6 +181,36 @@ impl Settings {
             relay_batch: i64::try_from(num("CAIRN_RELAY_BATCH", 1000)?)?.max(1),
             projector_batch: usize::try_from(num("CAIRN_PROJECTOR_BATCH", 500)?)?.max(1),
             request_timeout: Duration::from_secs(num("CAIRN_REQUEST_TIMEOUT_SECS", 30)?),
+            session_lifetime: Duration::from_secs(num("CAIRN_SESSION_LIFETIME_SECS", 7 * 86_400)?),
+            session_idle: Duration::from_secs(num("CAIRN_SESSION_IDLE_SECS", 86_400)?),
+            refresh_grace: Duration::from_secs(num("CAIRN_REFRESH_GRACE_SECS", 10)?),
+            cookie_secure: match get("CAIRN_COOKIE_SECURE", "true").as_str() {
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" if environment == Environment::Development => false,
+                "false" | "0" | "no" => bail!("CAIRN_COOKIE_SECURE=false is for plain-HTTP development only"),
+                other => bail!("CAIRN_COOKIE_SECURE must be true or false, not '{other}'"),
+            },
+            allowed_origins: {
+                let default = if environment == Environment::Development { DEVELOPMENT_ORIGINS } else { "" };
+                get("CAIRN_ALLOWED_ORIGINS", default)
+                    .split(',')
+                    .map(|o| o.trim().trim_end_matches('/').to_owned())
+                    .filter(|o| !o.is_empty())
+                    .collect()
+            },
+            trusted_proxies: get("CAIRN_TRUSTED_PROXIES", "")
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(|p| p.parse().with_context(|| format!("CAIRN_TRUSTED_PROXIES: '{p}' is not an IP address")))
+                .collect::<anyhow::Result<_>>()?,
+            hsts: matches!(get("CAIRN_HSTS", "false").as_str(), "true" | "1" | "yes"),
+            rate_limit_auth: RateLimit::parse(&get("CAIRN_RATE_LIMIT_AUTH", "30/min"))
+                .context("CAIRN_RATE_LIMIT_AUTH")?,
+            rate_limit_public: RateLimit::parse(&get("CAIRN_RATE_LIMIT_PUBLIC", "600/min"))
+                .context("CAIRN_RATE_LIMIT_PUBLIC")?,
+            rate_limit_api: RateLimit::parse(&get("CAIRN_RATE_LIMIT_API", "1200/min"))
+                .context("CAIRN_RATE_LIMIT_API")?,
         })
     }
 
@@ -153,6 +240,22 @@ mod tests {
         assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(s.environment, Environment::Development);
         Ok(())
+    }
+
+    #[test]
+    fn rate_limits_parse() -> anyhow::Result<()> {
+        assert_eq!(RateLimit::parse("20/min")?, Some(RateLimit { count: 20, period: Duration::from_secs(60) }));
+        assert_eq!(RateLimit::parse("off")?, None);
+        assert!(RateLimit::parse("20").is_err());
+        assert!(RateLimit::parse("0/s").is_err());
+        assert!(RateLimit::parse("5/week").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn production_refuses_insecure_cookies() {
+        assert!(settings(&[("CAIRN_COOKIE_SECURE", "false")]).is_ok());
+        assert!(settings(&[("CAIRN_ENV", "production"), ("CAIRN_COOKIE_SECURE", "false")]).is_err());
     }
 
     #[test]

@@ -7,10 +7,19 @@
 //! the events table, the source of truth, in the same transaction.
 //!
 //! - [`users`]: the `users` read model.
+//! - [`sessions`]: the `sessions` read model.
+//! - [`roles`]: the `roles` read model.
 //! - [`runner`]: the checkpointed apply loop shared by every projection, and rebuilds.
 
+pub mod roles;
 pub mod runner;
+pub mod sessions;
 pub mod users;
 
+pub use roles::RolesProjection;
 pub use runner::{rebuild, run, Projection};
+pub use sessions::SessionsProjection;
 pub use users::UsersProjection;
+
+/// The names of every projection, for checkpoints and rebuilds.
+pub const PROJECTIONS: &[&str] = &[UsersProjection::NAME, SessionsProjection::NAME, RolesProjection::NAME];

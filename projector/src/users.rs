@@ -96,6 +96,27 @@ impl Projection for UsersProjection {
                     .execute(&mut *conn)
                     .await?;
             }
+            UserEvent::EmailVerified {} => {
+                sqlx::query(&update("email_verified = true")).bind(id).bind(at).bind(seq).execute(&mut *conn).await?;
+            }
+            UserEvent::PasswordChanged { session_version, .. }
+            | UserEvent::PasswordReset { session_version, .. }
+            | UserEvent::SessionsEnded { session_version, .. } => {
+                sqlx::query(&update("session_version = greatest(session_version, $4)"))
+                    .bind(id)
+                    .bind(at)
+                    .bind(seq)
+                    .bind(i64::try_from(session_version)?)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            // Sign-in bookkeeping and mail requests change nothing this table shows.
+            UserEvent::EmailVerificationRequested {}
+            | UserEvent::PasswordResetRequested {}
+            | UserEvent::LoginFailed { .. }
+            | UserEvent::AccountLocked { .. }
+            | UserEvent::AccountUnlocked {}
+            | UserEvent::LoginSucceeded {} => {}
         }
         Ok(())
     }

@@ -12,13 +12,28 @@ use serde::Serialize;
 /// The header a read sends its token in.
 pub const HEADER: &str = "x-consistency-token";
 
-/// Waits on the users projection's checkpoint.
+/// Waits on the projections' checkpoints. Every projection consumes the whole stream, so a
+/// token is visible once each has passed it.
 #[derive(Clone)]
 pub struct Consistency {
-    /// The users projection's checkpoint.
-    pub users: CheckpointWatcher,
+    /// One watcher per projection.
+    pub projections: Vec<CheckpointWatcher>,
     /// Longest wait.
     pub max_wait: Duration,
+}
+
+impl Consistency {
+    /// Waits until every projection has applied `token`, at most `max_wait`. Returns whether they did.
+    pub async fn wait_for(&self, token: ConsistencyToken) -> bool {
+        let deadline = tokio::time::Instant::now() + self.max_wait;
+        for watcher in &self.projections {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if !watcher.wait_for(token, left).await {
+                return false;
+            }
+        }
+        true
+    }
 }
 
 /// The outcome of a read's wait: `None` when no token was sent.
@@ -49,7 +64,6 @@ where
         let token: ConsistencyToken = raw.to_str().ok().and_then(|s| s.parse().ok()).ok_or_else(|| {
             ApiError::field("X-Consistency-Token", "is not a consistency token from a command's meta")
         })?;
-        let consistency = Consistency::from_ref(state);
-        Ok(Self(Some(consistency.users.wait_for(token, consistency.max_wait).await)))
+        Ok(Self(Some(Consistency::from_ref(state).wait_for(token).await)))
     }
 }

@@ -33,6 +33,8 @@ pub struct TestEnv {
     pub nats_url: String,
     pub namespace: String,
     pub keys: tempfile::TempDir,
+    /// Where the email worker sends mail (nothing listens unless a test starts a catcher there).
+    pub smtp_port: u16,
 }
 
 impl TestEnv {
@@ -45,6 +47,7 @@ impl TestEnv {
             nats_url: nats_base(),
             namespace: format!("t{}", &id[..12]),
             keys: tempfile::tempdir().unwrap(),
+            smtp_port: free_port(),
         }
     }
 
@@ -58,6 +61,12 @@ impl TestEnv {
             ("CAIRN_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
             ("CAIRN_HASH_CONCURRENCY".to_owned(), "4".to_owned()),
             ("RUST_LOG".to_owned(), "warn".to_owned()),
+            // Tests that are not about rate limits must not trip them (every client is 127.0.0.1).
+            ("CAIRN_RATE_LIMIT_AUTH".to_owned(), "1000000/min".to_owned()),
+            ("CAIRN_RATE_LIMIT_API".to_owned(), "1000000/min".to_owned()),
+            ("CAIRN_RATE_LIMIT_PUBLIC".to_owned(), "1000000/min".to_owned()),
+            ("SMTP_HOST".to_owned(), "127.0.0.1".to_owned()),
+            ("SMTP_PORT".to_owned(), self.smtp_port.to_string()),
         ])
     }
 

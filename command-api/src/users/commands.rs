@@ -1,24 +1,19 @@
 //! The command service for users: the one path by which HTTP handlers and the operator CLI
-//! change a user. It loads the aggregate through postgres-es, runs the command with the
-//! request's metadata, and returns the consistency token of the appended event.
+//! change a user.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use cairn_domain::roles::DEFAULT_ROLE;
-use cairn_domain::{DisplayName, Email, RoleName, User, UserCommand, UserError};
+use cairn_domain::{DisplayName, Email, RoleName, User, UserCommand};
 use cairn_platform::auth::SessionVersions;
 use cairn_platform::envelope::ConsistencyToken;
 use cairn_platform::http::{ApiError, RequestContext};
-use cqrs_es::persist::PersistedEventStore;
-use cqrs_es::{AggregateError, CqrsFramework, EventStore};
-use postgres_es::PostgresEventRepository;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::executor::Executor;
 use crate::passwords::{check_policy, Passwords};
-
-type Store = PersistedEventStore<PostgresEventRepository, User>;
+use crate::roles::RoleCatalog;
 
 /// A registration request, as received.
 #[derive(Debug, Clone)]
@@ -36,25 +31,19 @@ pub struct RegisterUser {
 /// Executes user commands.
 #[derive(Clone)]
 pub struct UserCommands {
-    cqrs: Arc<CqrsFramework<User, Store>>,
-    store: Arc<Store>,
-    pool: PgPool,
+    executor: Executor<User>,
     passwords: Passwords,
-    sessions: SessionVersions,
+    roles: RoleCatalog,
 }
 
 impl UserCommands {
-    /// A service over `pool`. `sessions` is updated as soon as a session-ending command commits,
-    /// so this process refuses old tokens at once; other processes learn it from the stream.
+    /// A service over `pool`.
     #[must_use]
     pub fn new(pool: PgPool, passwords: Passwords, sessions: SessionVersions) -> Self {
-        let store = || PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()));
         Self {
-            cqrs: Arc::new(CqrsFramework::new(store(), vec![], ())),
-            store: Arc::new(store()),
-            pool,
+            roles: RoleCatalog::new(pool.clone(), sessions.clone()),
+            executor: Executor::new(pool, sessions),
             passwords,
-            sessions,
         }
     }
 
@@ -62,6 +51,12 @@ impl UserCommands {
     #[must_use]
     pub fn passwords(&self) -> &Passwords {
         &self.passwords
+    }
+
+    /// The role catalogue.
+    #[must_use]
+    pub fn roles(&self) -> &RoleCatalog {
+        &self.roles
     }
 
     /// Registers a user. Email uniqueness is enforced by the event store's unique index, so
@@ -79,15 +74,15 @@ impl UserCommands {
         let email = Email::parse(&input.email).map_err(|e| problems.insert("email".to_owned(), e.0)).ok();
         let display_name =
             DisplayName::parse(&input.display_name).map_err(|e| problems.insert("display_name".to_owned(), e.0)).ok();
-        if let Err(p) = check_policy(&input.password) {
+        if let Err(p) = check_policy(&input.password, &[&input.email, &input.display_name]) {
             problems.insert("password".to_owned(), p);
         }
         let role_names = if input.roles.is_empty() { vec![DEFAULT_ROLE.to_owned()] } else { input.roles };
         let mut roles = Vec::new();
         for role in &role_names {
-            match RoleName::parse(role) {
-                Ok(r) if cairn_domain::roles::permissions_of(r.as_str()).is_some() => roles.push(r),
-                _ => {
+            match self.roles.existing(role).await? {
+                Some(r) => roles.push(r),
+                None => {
                     problems.insert("roles".to_owned(), format!("unknown role '{role}'"));
                 }
             }
@@ -109,7 +104,7 @@ impl UserCommands {
         Ok((id, token))
     }
 
-    /// Runs `command` on user `id` and returns the position of the event it appended.
+    /// Runs `command` on user `id`.
     ///
     /// # Errors
     /// NOT_FOUND, CONFLICT for refused commands; SERVICE_UNAVAILABLE when Postgres is down.
@@ -120,24 +115,7 @@ impl UserCommands {
         ctx: &RequestContext,
         actor: Option<Uuid>,
     ) -> Result<ConsistencyToken, ApiError> {
-        let actor = actor.map(|a| a.to_string());
-        let aggregate_id = id.to_string();
-        self.cqrs
-            .execute_with_metadata(&aggregate_id, command, ctx.command_metadata(actor.as_deref()))
-            .await
-            .map_err(map_aggregate_error)?;
-        metrics::counter!("cairn_events_appended_total", "aggregate" => "User").increment(1);
-        let (tx, pos, version): (i64, i64, Option<i64>) = sqlx::query_as(
-            "SELECT transaction_id::text::bigint, global_position, (payload -> event_type ->> 'session_version')::bigint \
-             FROM events WHERE aggregate_type = 'User' AND aggregate_id = $1 ORDER BY sequence DESC LIMIT 1",
-        )
-        .bind(&aggregate_id)
-        .fetch_one(&self.pool)
-        .await?;
-        if let Some(version) = version {
-            self.sessions.observe(id, u64::try_from(version).unwrap_or(0));
-        }
-        Ok(ConsistencyToken { tx: u64::try_from(tx).unwrap_or(0), pos })
+        self.executor.execute(&id.to_string(), command, ctx, actor).await
     }
 
     /// The id of the account registered with `email`, read from the event store's email index.
@@ -150,7 +128,7 @@ impl UserCommands {
              AND (payload -> 'UserRegistered' ->> 'email') = $1",
         )
         .bind(email.as_str())
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.executor.pool())
         .await?;
         Ok(id.and_then(|s| s.parse().ok()))
     }
@@ -160,8 +138,16 @@ impl UserCommands {
     /// # Errors
     /// When Postgres fails.
     pub async fn load(&self, id: Uuid) -> Result<User, ApiError> {
-        let context = self.store.load_aggregate(&id.to_string()).await.map_err(map_aggregate_error)?;
-        Ok(context.aggregate)
+        self.executor.load(&id.to_string()).await
+    }
+
+    /// Hashes a new password after checking the policy against the user's own details.
+    ///
+    /// # Errors
+    /// VALIDATION_FAILED naming `field` when the password is too short, long or weak.
+    pub async fn hash_new_password(&self, password: String, user: &User, field: &str) -> Result<String, ApiError> {
+        check_policy(&password, &[&user.email, &user.display_name]).map_err(|p| ApiError::field(field, p))?;
+        Ok(self.passwords.hash(password).await?)
     }
 }
 
@@ -169,20 +155,7 @@ fn email_taken() -> ApiError {
     ApiError::Conflict("email is already registered".to_owned())
 }
 
-/// Domain refusals are 4xx; infrastructure failures are 5xx.
-fn map_aggregate_error(e: AggregateError<UserError>) -> ApiError {
-    match e {
-        AggregateError::UserError(e @ (UserError::NotFound | UserError::Deleted)) => ApiError::NotFound(e.to_string()),
-        AggregateError::UserError(e) => ApiError::Conflict(e.to_string()),
-        AggregateError::AggregateConflict => ApiError::Conflict("the user was modified concurrently; retry".to_owned()),
-        AggregateError::DatabaseConnectionError(e) => ApiError::ServiceUnavailable(e.to_string()),
-        AggregateError::DeserializationError(e) | AggregateError::UnexpectedError(e) => {
-            // postgres-es reports a pool timeout as an unexpected error.
-            if e.to_string().contains("pool timed out") {
-                ApiError::ServiceUnavailable(e.to_string())
-            } else {
-                ApiError::Internal(anyhow::anyhow!("{e}"))
-            }
-        }
-    }
+/// Parses a role name that must exist.
+pub(crate) fn role_name(raw: &str) -> Result<RoleName, ApiError> {
+    RoleName::parse(raw).map_err(|e| ApiError::field("role", e.0))
 }

@@ -4,8 +4,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use cairn_domain::roles::permissions_for;
-use cairn_domain::{DisplayName, Email, RoleName, UserCommand, UserStatus};
+use cairn_domain::{DisplayName, RoleName, UserCommand};
 use cairn_platform::auth::{AuthState, Caller};
 use cairn_platform::envelope::ConsistencyToken;
 use cairn_platform::http::{ApiError, ApiJson, ApiPath, ApiResponse, RequestContext};
@@ -23,7 +22,6 @@ use crate::CommandState;
 pub fn routes() -> OpenApiRouter<CommandState> {
     OpenApiRouter::new()
         .routes(routes!(register))
-        .routes(routes!(login))
         .routes(routes!(update_me))
         .routes(routes!(grant_role))
         .routes(routes!(revoke_role))
@@ -63,54 +61,6 @@ async fn register(
     Ok(accepted(StatusCode::CREATED, json!({ "user_id": id }), token))
 }
 
-/// `POST /api/v1/auth/login` body.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LoginBody {
-    email: String,
-    password: String,
-}
-
-/// Signs in: a short-lived EdDSA access token carrying roles, permissions and session version.
-#[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginBody,
-    responses((status = 200, description = "access_token, token_type, expires_in, user"),
-              (status = 401, description = "wrong email or password, or account not active")))]
-async fn login(
-    State(users): State<UserCommands>,
-    State(auth): State<AuthState>,
-    ApiJson(body): ApiJson<LoginBody>,
-) -> Result<ApiResponse<serde_json::Value>, ApiError> {
-    let refused = || ApiError::Unauthenticated("invalid email or password".to_owned());
-    let id = match Email::parse(&body.email) {
-        Ok(email) => users.find_id_by_email(&email).await?,
-        Err(_) => None,
-    };
-    let user = match id {
-        Some(id) => Some((id, users.load(id).await?)),
-        None => None,
-    };
-    let hash = user.as_ref().map(|(_, u)| u.password_hash.clone());
-    // Unknown accounts are checked against a dummy hash: the answer takes as long either way.
-    let matches = users.passwords().verify(body.password, hash).await?;
-    let Some((id, user)) = user.filter(|_| matches) else {
-        return Err(refused());
-    };
-    match user.status {
-        UserStatus::Active => {}
-        UserStatus::Deactivated => return Err(ApiError::Unauthenticated("account is deactivated".to_owned())),
-        UserStatus::Deleted | UserStatus::Unregistered => return Err(refused()),
-    }
-    let roles: Vec<String> = user.roles.iter().cloned().collect();
-    let perms = permissions_for(roles.iter().map(String::as_str));
-    let token = auth.tokens.issue(id, roles.clone(), perms.clone(), user.session_version, Uuid::new_v4())?;
-    Ok(ApiResponse::ok(json!({
-        "access_token": token,
-        "token_type": "Bearer",
-        "expires_in": auth.tokens.ttl().as_secs(),
-        "user": { "id": id, "email": user.email, "display_name": user.display_name, "roles": roles, "permissions": perms },
-    })))
-}
-
 /// `PATCH /api/v1/users/me` body.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -142,12 +92,9 @@ pub struct GrantRoleBody {
     role: String,
 }
 
-fn known_role(raw: &str) -> Result<RoleName, ApiError> {
-    let role = RoleName::parse(raw).map_err(|e| ApiError::field("role", e.0))?;
-    if cairn_domain::roles::permissions_of(role.as_str()).is_none() {
-        return Err(ApiError::field("role", format!("unknown role '{raw}'")));
-    }
-    Ok(role)
+async fn known_role(users: &UserCommands, raw: &str) -> Result<RoleName, ApiError> {
+    let role = super::commands::role_name(raw)?;
+    users.roles().existing(role.as_str()).await?.ok_or_else(|| ApiError::field("role", format!("unknown role '{raw}'")))
 }
 
 /// Grants a role (RoleGranted). Needs `roles:manage`.
@@ -163,7 +110,7 @@ async fn grant_role(
     ApiJson(body): ApiJson<GrantRoleBody>,
 ) -> Result<ApiResponse<serde_json::Value>, ApiError> {
     caller.require("roles:manage")?;
-    let role = known_role(&body.role)?;
+    let role = known_role(&users, &body.role).await?;
     let name = role.as_str().to_owned();
     let token = users.execute(id, UserCommand::GrantRole { role }, &ctx, Some(caller.id())).await?;
     Ok(accepted(StatusCode::OK, json!({ "user_id": id, "role": name }), token))
@@ -181,7 +128,7 @@ async fn revoke_role(
     ApiPath((id, role)): ApiPath<(Uuid, String)>,
 ) -> Result<ApiResponse<serde_json::Value>, ApiError> {
     caller.require("roles:manage")?;
-    let role = known_role(&role)?;
+    let role = known_role(&users, &role).await?;
     let name = role.as_str().to_owned();
     let token = users.execute(id, UserCommand::RevokeRole { role }, &ctx, Some(caller.id())).await?;
     Ok(accepted(StatusCode::OK, json!({ "user_id": id, "role": name }), token))
@@ -247,5 +194,5 @@ async fn delete_user(
 /// The public keys that verify access tokens (RFC 7517).
 #[utoipa::path(get, path = "/.well-known/jwks.json", tag = "auth", responses((status = 200, description = "JWKS")))]
 async fn jwks(State(auth): State<AuthState>) -> Json<serde_json::Value> {
-    Json(auth.tokens.keys().jwks())
+    Json(auth.tokens.jwks())
 }

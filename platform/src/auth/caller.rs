@@ -48,6 +48,18 @@ impl Caller {
         }
     }
 
+    /// Requires a verified email address.
+    ///
+    /// # Errors
+    /// EMAIL_NOT_VERIFIED.
+    pub fn require_verified_email(&self) -> Result<(), ApiError> {
+        if self.claims.ev {
+            Ok(())
+        } else {
+            Err(ApiError::EmailNotVerified)
+        }
+    }
+
     /// Requires `permission`, unless the caller is `user` itself.
     ///
     /// # Errors
@@ -73,7 +85,7 @@ fn authenticate(parts: &Parts, auth: &AuthState) -> Result<Option<Caller>, ApiEr
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::Unauthenticated("expected 'Authorization: Bearer <token>'".into()))?;
     let claims = auth.tokens.verify(token).map_err(|e| ApiError::Unauthenticated(e.0))?;
-    if !auth.sessions.is_current(claims.sub, claims.sv) {
+    if !auth.sessions.is_current(claims.sub, claims.sv, claims.sid) {
         return Err(ApiError::Unauthenticated("session has ended; sign in again".into()));
     }
     Ok(Some(Caller { claims }))

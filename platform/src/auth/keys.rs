@@ -36,9 +36,18 @@ struct Key {
     public: Vec<u8>,
 }
 
-/// Every key in the directory; the newest signs.
+/// Every key in the directory; the newest signs. A key stops verifying once it has been retired
+/// (a newer key exists) for longer than an access token lives: its tokens stay valid until they
+/// expire, and no longer.
 pub struct KeySet {
     keys: BTreeMap<String, Key>,
+    token_ttl: chrono::Duration,
+}
+
+/// When the key with this id was created, from the id's timestamp prefix.
+fn created_at(kid: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let stamp = kid.split('-').next()?;
+    chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%S%.fZ").ok().map(|t| t.and_utc())
 }
 
 impl std::fmt::Debug for KeySet {
@@ -57,6 +66,14 @@ impl KeySet {
     /// # Errors
     /// See [`KeyError`].
     pub fn load(dir: &Path, production: bool) -> Result<Self, KeyError> {
+        Self::load_with_ttl(dir, production, std::time::Duration::from_secs(900))
+    }
+
+    /// As [`Self::load`], with the access-token lifetime that bounds a retired key's use.
+    ///
+    /// # Errors
+    /// See [`KeyError`].
+    pub fn load_with_ttl(dir: &Path, production: bool, token_ttl: std::time::Duration) -> Result<Self, KeyError> {
         let mut set = Self::read_dir(dir)?;
         if set.keys.is_empty() {
             if production {
@@ -66,6 +83,7 @@ impl KeySet {
             tracing::warn!(kid, dir = %dir.display(), "generated a DEVELOPMENT signing key; production refuses it");
             set = Self::read_dir(dir)?;
         }
+        set.token_ttl = chrono::Duration::from_std(token_ttl).unwrap_or_else(|_| chrono::Duration::minutes(15));
         if production {
             if let Some(kid) = set.keys.keys().find(|k| k.ends_with("-dev")) {
                 return Err(KeyError::DevelopmentKey(kid.clone()));
@@ -78,7 +96,9 @@ impl KeySet {
         let mut keys = BTreeMap::new();
         let entries = match std::fs::read_dir(dir) {
             Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self { keys }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self { keys, token_ttl: chrono::Duration::minutes(15) });
+            }
             Err(e) => return Err(KeyError::Io(dir.to_owned(), e)),
         };
         for entry in entries {
@@ -103,7 +123,7 @@ impl KeySet {
                 },
             );
         }
-        Ok(Self { keys })
+        Ok(Self { keys, token_ttl: chrono::Duration::minutes(15) })
     }
 
     /// The key id that signs new tokens.
@@ -117,7 +137,15 @@ impl KeySet {
     }
 
     pub(crate) fn decoding(&self, kid: &str) -> Option<&DecodingKey> {
-        self.keys.get(kid).map(|k| &k.decoding)
+        let key = self.keys.get(kid)?;
+        // Retired when the next newer key was created; verifies for one token lifetime after that.
+        let successor = self.keys.range::<str, _>((std::ops::Bound::Excluded(kid), std::ops::Bound::Unbounded)).next();
+        if let Some(retired_at) = successor.and_then(|(next, _)| created_at(next)) {
+            if chrono::Utc::now() > retired_at + self.token_ttl {
+                return None;
+            }
+        }
+        Some(&key.decoding)
     }
 
     /// The public keys as a JWKS document (`/.well-known/jwks.json`).
@@ -145,12 +173,21 @@ pub fn generate(dir: &Path, development: bool) -> Result<String, KeyError> {
     use std::os::unix::fs::OpenOptionsExt;
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| KeyError::Generate)?;
-    let suffix: String = uuid::Uuid::new_v4().simple().to_string().chars().take(6).collect();
-    let kid = format!(
-        "{}-{suffix}{}",
-        chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
-        if development { "-dev" } else { "" }
-    );
+    let newest = KeySet::read_dir(dir)?.keys.keys().next_back().cloned();
+    // Key ids must sort in creation order (the newest signs): never hand out one that sorts
+    // before an existing id, even when two are made within the same microsecond.
+    let kid = loop {
+        let suffix: String = uuid::Uuid::new_v4().simple().to_string().chars().take(6).collect();
+        let kid = format!(
+            "{}-{suffix}{}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ"),
+            if development { "-dev" } else { "" }
+        );
+        if newest.as_ref().is_none_or(|n| kid.split('-').next() > n.split('-').next()) {
+            break kid;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    };
     std::fs::create_dir_all(dir).map_err(|e| KeyError::Io(dir.to_owned(), e))?;
     let path = dir.join(format!("{kid}.pem"));
     let text = pem::encode(&pem::Pem::new("PRIVATE KEY", pkcs8.as_ref().to_vec()));
@@ -185,6 +222,21 @@ mod tests {
         let dev = KeySet::load(dir.path(), false)?;
         assert!(dev.signing_kid().is_some_and(|k| k.ends_with("-dev")));
         assert!(matches!(KeySet::load(dir.path(), true), Err(KeyError::DevelopmentKey(_))));
+        Ok(())
+    }
+
+    #[test]
+    fn a_key_retired_longer_than_a_token_lifetime_stops_verifying() -> Result<(), KeyError> {
+        let dir = tempfile::tempdir().map_err(|e| KeyError::Io(PathBuf::new(), e))?;
+        let old = KeySet::rotate(dir.path())?;
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let new = KeySet::rotate(dir.path())?;
+        let set = KeySet::load_with_ttl(dir.path(), true, std::time::Duration::from_secs(60))?;
+        assert!(set.decoding(&old).is_some(), "tokens of a just-retired key stay valid");
+        let short = KeySet::load_with_ttl(dir.path(), true, std::time::Duration::ZERO)?;
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(short.decoding(&old).is_none(), "a key retired for longer than a token lives verifies nothing");
+        assert!(short.decoding(&new).is_some());
         Ok(())
     }
 

@@ -9,4 +9,4 @@ mod tokens;
 pub use caller::{AuthState, Caller};
 pub use keys::{KeyError, KeySet};
 pub use sessions::SessionVersions;
-pub use tokens::{Claims, TokenError, TokenIssuer};
+pub use tokens::{Claims, TokenError, TokenIssuer, TokenSubject};

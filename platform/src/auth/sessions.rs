@@ -1,16 +1,21 @@
-//! The in-memory map user → session version. Tokens carry the version they were issued at; a
-//! token below the user's current version is refused with no database query per request.
+//! The in-memory view of which sessions are over, so tokens are checked with no database query
+//! per request:
 //!
-//! The map is fed from the event stream. Session-ending events carry the new version, so
-//! applying them is `max` and order does not matter. At start the follower subscribes first and
-//! then loads the versions from the events table (the source of truth), so no event falls
-//! between the load and the subscription.
+//! - user → session version. Tokens carry the version they were issued at; a token below the
+//!   user's current version is refused (deactivation, sign-out everywhere, password change…).
+//! - session id → revoked. A signed-out session's access tokens are refused until they would
+//!   have expired anyway.
+//!
+//! Fed from the event stream. Session-ending events carry the new version, so applying them is
+//! `max` and order does not matter. At start the follower subscribes first and then loads from
+//! the events table (the source of truth), so no event falls between the load and the subscription.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -19,42 +24,89 @@ use uuid::Uuid;
 use crate::envelope::EventEnvelope;
 use crate::nats::Namespace;
 
-/// The events that end sessions, with the new version in their payload.
-const SESSION_EVENTS: &[&str] = &["RoleRevoked", "UserDeactivated", "UserDeleted"];
+/// The user events that end sessions, with the new version in their payload.
+const SESSION_EVENTS: &[&str] =
+    &["RoleRevoked", "UserDeactivated", "UserDeleted", "PasswordChanged", "PasswordReset", "SessionsEnded"];
 
-/// User → minimum valid session version. Cheap to clone.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
+struct State {
+    versions: HashMap<Uuid, u64>,
+    /// Revoked session → when its last access token expires at the latest.
+    revoked: HashMap<Uuid, DateTime<Utc>>,
+}
+
+/// Which sessions are over. Cheap to clone.
+#[derive(Debug, Clone)]
 pub struct SessionVersions {
-    inner: Arc<RwLock<HashMap<Uuid, u64>>>,
+    inner: Arc<RwLock<State>>,
+    /// Access-token lifetime: how long a revoked session must be remembered.
+    token_ttl: chrono::Duration,
+}
+
+impl Default for SessionVersions {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(900))
+    }
 }
 
 impl SessionVersions {
+    /// An empty map remembering revoked sessions for `token_ttl`.
+    #[must_use]
+    pub fn new(token_ttl: Duration) -> Self {
+        Self {
+            inner: Arc::default(),
+            token_ttl: chrono::Duration::from_std(token_ttl).unwrap_or_else(|_| chrono::Duration::minutes(15)),
+        }
+    }
+
     /// Records that `user`'s sessions below `version` are over.
     pub fn observe(&self, user: Uuid, version: u64) {
-        if let Ok(mut map) = self.inner.write() {
-            let entry = map.entry(user).or_insert(0);
+        if let Ok(mut state) = self.inner.write() {
+            let entry = state.versions.entry(user).or_insert(0);
             *entry = (*entry).max(version);
         }
     }
 
-    /// Whether a token with session version `sv` is still current for `user`.
+    /// Records that session `sid` ended at `at`.
+    pub fn revoke_session(&self, sid: Uuid, at: DateTime<Utc>) {
+        let until = at + self.token_ttl + chrono::Duration::seconds(30);
+        if until <= Utc::now() {
+            return;
+        }
+        if let Ok(mut state) = self.inner.write() {
+            let now = Utc::now();
+            state.revoked.retain(|_, expires| *expires > now);
+            state.revoked.insert(sid, until);
+        }
+    }
+
+    /// Whether a token of session `sid` issued at session version `sv` is still current for `user`.
     #[must_use]
-    pub fn is_current(&self, user: Uuid, sv: u64) -> bool {
-        self.inner.read().is_ok_and(|map| map.get(&user).is_none_or(|current| sv >= *current))
+    pub fn is_current(&self, user: Uuid, sv: u64, sid: Uuid) -> bool {
+        self.inner.read().is_ok_and(|state| {
+            state.versions.get(&user).is_none_or(|current| sv >= *current) && !state.revoked.contains_key(&sid)
+        })
     }
 
     /// Applies one event from the stream, if it ends sessions.
     pub fn apply(&self, event: &EventEnvelope) {
-        if event.aggregate_type != "User" || !SESSION_EVENTS.contains(&event.event_type.as_str()) {
-            return;
-        }
-        let version = event.body().get("session_version").and_then(serde_json::Value::as_u64);
-        if let (Ok(user), Some(version)) = (event.aggregate_id.parse::<Uuid>(), version) {
-            self.observe(user, version);
+        match (event.aggregate_type.as_str(), event.event_type.as_str()) {
+            ("User", kind) if SESSION_EVENTS.contains(&kind) => {
+                let version = event.body().get("session_version").and_then(serde_json::Value::as_u64);
+                if let (Ok(user), Some(version)) = (event.aggregate_id.parse::<Uuid>(), version) {
+                    self.observe(user, version);
+                }
+            }
+            ("Session", "SessionRevoked") => {
+                if let Ok(sid) = event.aggregate_id.parse::<Uuid>() {
+                    self.revoke_session(sid, event.recorded_at);
+                }
+            }
+            _ => {}
         }
     }
 
-    /// Loads every user's version from the events table.
+    /// Loads versions and recent revocations from the events table.
     ///
     /// # Errors
     /// When the query fails.
@@ -71,11 +123,24 @@ impl SessionVersions {
                 self.observe(user, u64::try_from(version).unwrap_or(0));
             }
         }
+        let since = Utc::now() - self.token_ttl - chrono::Duration::seconds(30);
+        let revoked: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT aggregate_id, recorded_at FROM events \
+             WHERE aggregate_type = 'Session' AND event_type = 'SessionRevoked' AND recorded_at > $1",
+        )
+        .bind(since)
+        .fetch_all(pool)
+        .await?;
+        for (id, at) in revoked {
+            if let Ok(sid) = id.parse() {
+                self.revoke_session(sid, at);
+            }
+        }
         Ok(())
     }
 
     /// Follows the stream until `shutdown`, reconnecting as needed. Returns once the first
-    /// subscription and the initial load are done, so the map is complete before requests arrive.
+    /// subscriptions and the initial load are done, so the map is complete before requests arrive.
     ///
     /// # Errors
     /// When the initial load from Postgres fails.
@@ -86,26 +151,28 @@ impl SessionVersions {
         ns: Namespace,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let first = subscribe(&js, &ns).await;
+        let filters = [ns.event_subject("User", "*"), ns.event_subject("Session", "SessionRevoked")];
+        let first = subscribe_all(&js, &ns, &filters).await;
         if first.is_err() {
-            tracing::warn!("session-version follower cannot reach JetStream yet; will retry");
+            tracing::warn!("session follower cannot reach JetStream yet; will retry");
         }
         self.load(&pool).await?;
         let map = self.clone();
         tokio::spawn(async move {
-            let mut messages = first.ok();
+            let mut streams = first.ok();
             loop {
-                if let Some(stream) = messages.take() {
-                    map.drain(stream, &shutdown).await;
+                if let Some(subscriptions) = streams.take() {
+                    let merged = futures::stream::select_all(subscriptions);
+                    map.drain(merged, &shutdown).await;
                 }
                 if shutdown.is_cancelled() {
                     return;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 // A new subscription may have missed events while down: reload from the log.
-                if let Ok(stream) = subscribe(&js, &ns).await {
+                if let Ok(subscriptions) = subscribe_all(&js, &ns, &filters).await {
                     if map.load(&pool).await.is_ok() {
-                        messages = Some(stream);
+                        streams = Some(subscriptions);
                     }
                 }
             }
@@ -113,7 +180,11 @@ impl SessionVersions {
         Ok(())
     }
 
-    async fn drain(&self, mut stream: consumer::pull::Ordered, shutdown: &CancellationToken) {
+    async fn drain(
+        &self,
+        mut stream: futures::stream::SelectAll<consumer::pull::Ordered>,
+        shutdown: &CancellationToken,
+    ) {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -124,7 +195,7 @@ impl SessionVersions {
                         }
                     }
                     Some(Err(e)) => {
-                        tracing::warn!(error = %e, "session-version stream interrupted");
+                        tracing::warn!(error = %e, "session stream interrupted");
                         return;
                     }
                     None => return,
@@ -134,14 +205,41 @@ impl SessionVersions {
     }
 }
 
-async fn subscribe(js: &jetstream::Context, ns: &Namespace) -> anyhow::Result<consumer::pull::Ordered> {
+async fn subscribe_all(
+    js: &jetstream::Context,
+    ns: &Namespace,
+    filters: &[String],
+) -> anyhow::Result<Vec<consumer::pull::Ordered>> {
     let stream = js.get_stream(ns.events_stream()).await?;
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: ns.event_subject("User", "*"),
-            deliver_policy: consumer::DeliverPolicy::New,
-            ..Default::default()
-        })
-        .await?;
-    Ok(consumer.messages().await?)
+    let mut out = Vec::new();
+    for filter in filters {
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: filter.clone(),
+                deliver_policy: consumer::DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await?;
+        out.push(consumer.messages().await?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_merge_by_max_and_revocations_are_per_session() {
+        let map = SessionVersions::default();
+        let (user, sid, other) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        assert!(map.is_current(user, 0, sid));
+        map.observe(user, 2);
+        map.observe(user, 1);
+        assert!(!map.is_current(user, 1, sid));
+        assert!(map.is_current(user, 2, sid));
+        map.revoke_session(sid, Utc::now());
+        assert!(!map.is_current(user, 2, sid));
+        assert!(map.is_current(user, 2, other));
+    }
 }

@@ -22,6 +22,9 @@ pub struct Claims {
     pub sv: u64,
     /// Session id.
     pub sid: Uuid,
+    /// Whether the email address was verified at sign-in.
+    #[serde(default)]
+    pub ev: bool,
     /// Issued at (seconds since the epoch).
     pub iat: i64,
     /// Expires at (seconds since the epoch).
@@ -32,10 +35,27 @@ pub struct Claims {
     pub aud: String,
 }
 
-/// Signs and verifies access tokens with the key set.
+/// Whom a token is for.
+#[derive(Debug, Clone)]
+pub struct TokenSubject {
+    /// User id.
+    pub user: Uuid,
+    /// Roles held.
+    pub roles: Vec<String>,
+    /// Permissions those roles grant.
+    pub perms: Vec<String>,
+    /// Current session version.
+    pub sv: u64,
+    /// Session id.
+    pub sid: Uuid,
+    /// Whether the email is verified.
+    pub email_verified: bool,
+}
+
+/// Signs and verifies access tokens with the key set, which can be swapped for a reloaded one.
 #[derive(Debug, Clone)]
 pub struct TokenIssuer {
-    keys: Arc<KeySet>,
+    keys: Arc<std::sync::RwLock<Arc<KeySet>>>,
     issuer: String,
     audience: String,
     ttl: Duration,
@@ -50,7 +70,50 @@ impl TokenIssuer {
     /// An issuer over `keys`.
     #[must_use]
     pub fn new(keys: Arc<KeySet>, issuer: &str, audience: &str, ttl: Duration) -> Self {
-        Self { keys, issuer: issuer.to_owned(), audience: audience.to_owned(), ttl }
+        Self {
+            keys: Arc::new(std::sync::RwLock::new(keys)),
+            issuer: issuer.to_owned(),
+            audience: audience.to_owned(),
+            ttl,
+        }
+    }
+
+    fn current(&self) -> Arc<KeySet> {
+        match self.keys.read() {
+            Ok(keys) => Arc::clone(&keys),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Replaces the key set (after `cairn admin rotate-key` added one).
+    pub fn replace_keys(&self, keys: KeySet) {
+        if let Ok(mut current) = self.keys.write() {
+            *current = Arc::new(keys);
+        }
+    }
+
+    /// Re-reads the keys directory every `every` until `shutdown`, so a rotated key reaches every
+    /// process without a restart.
+    pub fn spawn_reload(
+        &self,
+        dir: std::path::PathBuf,
+        production: bool,
+        every: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let issuer = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(every) => {}
+                }
+                match KeySet::load_with_ttl(&dir, production, issuer.ttl) {
+                    Ok(keys) => issuer.replace_keys(keys),
+                    Err(e) => tracing::warn!(error = %e, "keeping the loaded signing keys"),
+                }
+            }
+        });
     }
 
     /// Lifetime of new tokens.
@@ -59,25 +122,20 @@ impl TokenIssuer {
         self.ttl
     }
 
-    /// The key set (for JWKS).
+    /// The public keys as JWKS.
     #[must_use]
-    pub fn keys(&self) -> &KeySet {
-        &self.keys
+    pub fn jwks(&self) -> serde_json::Value {
+        self.current().jwks()
     }
 
-    /// Signs a token for `user`.
+    /// Signs a token for `subject`.
     ///
     /// # Errors
     /// When there is no signing key or signing fails.
-    pub fn issue(
-        &self,
-        user: Uuid,
-        roles: Vec<String>,
-        perms: Vec<String>,
-        sv: u64,
-        sid: Uuid,
-    ) -> anyhow::Result<String> {
-        let (kid, key) = self.keys.signing().ok_or_else(|| anyhow::anyhow!("no signing key"))?;
+    pub fn issue(&self, subject: TokenSubject) -> anyhow::Result<String> {
+        let TokenSubject { user, roles, perms, sv, sid, email_verified } = subject;
+        let keys = self.current();
+        let (kid, key) = keys.signing().ok_or_else(|| anyhow::anyhow!("no signing key"))?;
         let now = chrono::Utc::now().timestamp();
         let claims = Claims {
             sub: user,
@@ -85,6 +143,7 @@ impl TokenIssuer {
             perms,
             sv,
             sid,
+            ev: email_verified,
             iat: now,
             exp: now + i64::try_from(self.ttl.as_secs()).unwrap_or(900),
             iss: self.issuer.clone(),
@@ -106,7 +165,8 @@ impl TokenIssuer {
             return Err(TokenError("token algorithm not accepted".into()));
         }
         let kid = header.kid.ok_or_else(|| TokenError("token has no key id".into()))?;
-        let key = self.keys.decoding(&kid).ok_or_else(|| TokenError("token signed by an unknown key".into()))?;
+        let keys = self.current();
+        let key = keys.decoding(&kid).ok_or_else(|| TokenError("token signed by an unknown or retired key".into()))?;
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[&self.issuer]);
         validation.set_audience(&[&self.audience]);
@@ -134,6 +194,17 @@ mod tests {
 
     use super::*;
 
+    fn subject(user: Uuid, sv: u64) -> TokenSubject {
+        TokenSubject {
+            user,
+            roles: vec!["user".into()],
+            perms: vec!["profile:write".into()],
+            sv,
+            sid: Uuid::new_v4(),
+            email_verified: false,
+        }
+    }
+
     fn issuer(dir: &std::path::Path, audience: &str) -> TokenIssuer {
         let keys = KeySet::load(dir, false).expect("keys");
         TokenIssuer::new(Arc::new(keys), "cairn", audience, Duration::from_secs(60))
@@ -144,8 +215,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let tokens = issuer(dir.path(), "api");
         let user = Uuid::new_v4();
-        let token =
-            tokens.issue(user, vec!["user".into()], vec!["profile:write".into()], 3, Uuid::new_v4()).expect("issue");
+        let token = tokens.issue(subject(user, 3)).expect("issue");
         let claims = tokens.verify(&token).expect("verifies");
         assert_eq!((claims.sub, claims.sv), (user, 3));
     }
@@ -154,7 +224,7 @@ mod tests {
     fn forged_and_foreign_tokens_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let tokens = issuer(dir.path(), "api");
-        let token = tokens.issue(Uuid::new_v4(), vec![], vec![], 0, Uuid::new_v4()).expect("issue");
+        let token = tokens.issue(subject(Uuid::new_v4(), 0)).expect("issue");
         // Another audience.
         let other_dir = tempfile::tempdir().expect("tempdir");
         std::fs::copy(

@@ -1,7 +1,7 @@
 //! Who is asking, from where, under which request id: put on every request by [`super::finish_router`].
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
@@ -32,15 +32,32 @@ fn sane_id(value: Option<&HeaderValue>) -> Option<String> {
     ok.then(|| v.to_owned())
 }
 
+/// The client's address: the peer, or, when the peer is a trusted proxy, the nearest address in
+/// `X-Forwarded-For` that is not itself a trusted proxy.
+pub(crate) fn client_ip(headers: &HeaderMap, peer: Option<SocketAddr>, trusted: &[IpAddr]) -> Option<IpAddr> {
+    let peer = peer?.ip();
+    if !trusted.contains(&peer) {
+        return Some(peer);
+    }
+    let forwarded: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|part| part.trim().parse().ok())
+        .collect();
+    Some(forwarded.into_iter().rev().find(|ip| !trusted.contains(ip)).unwrap_or(peer))
+}
+
 impl RequestContext {
-    pub(crate) fn from_request(headers: &HeaderMap, peer: Option<SocketAddr>) -> Self {
+    pub(crate) fn from_request(headers: &HeaderMap, client_ip: Option<IpAddr>) -> Self {
         let request_id = sane_id(headers.get(REQUEST_ID_HEADER)).unwrap_or_else(|| Uuid::new_v4().to_string());
         let correlation_id = sane_id(headers.get("x-correlation-id")).unwrap_or_else(|| request_id.clone());
         let user_agent = headers
             .get(axum::http::header::USER_AGENT)
             .and_then(|v| v.to_str().ok())
             .map(|v| v.chars().take(512).collect());
-        Self { request_id, correlation_id, client_ip: peer.map(|p| p.ip().to_string()), user_agent }
+        Self { request_id, correlation_id, client_ip: client_ip.map(|ip| ip.to_string()), user_agent }
     }
 
     /// The metadata of a command issued by `actor` in this request. The request is the cause.
@@ -83,10 +100,26 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestContext {
             .extensions
             .get::<Self>()
             .cloned()
-            .unwrap_or_else(|| Self::from_request(&parts.headers, peer_of(parts))))
+            .unwrap_or_else(|| Self::from_request(&parts.headers, peer_of(parts).map(|p| p.ip()))))
     }
 }
 
-pub(crate) fn peer_of_request(req: &axum::extract::Request) -> Option<SocketAddr> {
-    req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.7, 10.0.0.1"));
+        let from_proxy = Some(SocketAddr::new(proxy, 5000));
+        let from_client = Some(SocketAddr::new(IpAddr::from([198, 51, 100, 2]), 5000));
+        assert_eq!(client_ip(&headers, from_proxy, &[proxy]).map(|ip| ip.to_string()).as_deref(), Some("203.0.113.7"));
+        assert_eq!(
+            client_ip(&headers, from_client, &[proxy]).map(|ip| ip.to_string()).as_deref(),
+            Some("198.51.100.2")
+        );
+        assert_eq!(client_ip(&headers, from_proxy, &[]).map(|ip| ip.to_string()).as_deref(), Some("10.0.0.1"));
+    }
 }

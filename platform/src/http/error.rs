@@ -23,6 +23,9 @@ pub enum ApiError {
     /// 401 UNAUTHENTICATED: missing, malformed, expired, revoked or wrongly signed token.
     #[error("{0}")]
     Unauthenticated(String),
+    /// 403 EMAIL_NOT_VERIFIED: the action needs a verified email.
+    #[error("this action needs a verified email address")]
+    EmailNotVerified,
     /// 403 FORBIDDEN: authenticated but lacking the permission.
     #[error("{0}")]
     Forbidden(String),
@@ -41,6 +44,18 @@ pub enum ApiError {
     /// 415 UNSUPPORTED_MEDIA_TYPE.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// 423 ACCOUNT_LOCKED: too many failed sign-ins; `details.retry_after_s` and `Retry-After`.
+    #[error("account is locked after too many failed sign-ins; try again later")]
+    AccountLocked {
+        /// Seconds until the lock ends.
+        retry_after_s: u64,
+    },
+    /// 429 RATE_LIMITED with `Retry-After`.
+    #[error("too many requests; slow down")]
+    RateLimited {
+        /// Seconds until a request would be allowed.
+        retry_after_s: u64,
+    },
     /// 503 SERVICE_UNAVAILABLE: Postgres or NATS unreachable; nothing was written.
     #[error("{0}")]
     ServiceUnavailable(String),
@@ -54,9 +69,11 @@ pub enum ApiError {
 pub(crate) struct ErrorBody {
     pub code: &'static str,
     pub message: String,
-    pub details: Option<BTreeMap<String, String>>,
+    pub details: Option<serde_json::Value>,
     /// What to log for a 5xx (never sent).
     pub internal: Option<String>,
+    /// `Retry-After` seconds, for 423 and 429.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -77,12 +94,15 @@ impl ApiError {
             Self::Validation { .. } => (StatusCode::BAD_REQUEST, "VALIDATION_FAILED"),
             Self::Malformed(_) => (StatusCode::BAD_REQUEST, "MALFORMED_REQUEST"),
             Self::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
+            Self::EmailNotVerified => (StatusCode::FORBIDDEN, "EMAIL_NOT_VERIFIED"),
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "FORBIDDEN"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "CONFLICT"),
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
             Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE"),
+            Self::AccountLocked { .. } => (StatusCode::LOCKED, "ACCOUNT_LOCKED"),
+            Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED"),
             Self::ServiceUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
         }
@@ -98,6 +118,7 @@ impl ApiError {
             StatusCode::UNSUPPORTED_MEDIA_TYPE => ("UNSUPPORTED_MEDIA_TYPE", "unsupported media type"),
             StatusCode::UNAUTHORIZED => ("UNAUTHENTICATED", "authentication required"),
             StatusCode::FORBIDDEN => ("FORBIDDEN", "forbidden"),
+            StatusCode::TOO_MANY_REQUESTS => ("RATE_LIMITED", "too many requests; slow down"),
             StatusCode::REQUEST_TIMEOUT | StatusCode::GATEWAY_TIMEOUT => {
                 ("SERVICE_UNAVAILABLE", "the request timed out")
             }
@@ -105,30 +126,30 @@ impl ApiError {
             s if s.is_client_error() => ("MALFORMED_REQUEST", "the request could not be understood"),
             _ => ("INTERNAL", "internal error"),
         };
-        ErrorBody { code, message: message.to_owned(), details: None, internal: None }
+        ErrorBody { code, message: message.to_owned(), details: None, internal: None, retry_after: None }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
+        let message = self.to_string();
+        let plain = |message: String| ErrorBody { code, message, details: None, internal: None, retry_after: None };
         let body = match self {
-            Self::Internal(e) => ErrorBody {
-                code,
-                message: "internal error".to_owned(),
-                details: None,
-                internal: Some(format!("{e:#}")),
-            },
+            Self::Internal(e) => ErrorBody { internal: Some(format!("{e:#}")), ..plain("internal error".to_owned()) },
             Self::ServiceUnavailable(m) => ErrorBody {
-                code,
-                message: "a backing service is unavailable; nothing was written, try again".to_owned(),
-                details: None,
                 internal: Some(m),
+                ..plain("a backing service is unavailable; nothing was written, try again".to_owned())
             },
-            Self::Validation { message, details } => {
-                ErrorBody { code, message, details: Some(details), internal: None }
+            Self::Validation { details, .. } => {
+                ErrorBody { details: Some(serde_json::json!(details)), ..plain(message) }
             }
-            other => ErrorBody { code, message: other.to_string(), details: None, internal: None },
+            Self::AccountLocked { retry_after_s } | Self::RateLimited { retry_after_s } => ErrorBody {
+                details: Some(serde_json::json!({ "retry_after_s": retry_after_s })),
+                retry_after: Some(retry_after_s),
+                ..plain(message)
+            },
+            _ => plain(message),
         };
         let mut response = status.into_response();
         response.extensions_mut().insert(body);

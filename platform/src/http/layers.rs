@@ -1,41 +1,96 @@
-//! The layers every router gets: request context and id, one log line and metrics per request,
-//! the error envelope for everything (including 404, 405, 413, timeouts and panics), body limit.
+//! The layers every router gets: CORS and security headers, request context and id, per-IP rate
+//! limits, one log line and metrics per request, the error envelope for everything (including
+//! 404, 405, 413, timeouts and panics), body limit and timeout.
 
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
 
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::http::{HeaderValue, StatusCode};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde_json::json;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument;
 
-use super::context::{peer_of_request, REQUEST_ID_HEADER};
+use super::context::{client_ip, REQUEST_ID_HEADER};
 use super::error::ErrorBody;
+use super::limits::IpLimits;
 use super::{ApiError, RequestContext};
+use crate::settings::Settings;
 
-/// Adds the fallback and the shared layers to a finished router.
-pub fn finish_router(router: Router, max_body_bytes: usize, request_timeout: Duration) -> Router {
-    router
-        .fallback(|| async { ApiError::NotFound("no such route".to_owned()) })
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(CatchPanicLayer::new())
-        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, request_timeout))
-        .layer(middleware::from_fn(request_envelope))
+#[derive(Clone)]
+struct EdgeState {
+    trusted_proxies: Arc<Vec<std::net::IpAddr>>,
+    limits: IpLimits,
 }
 
-async fn request_envelope(mut req: Request, next: Next) -> Response {
-    let ctx = RequestContext::from_request(req.headers(), peer_of_request(&req));
+/// Adds the fallback and the shared layers to a finished router.
+pub fn finish_router(router: Router, settings: &Settings) -> Router {
+    let edge = EdgeState {
+        trusted_proxies: Arc::new(settings.trusted_proxies.clone()),
+        limits: IpLimits::from_settings(settings),
+    };
+    let mut router = router
+        .fallback(|| async { ApiError::NotFound("no such route".to_owned()) })
+        .layer(DefaultBodyLimit::max(settings.max_body_bytes))
+        .layer(CatchPanicLayer::new())
+        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, settings.request_timeout))
+        .layer(middleware::from_fn_with_state(edge, request_envelope))
+        .layer(cors(&settings.allowed_origins))
+        .layer(header_layer(header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .layer(header_layer(header::REFERRER_POLICY, "no-referrer"))
+        .layer(header_layer(header::X_FRAME_OPTIONS, "DENY"))
+        .layer(header_layer(header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"));
+    if settings.hsts {
+        router = router.layer(header_layer(header::STRICT_TRANSPORT_SECURITY, "max-age=63072000; includeSubDomains"));
+    }
+    router
+}
+
+fn header_layer(name: HeaderName, value: &'static str) -> SetResponseHeaderLayer<HeaderValue> {
+    SetResponseHeaderLayer::if_not_present(name, HeaderValue::from_static(value))
+}
+
+/// Browsers may call from the allowlisted origins only, with credentials (the refresh cookie).
+fn cors(origins: &[String]) -> CorsLayer {
+    let allowed: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(allowed))
+        .allow_credentials(true)
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static(REQUEST_ID_HEADER),
+            HeaderName::from_static("x-consistency-token"),
+            HeaderName::from_static("x-correlation-id"),
+        ])
+        .expose_headers([HeaderName::from_static(REQUEST_ID_HEADER), header::RETRY_AFTER])
+        .max_age(std::time::Duration::from_secs(600))
+}
+
+async fn request_envelope(State(edge): State<EdgeState>, mut req: Request, next: Next) -> Response {
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    let ip = client_ip(req.headers(), peer, &edge.trusted_proxies);
+    let ctx = RequestContext::from_request(req.headers(), ip);
     let request_id = ctx.request_id.clone();
     let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
     let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     req.extensions_mut().insert(ctx);
     let span = tracing::info_span!("request", request_id = %request_id, method = %method, route = %route);
     let started = Instant::now();
-    let mut response = next.run(req).instrument(span.clone()).await;
+    let limited = ip.map_or(Ok(()), |ip| edge.limits.check(&path, ip));
+    let mut response = match limited {
+        Ok(()) => next.run(req).instrument(span.clone()).await,
+        Err(e) => e.into_response(),
+    };
     let elapsed = started.elapsed();
     let status = response.status();
 
@@ -46,6 +101,10 @@ async fn request_envelope(mut req: Request, next: Next) -> Response {
     }
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    // API answers are personal (and some carry tokens): never cache them.
+    if path.starts_with("/api/") && !response.headers().contains_key(header::CACHE_CONTROL) {
+        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
     let status_label = status.as_u16().to_string();
     metrics::counter!("http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status_label)
@@ -69,7 +128,11 @@ fn render_error(status: StatusCode, body: ErrorBody, request_id: &str, span: &tr
     }
     let mut error = json!({ "code": body.code, "message": body.message, "request_id": request_id });
     if let Some(details) = body.details {
-        error["details"] = json!(details);
+        error["details"] = details;
     }
-    (status, Json(json!({ "success": false, "error": error }))).into_response()
+    let mut response = (status, Json(json!({ "success": false, "error": error }))).into_response();
+    if let Some(secs) = body.retry_after {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
 }

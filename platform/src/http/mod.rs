@@ -5,6 +5,7 @@ mod context;
 mod error;
 mod extract;
 mod layers;
+pub mod limits;
 mod ops;
 mod response;
 

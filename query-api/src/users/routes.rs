@@ -21,6 +21,7 @@ pub fn routes() -> OpenApiRouter<QueryState> {
         .routes(routes!(list_users))
         .routes(routes!(get_user))
         .routes(routes!(list_roles))
+        .routes(routes!(my_sessions))
 }
 
 /// The caller's profile, roles, permissions and verified flag.
@@ -106,11 +107,61 @@ async fn get_user(
 
 /// The roles and the permissions each grants. Any signed-in caller.
 #[utoipa::path(get, path = "/api/v1/roles", tag = "roles", security(("bearer" = [])),
+    params(("X-Consistency-Token" = Option<String>, Header, description = "wait until this command is visible")),
     responses((status = 200, description = "roles"), (status = 401, description = "not signed in")))]
-async fn list_roles(_caller: Caller) -> ApiResponse<serde_json::Value> {
-    let roles: Vec<serde_json::Value> = cairn_platform::roles::catalogue()
+async fn list_roles(
+    State(pool): State<PgPool>,
+    _caller: Caller,
+    consistency: ReadConsistency,
+) -> Result<ApiResponse<serde_json::Value>, ApiError> {
+    let rows: Vec<(String, Vec<String>)> =
+        sqlx::query_as("SELECT name, permissions FROM roles ORDER BY name").fetch_all(&pool).await?;
+    // Before the first start has defined the seeded roles, show the seeded catalogue.
+    let roles = if rows.is_empty() { cairn_platform::roles::catalogue() } else { rows };
+    let roles: Vec<serde_json::Value> =
+        roles.into_iter().map(|(name, perms)| json!({ "name": name, "permissions": perms })).collect();
+    Ok(consistency.annotate(ApiResponse::ok(json!(roles))))
+}
+
+/// A session in the caller's list.
+#[derive(Debug, serde::Serialize, sqlx::FromRow, utoipa::ToSchema)]
+struct SessionRow {
+    id: Uuid,
+    device: Option<String>,
+    ip: Option<String>,
+    created_at: chrono::DateTime<chrono::Utc>,
+    last_used_at: chrono::DateTime<chrono::Utc>,
+    expires_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The caller's live sessions (device, IP, created, last used), newest first; `current` marks this one.
+#[utoipa::path(get, path = "/api/v1/users/me/sessions", tag = "users", security(("bearer" = [])),
+    params(("X-Consistency-Token" = Option<String>, Header, description = "wait until this command is visible")),
+    responses((status = 200, description = "sessions"), (status = 401, description = "not signed in")))]
+async fn my_sessions(
+    State(pool): State<PgPool>,
+    caller: Caller,
+    consistency: ReadConsistency,
+) -> Result<ApiResponse<serde_json::Value>, ApiError> {
+    // Sessions superseded by a later sign-out everywhere, password change or reset are over too.
+    let rows: Vec<SessionRow> = sqlx::query_as(
+        "SELECT s.id, s.device, s.ip, s.created_at, s.last_used_at, s.expires_at FROM sessions s \
+         LEFT JOIN users u ON u.id = s.user_id \
+         WHERE s.user_id = $1 AND s.revoked_at IS NULL AND s.expires_at > now() \
+           AND s.session_version >= coalesce(u.session_version, 0) \
+         ORDER BY s.created_at DESC LIMIT 100",
+    )
+    .bind(caller.id())
+    .fetch_all(&pool)
+    .await?;
+    let sessions: Vec<serde_json::Value> = rows
         .into_iter()
-        .map(|(name, perms)| json!({ "name": name, "permissions": perms }))
+        .map(|row| {
+            let current = row.id == caller.claims.sid;
+            let mut value = json!(row);
+            value["current"] = json!(current);
+            value
+        })
         .collect();
-    ApiResponse::ok(json!(roles))
+    Ok(consistency.annotate(ApiResponse::ok(json!(sessions))))
 }

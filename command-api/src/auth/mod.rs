@@ -1,0 +1,10 @@
+//! Sign-in and sessions: login with lockout, refresh-token rotation with reuse detection,
+//! logout, password change, email verification and password reset.
+
+mod cookies;
+mod routes;
+mod sessions;
+
+pub use cookies::RefreshCookie;
+pub use routes::routes;
+pub use sessions::{Refreshed, SessionService};

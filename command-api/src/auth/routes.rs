@@ -1,0 +1,433 @@
+//! HTTP handlers of sign-in and sessions.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use cairn_domain::{Email, RevokeReason, SessionsEndedReason, User, UserCommand, UserStatus};
+use cairn_platform::auth::{AuthState, Caller};
+use cairn_platform::http::{ApiError, ApiJson, ApiPath, ApiResponse, RequestContext};
+use cairn_platform::secrets::hash_token;
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use super::sessions::access_token;
+use super::{RefreshCookie, SessionService};
+use crate::users::UserCommands;
+use crate::CommandState;
+
+/// The sign-in and session routes.
+pub fn routes() -> OpenApiRouter<CommandState> {
+    OpenApiRouter::new()
+        .routes(routes!(login))
+        .routes(routes!(refresh))
+        .routes(routes!(logout))
+        .routes(routes!(logout_all))
+        .routes(routes!(change_password))
+        .routes(routes!(verify_email))
+        .routes(routes!(resend_verification))
+        .routes(routes!(request_password_reset))
+        .routes(routes!(confirm_password_reset))
+        .routes(routes!(end_my_session))
+        .routes(routes!(end_user_sessions))
+}
+
+/// Adds `Set-Cookie` to an answer.
+fn with_cookie(response: impl IntoResponse, cookie: Option<HeaderValue>) -> Response {
+    let mut response = response.into_response();
+    if let Some(cookie) = cookie {
+        response.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    response
+}
+
+fn tokens_body(access: String, auth: &AuthState, refresh_in_body: Option<&str>) -> Value {
+    let mut body = json!({ "access_token": access, "token_type": "Bearer", "expires_in": auth.tokens.ttl().as_secs() });
+    if let Some(refresh) = refresh_in_body {
+        body["refresh_token"] = json!(refresh);
+    }
+    body
+}
+
+/// `POST /api/v1/auth/login` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginBody {
+    email: String,
+    password: String,
+    /// Native clients: return the refresh token in the body instead of a cookie.
+    #[serde(default)]
+    refresh_token_in_body: bool,
+}
+
+/// Signs in: an access token, and a refresh token in an HttpOnly cookie (or the body for native
+/// clients). Five failures lock the account, for a minute doubling up to 15.
+#[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginBody,
+    responses((status = 200, description = "access_token, token_type, expires_in, user; refresh cookie"),
+              (status = 401, description = "wrong email or password, or account not active"),
+              (status = 423, description = "ACCOUNT_LOCKED with details.retry_after_s")))]
+async fn login(
+    State(state): State<CommandState>,
+    ctx: RequestContext,
+    ApiJson(body): ApiJson<LoginBody>,
+) -> Result<Response, ApiError> {
+    let refused = || ApiError::Unauthenticated("invalid email or password".to_owned());
+    let users = &state.users;
+    let id = match Email::parse(&body.email) {
+        Ok(email) => users.find_id_by_email(&email).await?,
+        Err(_) => None,
+    };
+    let mut user = match id {
+        Some(id) => Some((id, users.load(id).await?)),
+        None => None,
+    };
+    let now = Utc::now();
+    if let Some((id, account)) = &user {
+        if let Some(secs) = account.locked_for(now) {
+            return Err(ApiError::AccountLocked { retry_after_s: u64::try_from(secs).unwrap_or(1) });
+        }
+        if account.locked_until.is_some() {
+            // The lock ran out: its end is an event too.
+            match users.execute(*id, UserCommand::UnlockAccount { at: now }, &ctx, Some(*id)).await {
+                Ok(_) | Err(ApiError::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let hash = user.as_ref().map(|(_, u)| u.password_hash.clone());
+    // Unknown accounts are checked against a dummy hash: the answer takes as long either way.
+    let matches = users.passwords().verify(body.password, hash).await?;
+    let Some((id, _)) = user.as_ref().map(|(id, u)| (*id, u.clone())) else { return Err(refused()) };
+    if !matches {
+        users.execute(id, UserCommand::RecordLoginFailure { at: now }, &ctx, Some(id)).await?;
+        let after = users.load(id).await?;
+        return Err(match after.locked_for(now) {
+            Some(secs) => ApiError::AccountLocked { retry_after_s: u64::try_from(secs).unwrap_or(1) },
+            None => refused(),
+        });
+    }
+    match user.as_ref().map(|(_, u)| u.status) {
+        Some(UserStatus::Active) => {}
+        Some(UserStatus::Deactivated) => return Err(ApiError::Unauthenticated("account is deactivated".to_owned())),
+        _ => return Err(refused()),
+    }
+    users.execute(id, UserCommand::RecordLoginSuccess, &ctx, Some(id)).await?;
+    let account = match user.take() {
+        Some((_, account)) => account,
+        None => return Err(refused()),
+    };
+    let (sid, refresh_token, _) = state.sessions.start(id, &account, &ctx).await?;
+    let access = access_token(&state.auth.tokens, users.roles(), id, &account, sid).await?;
+    let perms = users.roles().permissions_for(&account.roles.iter().cloned().collect::<Vec<_>>()).await?;
+    let mut data = tokens_body(access, &state.auth, body.refresh_token_in_body.then_some(refresh_token.as_str()));
+    data["user"] = json!({
+        "id": id, "email": account.email, "display_name": account.display_name,
+        "roles": account.roles, "permissions": perms, "email_verified": account.email_verified,
+    });
+    data["session_id"] = json!(sid);
+    let lifetime = state.sessions_lifetime_secs;
+    let cookie = (!body.refresh_token_in_body).then(|| state.cookie.set(&refresh_token, lifetime));
+    Ok(with_cookie(ApiResponse::ok(data), cookie))
+}
+
+/// `POST /api/v1/auth/refresh` body (native clients; browsers send the cookie and no body).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshBody {
+    refresh_token: String,
+}
+
+/// Where a refresh token came from decides where the next one goes.
+enum Presented {
+    Cookie(String),
+    Body(String),
+}
+
+fn presented_refresh(headers: &HeaderMap, body: &Bytes, cookie: &RefreshCookie) -> Result<Presented, ApiError> {
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        let parsed: RefreshBody = serde_json::from_slice(body).map_err(|e| {
+            if e.is_data() {
+                ApiError::field(
+                    "refresh_token",
+                    e.to_string().split(" at line ").next().unwrap_or("invalid").to_owned(),
+                )
+            } else {
+                ApiError::Malformed("body is not valid JSON".to_owned())
+            }
+        })?;
+        return Ok(Presented::Body(parsed.refresh_token));
+    }
+    let token = RefreshCookie::read(headers).ok_or_else(|| ApiError::Unauthenticated("no refresh token".to_owned()))?;
+    cookie.check_origin(headers)?;
+    Ok(Presented::Cookie(token))
+}
+
+/// Rotates the refresh token and issues a new access token. Reusing an already-rotated token
+/// ends the whole sign-in (except the one just rotated, within a short grace interval).
+#[utoipa::path(post, path = "/api/v1/auth/refresh", tag = "auth", request_body(content = Option<RefreshBody>),
+    responses((status = 200, description = "access_token; the next refresh token (cookie or body)"),
+              (status = 401, description = "refresh token unknown, expired, idle, revoked or reused"),
+              (status = 403, description = "cookie sent from an origin that is not allowed")))]
+async fn refresh(
+    State(state): State<CommandState>,
+    ctx: RequestContext,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let presented = presented_refresh(&headers, &body, &state.cookie)?;
+    let (token, from_cookie) = match &presented {
+        Presented::Cookie(t) => (t.as_str(), true),
+        Presented::Body(t) => (t.as_str(), false),
+    };
+    let refreshed = match state.sessions.refresh(token, &state.users, &ctx).await {
+        Ok(r) => r,
+        Err(e) => {
+            let clear = from_cookie.then(|| state.cookie.clear());
+            return Ok(with_cookie(e, clear));
+        }
+    };
+    let access =
+        access_token(&state.auth.tokens, state.users.roles(), refreshed.user_id, &refreshed.user, refreshed.sid)
+            .await?;
+    let next = refreshed.refresh_token.as_deref();
+    let data = tokens_body(access, &state.auth, if from_cookie { None } else { next });
+    let cookie = if from_cookie { next.map(|t| state.cookie.set(t, refreshed.remaining_secs)) } else { None };
+    Ok(with_cookie(ApiResponse::ok(data), cookie))
+}
+
+/// Signs out of this session.
+#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, description = "signed out"), (status = 401, description = "not signed in")))]
+async fn logout(
+    State(state): State<CommandState>,
+    caller: Caller,
+    ctx: RequestContext,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if RefreshCookie::read(&headers).is_some() {
+        state.cookie.check_origin(&headers)?;
+    }
+    let token =
+        state.sessions.revoke(caller.claims.sid, Some(caller.id()), RevokeReason::Logout, &ctx, caller.id()).await?;
+    let answer =
+        ApiResponse::ok(json!({ "session_id": caller.claims.sid })).meta("consistency_token", token.to_string());
+    Ok(with_cookie(answer, Some(state.cookie.clear())))
+}
+
+/// Signs out everywhere: every session and access token of the caller ends.
+#[utoipa::path(post, path = "/api/v1/auth/logout-all", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, description = "signed out everywhere"), (status = 401, description = "not signed in")))]
+async fn logout_all(
+    State(state): State<CommandState>,
+    caller: Caller,
+    ctx: RequestContext,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if RefreshCookie::read(&headers).is_some() {
+        state.cookie.check_origin(&headers)?;
+    }
+    let command = UserCommand::EndAllSessions { reason: SessionsEndedReason::LogoutAll };
+    let token = state.users.execute(caller.id(), command, &ctx, Some(caller.id())).await?;
+    let answer = ApiResponse::ok(json!({ "user_id": caller.id() })).meta("consistency_token", token.to_string());
+    Ok(with_cookie(answer, Some(state.cookie.clear())))
+}
+
+/// `POST /api/v1/auth/password` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePasswordBody {
+    current_password: String,
+    new_password: String,
+}
+
+/// Changes the caller's password (PasswordChanged). Every other session ends; this one goes on
+/// with the new access token in the answer.
+#[utoipa::path(post, path = "/api/v1/auth/password", tag = "auth", request_body = ChangePasswordBody, security(("bearer" = [])),
+    responses((status = 200, description = "changed; a new access_token"), (status = 400, description = "new password too weak"),
+              (status = 401, description = "current password wrong")))]
+async fn change_password(
+    State(state): State<CommandState>,
+    caller: Caller,
+    ctx: RequestContext,
+    ApiJson(body): ApiJson<ChangePasswordBody>,
+) -> Result<ApiResponse<Value>, ApiError> {
+    let id = caller.id();
+    let user = state.users.load(id).await?;
+    if !state.users.passwords().verify(body.current_password, Some(user.password_hash.clone())).await? {
+        return Err(ApiError::Unauthenticated("current password is wrong".to_owned()));
+    }
+    let password_hash = state.users.hash_new_password(body.new_password, &user, "new_password").await?;
+    state.users.execute(id, UserCommand::ChangePassword { password_hash }, &ctx, Some(id)).await?;
+    let user = state.users.load(id).await?;
+    let token = state.sessions.rebind(caller.claims.sid, user.session_version, &ctx, id).await?;
+    let access = access_token(&state.auth.tokens, state.users.roles(), id, &user, caller.claims.sid).await?;
+    Ok(ApiResponse::ok(tokens_body(access, &state.auth, None)).meta("consistency_token", token.to_string()))
+}
+
+/// Consumes an emailed token of `purpose`, returning its user. Single use: the row is locked and
+/// marked used in `tx`, which the caller commits only once the command succeeded.
+async fn take_email_token(tx: &mut sqlx::PgConnection, token: &str, purpose: &str) -> Result<Uuid, ApiError> {
+    let user: Option<Uuid> = sqlx::query_scalar(
+        "UPDATE email_tokens SET used_at = now() \
+         WHERE token_hash = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > now() RETURNING user_id",
+    )
+    .bind(hash_token(token))
+    .bind(purpose)
+    .fetch_optional(&mut *tx)
+    .await?;
+    user.ok_or_else(|| ApiError::field("token", "is invalid, expired or already used"))
+}
+
+/// `POST /api/v1/auth/verify-email` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyEmailBody {
+    token: String,
+}
+
+/// Verifies the email address with the emailed token (EmailVerified).
+#[utoipa::path(post, path = "/api/v1/auth/verify-email", tag = "auth", request_body = VerifyEmailBody,
+    responses((status = 200, description = "verified"), (status = 400, description = "token invalid, expired or used")))]
+async fn verify_email(
+    State(state): State<CommandState>,
+    ctx: RequestContext,
+    ApiJson(body): ApiJson<VerifyEmailBody>,
+) -> Result<ApiResponse<Value>, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    let id = take_email_token(&mut tx, &body.token, "verify_email").await?;
+    let token = match state.users.execute(id, UserCommand::VerifyEmail, &ctx, Some(id)).await {
+        Ok(token) => Some(token),
+        // Verified already (an older link): the token is spent all the same.
+        Err(ApiError::Conflict(_)) => None,
+        Err(e) => return Err(e),
+    };
+    tx.commit().await?;
+    let answer = ApiResponse::ok(json!({ "user_id": id, "email_verified": true }));
+    Ok(match token {
+        Some(t) => answer.meta("consistency_token", t.to_string()),
+        None => answer,
+    })
+}
+
+/// `POST /api/v1/auth/verify-email/resend` and `/password-reset` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmailBody {
+    email: String,
+}
+
+/// Runs `command` for the account of `email`, if there is one, after answering: the answer is the
+/// same, and takes the same time, whether or not the address has an account. Each address may
+/// ask only a few times an hour.
+fn request_mail(state: &CommandState, email: &str, ctx: RequestContext, command: fn(&User) -> Option<UserCommand>) {
+    let Ok(email) = Email::parse(email) else { return };
+    if state.mail_requests.check(&email.as_str().to_owned()).is_err() {
+        return;
+    }
+    let users = state.users.clone();
+    tokio::spawn(async move {
+        let Ok(Some(id)) = users.find_id_by_email(&email).await else { return };
+        let Ok(user) = users.load(id).await else { return };
+        if let Some(command) = command(&user) {
+            if let Err(e) = users.execute(id, command, &ctx, Some(id)).await {
+                tracing::info!(error = %e, "mail request not recorded");
+            }
+        }
+    });
+}
+
+fn accepted() -> ApiResponse<Value> {
+    ApiResponse::with_status(StatusCode::ACCEPTED, json!({ "accepted": true }))
+}
+
+/// Sends the verification mail again, if the address has an unverified account. Always 202.
+#[utoipa::path(post, path = "/api/v1/auth/verify-email/resend", tag = "auth", request_body = EmailBody,
+    responses((status = 202, description = "accepted, whether or not the address has an account")))]
+async fn resend_verification(
+    State(state): State<CommandState>,
+    ctx: RequestContext,
+    ApiJson(body): ApiJson<EmailBody>,
+) -> ApiResponse<Value> {
+    request_mail(&state, &body.email, ctx, |user| {
+        (!user.email_verified).then_some(UserCommand::RequestEmailVerification)
+    });
+    accepted()
+}
+
+/// Sends a password-reset mail, if the address has an active account. Always 202.
+#[utoipa::path(post, path = "/api/v1/auth/password-reset", tag = "auth", request_body = EmailBody,
+    responses((status = 202, description = "accepted, whether or not the address has an account")))]
+async fn request_password_reset(
+    State(state): State<CommandState>,
+    ctx: RequestContext,
+    ApiJson(body): ApiJson<EmailBody>,
+) -> ApiResponse<Value> {
+    request_mail(&state, &body.email, ctx, |user| {
+        (user.status == UserStatus::Active).then_some(UserCommand::RequestPasswordReset)
+    });
+    accepted()
+}
+
+/// `POST /api/v1/auth/password-reset/confirm` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConfirmResetBody {
+    token: String,
+    new_password: String,
+}
+
+/// Sets a new password with the emailed token (PasswordReset); every session ends.
+#[utoipa::path(post, path = "/api/v1/auth/password-reset/confirm", tag = "auth", request_body = ConfirmResetBody,
+    responses((status = 200, description = "password set; sign in again"),
+              (status = 400, description = "token invalid, expired or used, or password too weak")))]
+async fn confirm_password_reset(
+    State(state): State<CommandState>,
+    ctx: RequestContext,
+    ApiJson(body): ApiJson<ConfirmResetBody>,
+) -> Result<ApiResponse<Value>, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    let id = take_email_token(&mut tx, &body.token, "reset_password").await?;
+    let user = state.users.load(id).await?;
+    // A weak password leaves the token unspent (the transaction rolls back).
+    let password_hash = state.users.hash_new_password(body.new_password, &user, "new_password").await?;
+    let token = state.users.execute(id, UserCommand::ResetPassword { password_hash }, &ctx, Some(id)).await?;
+    tx.commit().await?;
+    Ok(ApiResponse::ok(json!({ "user_id": id })).meta("consistency_token", token.to_string()))
+}
+
+/// Ends one of the caller's sessions.
+#[utoipa::path(delete, path = "/api/v1/users/me/sessions/{id}", tag = "users", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "session id")),
+    responses((status = 200, description = "ended"), (status = 404, description = "not one of the caller's sessions"),
+              (status = 409, description = "already ended")))]
+async fn end_my_session(
+    State(sessions): State<SessionService>,
+    caller: Caller,
+    ctx: RequestContext,
+    ApiPath(sid): ApiPath<Uuid>,
+) -> Result<ApiResponse<Value>, ApiError> {
+    let token = sessions.revoke(sid, Some(caller.id()), RevokeReason::UserRevoked, &ctx, caller.id()).await?;
+    Ok(ApiResponse::ok(json!({ "session_id": sid })).meta("consistency_token", token.to_string()))
+}
+
+/// Ends every session of a user (SessionsEnded). Needs `users:write`.
+#[utoipa::path(delete, path = "/api/v1/users/{id}/sessions", tag = "users", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "user id")),
+    responses((status = 200, description = "ended"), (status = 403, description = "lacks users:write"),
+              (status = 404, description = "no such user")))]
+async fn end_user_sessions(
+    State(users): State<UserCommands>,
+    caller: Caller,
+    ctx: RequestContext,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<ApiResponse<Value>, ApiError> {
+    caller.require("users:write")?;
+    let command = UserCommand::EndAllSessions { reason: SessionsEndedReason::Administrator };
+    let token = users.execute(id, command, &ctx, Some(caller.id())).await?;
+    Ok(ApiResponse::ok(json!({ "user_id": id })).meta("consistency_token", token.to_string()))
+}
