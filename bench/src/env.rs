@@ -105,7 +105,8 @@ impl BenchEnv {
         self.scratch.path().join(name)
     }
 
-    /// A pool of `connections` to the bench database, for baselines.
+    /// A pool of `connections` to the bench database, for baselines: one round trip per
+    /// statement (no ping before each acquire).
     ///
     /// # Errors
     /// When Postgres refuses.
@@ -113,6 +114,7 @@ impl BenchEnv {
         PgPoolOptions::new()
             .max_connections(connections)
             .min_connections(connections)
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(PgConnectOptions::from_str(&self.database_url)?.disable_statement_logging())
             .await

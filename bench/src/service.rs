@@ -130,6 +130,7 @@ impl Service {
         let pid = child.id().context("the service exited at once")?;
         let mut service = Self { child, pid, base_url: format!("http://{listen}"), log };
         service.wait_ready(Duration::from_secs(120)).await?;
+        crate::report::note(&format!("cairn serve ready: pid {pid}, {}", service.base_url));
         Ok(service)
     }
 

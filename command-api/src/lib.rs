@@ -17,7 +17,7 @@ pub mod users;
 use std::sync::Arc;
 
 use axum::extract::FromRef;
-use cairn_domain::SessionPolicy;
+use cairn_domain::{LockoutPolicy, SessionPolicy};
 use cairn_platform::auth::AuthState;
 use cairn_platform::http::limits::Limiter;
 use cairn_platform::settings::{RateLimit, Settings};
@@ -48,6 +48,9 @@ pub struct CommandState {
     /// Absolute session lifetime, for the cookie's Max-Age.
     #[from_ref(skip)]
     pub sessions_lifetime_secs: i64,
+    /// When failed sign-ins lock an account.
+    #[from_ref(skip)]
+    pub lockout: LockoutPolicy,
 }
 
 impl CommandState {
@@ -71,6 +74,11 @@ impl CommandState {
             pool,
             mail_requests: Arc::new(Limiter::new(mail_rate).ok_or_else(|| anyhow::anyhow!("mail request limit"))?),
             sessions_lifetime_secs: i64::try_from(settings.session_lifetime.as_secs()).unwrap_or(i64::MAX),
+            lockout: LockoutPolicy {
+                threshold: settings.lockout_threshold,
+                base_secs: i64::try_from(settings.lockout_base.as_secs()).unwrap_or(60),
+                max_secs: i64::try_from(settings.lockout_max.as_secs()).unwrap_or(900),
+            },
         })
     }
 }

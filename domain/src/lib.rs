@@ -16,5 +16,5 @@ pub mod values;
 
 pub use role::{Role, RoleCommand, RoleError, RoleEvent};
 pub use session::{RefreshOutcome, RevokeReason, Session, SessionCommand, SessionError, SessionEvent, SessionPolicy};
-pub use user::{SessionsEndedReason, User, UserCommand, UserError, UserEvent, UserStatus};
+pub use user::{LockoutPolicy, SessionsEndedReason, User, UserCommand, UserError, UserEvent, UserStatus};
 pub use values::{DisplayName, Email, RoleName, ValueError};

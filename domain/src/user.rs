@@ -66,12 +66,23 @@ pub struct User {
     pub locked_until: Option<DateTime<Utc>>,
 }
 
-/// Sign-in failures before the account locks.
-pub const MAX_LOGIN_FAILURES: u32 = 5;
-/// The first lock's length; each later one doubles, up to [`MAX_LOCK_SECS`].
-pub const BASE_LOCK_SECS: i64 = 60;
-/// The longest lock: never permanent, so nobody can lock a victim out for good.
-pub const MAX_LOCK_SECS: i64 = 15 * 60;
+/// When failed sign-ins lock an account, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockoutPolicy {
+    /// Failures in a row that lock the account.
+    pub threshold: u32,
+    /// The first lock's length in seconds; each later one doubles, up to `max_secs`.
+    pub base_secs: i64,
+    /// The longest lock: never permanent, so nobody can lock a victim out for good.
+    pub max_secs: i64,
+}
+
+impl Default for LockoutPolicy {
+    /// 5 failures; 1 minute, doubling up to 15 minutes.
+    fn default() -> Self {
+        Self { threshold: 5, base_secs: 60, max_secs: 15 * 60 }
+    }
+}
 
 /// Why a user's sessions were all ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +154,8 @@ pub enum UserCommand {
     RecordLoginFailure {
         /// When.
         at: DateTime<Utc>,
+        /// The lock rules.
+        policy: LockoutPolicy,
     },
     /// A successful sign-in: clears the failure count.
     RecordLoginSuccess,
@@ -248,7 +261,10 @@ impl UserEvent {
         match self {
             Self::RoleRevoked { session_version, .. }
             | Self::UserDeactivated { session_version }
-            | Self::UserDeleted { session_version } => Some(*session_version),
+            | Self::UserDeleted { session_version }
+            | Self::PasswordChanged { session_version, .. }
+            | Self::PasswordReset { session_version, .. }
+            | Self::SessionsEnded { session_version, .. } => Some(*session_version),
             _ => None,
         }
     }
@@ -333,12 +349,12 @@ impl User {
         }
     }
 
-    fn login_failed(&self, at: DateTime<Utc>) -> Vec<UserEvent> {
+    fn login_failed(&self, at: DateTime<Utc>, policy: LockoutPolicy) -> Vec<UserEvent> {
         let failures = self.failed_logins + 1;
         let mut events = vec![UserEvent::LoginFailed { failures }];
-        if failures >= MAX_LOGIN_FAILURES {
+        if failures >= policy.threshold {
             let level = self.lock_level + 1;
-            let secs = BASE_LOCK_SECS.saturating_mul(1 << (level - 1).min(10)).min(MAX_LOCK_SECS);
+            let secs = policy.base_secs.saturating_mul(1 << (level - 1).min(20)).min(policy.max_secs);
             events.push(UserEvent::AccountLocked { until: at + Duration::seconds(secs), level });
         }
         events
@@ -428,7 +444,7 @@ impl User {
             UserCommand::EndAllSessions { reason } => {
                 UserEvent::SessionsEnded { session_version: next_version, reason }
             }
-            UserCommand::RecordLoginFailure { at } => return Ok(self.login_failed(at)),
+            UserCommand::RecordLoginFailure { at, policy } => return Ok(self.login_failed(at, policy)),
             UserCommand::RecordLoginSuccess => {
                 if self.failed_logins == 0 && self.lock_level == 0 {
                     return Ok(vec![]);
@@ -683,7 +699,7 @@ mod tests {
         let failures: Vec<UserEvent> = (1..=4).map(|failures| UserEvent::LoginFailed { failures }).collect();
         UserTest::with(())
             .given([vec![registered()], failures.clone()].concat())
-            .when(UserCommand::RecordLoginFailure { at: at(0) })
+            .when(UserCommand::RecordLoginFailure { at: at(0), policy: LockoutPolicy::default() })
             .then_expect_events(vec![
                 UserEvent::LoginFailed { failures: 5 },
                 UserEvent::AccountLocked { until: at(60), level: 1 },
@@ -697,10 +713,10 @@ mod tests {
         }
         UserTest::with(())
             .given([history, failures].concat())
-            .when(UserCommand::RecordLoginFailure { at: at(0) })
+            .when(UserCommand::RecordLoginFailure { at: at(0), policy: LockoutPolicy::default() })
             .then_expect_events(vec![
                 UserEvent::LoginFailed { failures: 5 },
-                UserEvent::AccountLocked { until: at(MAX_LOCK_SECS), level: 6 },
+                UserEvent::AccountLocked { until: at(LockoutPolicy::default().max_secs), level: 6 },
             ]);
     }
 
@@ -743,6 +759,21 @@ mod tests {
                 session_version: 1,
                 reason: SessionsEndedReason::LogoutAll,
             }]);
+    }
+
+    #[test]
+    fn every_session_ending_event_moves_the_version_past_it() {
+        for ended in [
+            UserEvent::PasswordChanged { password_hash: "h".into(), session_version: 1 },
+            UserEvent::PasswordReset { password_hash: "h".into(), session_version: 1 },
+            UserEvent::SessionsEnded { session_version: 1, reason: SessionsEndedReason::LogoutAll },
+            UserEvent::RoleRevoked { role: "user".into(), session_version: 1 },
+        ] {
+            UserTest::with(())
+                .given(vec![registered(), UserEvent::RoleGranted { role: "user2".into() }, ended])
+                .when(UserCommand::DeactivateUser)
+                .then_expect_events(vec![UserEvent::UserDeactivated { session_version: 2 }]);
+        }
     }
 
     #[test]

@@ -314,3 +314,80 @@ impl Drop for PrivateNats {
         }
     }
 }
+
+/// A real SMTP server (Debian's python3-aiosmtpd) delivering into a maildir, on the port the
+/// test's cairn sends mail to.
+pub struct MailCatcher {
+    dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl MailCatcher {
+    pub fn start(port: u16) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let python = if std::path::Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
+        let child = std::process::Command::new(python)
+            .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(dir.path().join("maildir"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3-aiosmtpd must be installed");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(15), "aiosmtpd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { dir, child }
+    }
+
+    /// (recipient, subject, plain text) of every delivered message.
+    pub fn messages(&self) -> Vec<(String, String, String)> {
+        let new = self.dir.path().join("maildir").join("new");
+        let Ok(entries) = std::fs::read_dir(new) else { return vec![] };
+        entries
+            .filter_map(|e| std::fs::read(e.ok()?.path()).ok())
+            .filter_map(|raw| {
+                let message = mail_parser::MessageParser::default().parse(&raw)?;
+                let to = message.to()?.first()?.address()?.to_owned();
+                let subject = message.subject().unwrap_or_default().to_owned();
+                let text = message.body_text(0).map(|t| t.into_owned()).unwrap_or_default();
+                Some((to, subject, text))
+            })
+            .collect()
+    }
+
+    /// Waits for the `nth` (from 1) message to `to` whose text contains a `token=` link, and returns the token.
+    pub async fn token_for(&self, to: &str, link: &str, nth: usize) -> String {
+        let started = Instant::now();
+        loop {
+            let tokens: Vec<String> = self
+                .messages()
+                .into_iter()
+                .filter(|(rcpt, _, _)| rcpt == to)
+                .filter_map(|(_, _, text)| {
+                    let at = text.find(&format!("/{link}?token="))? + link.len() + 8;
+                    Some(
+                        text[at..]
+                            .chars()
+                            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+                            .collect(),
+                    )
+                })
+                .collect();
+            if tokens.len() >= nth {
+                // Maildir order is not delivery order; with one mail of a kind per step that is enough.
+                return tokens[nth - 1].clone();
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "no {link} mail for {to}: {:?}", self.messages());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for MailCatcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -10,8 +10,9 @@ pub mod relay;
 pub mod write;
 pub mod write_long;
 
+use std::future::Future;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
@@ -52,6 +53,23 @@ impl Ctx {
             full
         }
     }
+}
+
+/// Runs `load` and returns its result with the CPU process `pid` used meanwhile, in percent of
+/// one core.
+///
+/// # Errors
+/// When `load` fails or the process is gone.
+pub async fn with_cpu<T>(
+    ctx: &Ctx,
+    pid: u32,
+    load: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<(T, f64)> {
+    let before = crate::service::cpu_seconds_of(pid, ctx.ticks)?;
+    let started = Instant::now();
+    let result = load.await?;
+    let used = crate::service::cpu_seconds_of(pid, ctx.ticks)? - before;
+    Ok((result, used / started.elapsed().as_secs_f64() * 100.0))
 }
 
 /// What a scenario produces.

@@ -12,7 +12,7 @@ use rand::Rng;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{Ctx, Output, Running};
+use super::{with_cpu, Ctx, Output, Running};
 use crate::env::BenchEnv;
 use crate::load::{closed_loop, Outcome, Window};
 use crate::report::{Measure, Row};
@@ -110,13 +110,13 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
     for (query, name) in
         [(Query::List, format!("GET /api/v1/users?limit={PAGE}")), (Query::One, "GET /api/v1/users/{id}".to_owned())]
     {
-        let outcome = http_load(&running, &ids, query, window).await?;
+        let (outcome, cpu) = with_cpu(ctx, running.service.pid(), http_load(&running, &ids, query, window)).await?;
         outcome.require_success(&name)?;
-        measured.push((query, name, outcome, running.service.memory().ok()));
+        measured.push((query, name, outcome, cpu, running.service.memory().ok()));
     }
     running.service.stop().await?;
     let pool = env.pool_of(u32::try_from(CLIENTS)?).await?;
-    for (query, name, outcome, memory) in measured {
+    for (query, name, outcome, cpu, memory) in measured {
         let baseline = sql_load(&pool, &ids, query, window).await?;
         baseline.require_success("baseline SQL")?;
         let what = match query {
@@ -129,6 +129,7 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
         )
         .errors(outcome.errors)
         .memory(memory)
+        .extra("service_cpu_percent", cpu)
         .baseline(
             format!("{what} through sqlx, {CLIENTS} connections"),
             Measure::rate(baseline.throughput(), "queries/s", baseline.summary()),

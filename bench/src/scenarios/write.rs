@@ -12,7 +12,7 @@ use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{Ctx, Output, Running};
+use super::{with_cpu, Ctx, Output, Running};
 use crate::api::Api;
 use crate::env::BenchEnv;
 use crate::load::{closed_loop, Outcome, Window};
@@ -180,9 +180,10 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
     ));
     let mut cairn_rows = Vec::new();
     for clients in LEVELS {
-        let outcome = toggle_load(&running, &targets, clients, window).await?;
+        let (outcome, cpu) =
+            with_cpu(ctx, running.service.pid(), toggle_load(&running, &targets, clients, window)).await?;
         outcome.require_success(&format!("role commands at {clients} clients"))?;
-        cairn_rows.push((clients, outcome, running.service.memory().ok()));
+        cairn_rows.push((clients, outcome, cpu, running.service.memory().ok()));
     }
     let mut register_rows = Vec::new();
     for clients in [1usize, 16] {
@@ -194,7 +195,7 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
 
     create_events_copy(env, "bench_events").await?;
     let mut grant_latency = Vec::new();
-    for (clients, outcome, memory) in cairn_rows {
+    for (clients, outcome, cpu, memory) in cairn_rows {
         if let Some(s) = outcome.summary_of("grant") {
             grant_latency.push(format!("{clients} client(s) p50 {:.2} ms, p99 {:.2} ms", s.p50_ms, s.p99_ms));
         }
@@ -206,6 +207,7 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
         )
         .errors(outcome.errors)
         .memory(memory)
+        .extra("service_cpu_percent", cpu)
         .baseline(
             format!("single-row INSERT, {clients} connection{}", if clients == 1 { "" } else { "s" }),
             Measure::rate(baseline.throughput(), "tx/s", baseline.summary()),

@@ -104,7 +104,7 @@ async fn login(
     let matches = users.passwords().verify(body.password, hash).await?;
     let Some((id, _)) = user.as_ref().map(|(id, u)| (*id, u.clone())) else { return Err(refused()) };
     if !matches {
-        users.execute(id, UserCommand::RecordLoginFailure { at: now }, &ctx, Some(id)).await?;
+        users.execute(id, UserCommand::RecordLoginFailure { at: now, policy: state.lockout }, &ctx, Some(id)).await?;
         let after = users.load(id).await?;
         return Err(match after.locked_for(now) {
             Some(secs) => ApiError::AccountLocked { retry_after_s: u64::try_from(secs).unwrap_or(1) },

@@ -1,0 +1,350 @@
+//! Sessions through the real HTTP API: refresh rotation, reuse detection, the grace interval,
+//! expiry, idle timeout, logout, logout-all, password change, deactivation, session lists,
+//! lockout and rate limits.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use cairn::Services;
+use common::{Reply, TestApp, TestEnv, PASSWORD};
+use reqwest::StatusCode;
+use serde_json::json;
+
+async fn app_with(extra: &[(&str, &str)]) -> TestApp {
+    TestApp::spawn_with(TestEnv::new(), Services::all(), extra).await
+}
+
+/// Signs in as a native client: (access token, refresh token).
+async fn native_login(app: &TestApp, email: &str, password: &str) -> (String, String) {
+    let reply = app
+        .post(
+            "/api/v1/auth/login",
+            None,
+            json!({ "email": email, "password": password, "refresh_token_in_body": true }),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    (
+        reply.data()["access_token"].as_str().unwrap().to_owned(),
+        reply.data()["refresh_token"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn refresh(app: &TestApp, token: &str) -> Reply {
+    app.post("/api/v1/auth/refresh", None, json!({ "refresh_token": token })).await
+}
+
+/// Whether `token` is accepted (a read that needs only a valid token, not the read model).
+async fn authed(app: &TestApp, token: &str) -> StatusCode {
+    app.get("/api/v1/roles", Some(token)).await.status
+}
+
+fn refresh_token(reply: &Reply) -> String {
+    reply.data()["refresh_token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refresh_rotates_and_reuse_ends_the_family_except_within_the_grace_interval() {
+    let app = TestApp::spawn().await;
+    app.register_ok("rotate@example.com").await;
+    let (_, r1) = native_login(&app, "rotate@example.com", PASSWORD).await;
+
+    let first = refresh(&app, &r1).await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
+    let r2 = refresh_token(&first);
+    assert_ne!(r1, r2, "rotated on use");
+    assert!(first.data()["access_token"].is_string());
+
+    // A second tab presenting r1 at the same moment gets the current session, not a logout.
+    let tab = refresh(&app, &r1).await;
+    assert_eq!(tab.status, StatusCode::OK, "{:?}", tab.body);
+    assert!(tab.data()["refresh_token"].is_null(), "no new refresh token within the grace interval");
+    let access_from_tab = tab.data()["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(authed(&app, &access_from_tab).await, StatusCode::OK);
+
+    let second = refresh(&app, &r2).await;
+    assert_eq!(second.status, StatusCode::OK);
+    let r3 = refresh_token(&second);
+    let access = second.data()["access_token"].as_str().unwrap().to_owned();
+
+    // r1 is now two rotations old: reuse. The whole family ends, access tokens included.
+    let reused = refresh(&app, &r1).await;
+    assert_eq!((reused.status, reused.code()), (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"));
+    assert_eq!(refresh(&app, &r3).await.status, StatusCode::UNAUTHORIZED, "the newest token dies with its family");
+    assert_eq!(authed(&app, &access).await, StatusCode::UNAUTHORIZED);
+    let revoked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE event_type = 'SessionRevoked' AND payload -> 'SessionRevoked' ->> 'reason' = 'refresh_token_reuse'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(revoked, 1);
+
+    for garbage in ["", "nope", "00000000-0000-0000-0000-000000000000.abc"] {
+        assert_eq!(refresh(&app, garbage).await.status, StatusCode::UNAUTHORIZED, "{garbage}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn browsers_get_an_http_only_strict_cookie_used_only_from_allowed_origins() {
+    let app = TestApp::spawn().await;
+    app.register_ok("cookie@example.com").await;
+    let resp = app
+        .client
+        .post(format!("{}/api/v1/auth/login", app.address))
+        .json(&json!({ "email": "cookie@example.com", "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["cache-control"], "no-store");
+    let set_cookie = resp.headers()["set-cookie"].to_str().unwrap().to_owned();
+    for part in ["cairn_refresh=", "HttpOnly", "Secure", "SameSite=Strict", "Path=/api/v1/auth"] {
+        assert!(set_cookie.contains(part), "{part} missing from {set_cookie}");
+    }
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert!(body["data"]["refresh_token"].is_null(), "a browser's refresh token is never readable by scripts");
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+
+    let refresh_from = |origin: Option<&'static str>| {
+        let mut req = app.client.post(format!("{}/api/v1/auth/refresh", app.address)).header("cookie", cookie.clone());
+        if let Some(origin) = origin {
+            req = req.header("origin", origin);
+        }
+        req.send()
+    };
+    assert_eq!(refresh_from(None).await.unwrap().status(), StatusCode::FORBIDDEN);
+    assert_eq!(refresh_from(Some("https://evil.example.com")).await.unwrap().status(), StatusCode::FORBIDDEN);
+    let ok = refresh_from(Some("http://localhost:5173")).await.unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    let rotated = ok.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(rotated.starts_with("cairn_refresh=") && !rotated.starts_with(&cookie), "the cookie rotates");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_end_at_their_absolute_lifetime_and_after_idling() {
+    let lifetime = app_with(&[("CAIRN_SESSION_LIFETIME_SECS", "2"), ("CAIRN_REFRESH_GRACE_SECS", "0")]).await;
+    lifetime.register_ok("short@example.com").await;
+    let (_, token) = native_login(&lifetime, "short@example.com", PASSWORD).await;
+    let token = refresh_token(&refresh(&lifetime, &token).await);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let expired = refresh(&lifetime, &token).await;
+    assert_eq!(expired.status, StatusCode::UNAUTHORIZED);
+    assert!(expired.body["error"]["message"].as_str().unwrap().contains("expired"));
+    lifetime.stop().await;
+
+    let idle = app_with(&[("CAIRN_SESSION_IDLE_SECS", "1")]).await;
+    idle.register_ok("idle@example.com").await;
+    let (_, token) = native_login(&idle, "idle@example.com", PASSWORD).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let idled = refresh(&idle, &token).await;
+    assert_eq!(idled.status, StatusCode::UNAUTHORIZED);
+    assert!(idled.body["error"]["message"].as_str().unwrap().contains("idle"));
+    idle.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logout_ends_one_session_and_logout_all_ends_every_one() {
+    let app = TestApp::spawn().await;
+    app.register_ok("multi@example.com").await;
+    let (access_a, refresh_a) = native_login(&app, "multi@example.com", PASSWORD).await;
+    let (access_b, refresh_b) = native_login(&app, "multi@example.com", PASSWORD).await;
+    let (access_c, refresh_c) = native_login(&app, "multi@example.com", PASSWORD).await;
+
+    let out = app.post("/api/v1/auth/logout", Some(&access_a), json!({})).await;
+    assert_eq!(out.status, StatusCode::OK, "{:?}", out.body);
+    assert_eq!(authed(&app, &access_a).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(refresh(&app, &refresh_a).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(authed(&app, &access_b).await, StatusCode::OK, "other sessions go on");
+
+    // The session list shows the live ones; one can be ended from another.
+    let list = app
+        .request("GET", "/api/v1/users/me/sessions", Some(&access_b), None, &[("X-Consistency-Token", &out.token())])
+        .await;
+    assert_eq!(list.status, StatusCode::OK, "{:?}", list.body);
+    let sessions = list.data().as_array().unwrap();
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    assert_eq!(sessions.iter().filter(|s| s["current"] == true).count(), 1);
+    let other = sessions.iter().find(|s| s["current"] == false).unwrap()["id"].as_str().unwrap().to_owned();
+    let ended = app.request("DELETE", &format!("/api/v1/users/me/sessions/{other}"), Some(&access_b), None, &[]).await;
+    assert_eq!(ended.status, StatusCode::OK);
+    assert_eq!(authed(&app, &access_c).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(refresh(&app, &refresh_c).await.status, StatusCode::UNAUTHORIZED);
+    // Someone else's session is not found.
+    app.register_ok("stranger@example.com").await;
+    let (stranger, _) = native_login(&app, "stranger@example.com", PASSWORD).await;
+    let theirs = app.request("DELETE", &format!("/api/v1/users/me/sessions/{other}"), Some(&stranger), None, &[]).await;
+    assert_eq!(theirs.status, StatusCode::NOT_FOUND);
+
+    let all = app.post("/api/v1/auth/logout-all", Some(&access_b), json!({})).await;
+    assert_eq!(all.status, StatusCode::OK);
+    assert_eq!(authed(&app, &access_b).await, StatusCode::UNAUTHORIZED);
+    let rb = refresh(&app, &refresh_b).await;
+    assert_eq!(rb.status, StatusCode::UNAUTHORIZED, "{:?}", rb.body);
+    assert_eq!(authed(&app, &stranger).await, StatusCode::OK, "other users are untouched");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_password_change_ends_the_other_sessions_and_keeps_this_one() {
+    let app = TestApp::spawn().await;
+    app.register_ok("change@example.com").await;
+    let (access_here, refresh_here) = native_login(&app, "change@example.com", PASSWORD).await;
+    let (access_there, refresh_there) = native_login(&app, "change@example.com", PASSWORD).await;
+    let new_password = "a different long passphrase 42";
+
+    let wrong = app
+        .post(
+            "/api/v1/auth/password",
+            Some(&access_here),
+            json!({ "current_password": "not it at all", "new_password": new_password }),
+        )
+        .await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    let weak = app
+        .post(
+            "/api/v1/auth/password",
+            Some(&access_here),
+            json!({ "current_password": PASSWORD, "new_password": "password1" }),
+        )
+        .await;
+    assert_eq!((weak.status, weak.code()), (StatusCode::BAD_REQUEST, "VALIDATION_FAILED"));
+    assert!(weak.body["error"]["details"]["new_password"].as_str().unwrap().contains("weak"));
+
+    let changed = app
+        .post(
+            "/api/v1/auth/password",
+            Some(&access_here),
+            json!({ "current_password": PASSWORD, "new_password": new_password }),
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::OK, "{:?}", changed.body);
+    let new_access = changed.data()["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(authed(&app, &new_access).await, StatusCode::OK);
+    assert_eq!(refresh(&app, &refresh_here).await.status, StatusCode::OK, "this session goes on");
+    assert_eq!(authed(&app, &access_there).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(refresh(&app, &refresh_there).await.status, StatusCode::UNAUTHORIZED);
+    let old =
+        app.post("/api/v1/auth/login", None, json!({ "email": "change@example.com", "password": PASSWORD })).await;
+    assert_eq!(old.status, StatusCode::UNAUTHORIZED);
+    native_login(&app, "change@example.com", new_password).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deactivation_and_an_administrator_end_every_session() {
+    let app = TestApp::spawn().await;
+    let (_, admin) = app.admin_token().await;
+    let id = app.register_ok("ended@example.com").await;
+    let (access, refresh_token_1) = native_login(&app, "ended@example.com", PASSWORD).await;
+    let ended = app.request("DELETE", &format!("/api/v1/users/{id}/sessions"), Some(&admin), None, &[]).await;
+    assert_eq!(ended.status, StatusCode::OK, "{:?}", ended.body);
+    assert_eq!(authed(&app, &access).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(refresh(&app, &refresh_token_1).await.status, StatusCode::UNAUTHORIZED);
+
+    let (_, refresh_token_2) = native_login(&app, "ended@example.com", PASSWORD).await;
+    let off = app.post(&format!("/api/v1/users/{id}/deactivate"), Some(&admin), json!({})).await;
+    assert_eq!(off.status, StatusCode::OK);
+    assert_eq!(refresh(&app, &refresh_token_2).await.status, StatusCode::UNAUTHORIZED);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_sign_ins_lock_the_account_for_a_while_and_the_lock_ends() {
+    let app = app_with(&[("CAIRN_LOCKOUT_THRESHOLD", "3"), ("CAIRN_LOCKOUT_BASE_SECS", "1")]).await;
+    app.register_ok("locked@example.com").await;
+    let attempt = |password: &'static str| {
+        app.post("/api/v1/auth/login", None, json!({ "email": "locked@example.com", "password": password }))
+    };
+    assert_eq!(attempt("wrong password one").await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(attempt("wrong password two").await.status, StatusCode::UNAUTHORIZED);
+    let locked = attempt("wrong password three").await;
+    assert_eq!((locked.status, locked.code()), (StatusCode::LOCKED, "ACCOUNT_LOCKED"));
+    assert!(locked.body["error"]["details"]["retry_after_s"].as_u64().is_some_and(|s| (1..=1).contains(&s)));
+    assert!(locked.headers.contains_key("retry-after"));
+    // Even the right password waits for the lock.
+    let still = attempt(PASSWORD).await;
+    assert_eq!(still.status, StatusCode::LOCKED);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(attempt(PASSWORD).await.status, StatusCode::OK, "a lock is never permanent");
+    let kinds: Vec<String> = sqlx::query_scalar(
+        "SELECT event_type FROM events WHERE aggregate_type = 'User' AND event_type IN ('AccountLocked', 'AccountUnlocked', 'LoginSucceeded') ORDER BY global_position",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(kinds, ["AccountLocked", "AccountUnlocked", "LoginSucceeded"]);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rate_limits_answer_429_with_retry_after() {
+    let app = app_with(&[("CAIRN_RATE_LIMIT_AUTH", "3/min"), ("CAIRN_RATE_LIMIT_API", "5/min")]).await;
+    for _ in 0..3 {
+        let reply = app
+            .post("/api/v1/auth/login", None, json!({ "email": "x@example.com", "password": "whatever it is" }))
+            .await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    }
+    let limited =
+        app.post("/api/v1/auth/login", None, json!({ "email": "x@example.com", "password": "whatever it is" })).await;
+    assert_eq!((limited.status, limited.code()), (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED"));
+    let retry: u64 = limited.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry));
+    // Tiers are separate: the API tier still answers.
+    assert_eq!(app.get("/api/v1/users/me", None).await.status, StatusCode::UNAUTHORIZED);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reset_and_resend_answer_the_same_whether_or_not_the_address_exists() {
+    let app = TestApp::spawn().await;
+    app.register_ok("known@example.com").await;
+    for path in ["/api/v1/auth/password-reset", "/api/v1/auth/verify-email/resend"] {
+        let known = app.post(path, None, json!({ "email": "known@example.com" })).await;
+        let unknown = app.post(path, None, json!({ "email": "nobody-here@example.com" })).await;
+        assert_eq!(known.status, StatusCode::ACCEPTED, "{path}");
+        assert_eq!((known.status, &known.body), (unknown.status, &unknown.body), "{path}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_to_a_role_reaches_its_holders_next_tokens() {
+    let app = TestApp::spawn().await;
+    let (_, admin) = app.admin_token().await;
+    app.register_ok("holder@example.com").await;
+    let (before, refresh_1) = native_login(&app, "holder@example.com", PASSWORD).await;
+    assert_eq!(app.get("/api/v1/users", Some(&before)).await.status, StatusCode::FORBIDDEN);
+
+    let mut perms: Vec<String> =
+        cairn_domain::roles::permissions_of("user").unwrap().into_iter().map(str::to_owned).collect();
+    perms.push("users:read".to_owned());
+    let changed =
+        app.request("PUT", "/api/v1/roles/user", Some(&admin), Some(json!({ "permissions": perms })), &[]).await;
+    assert_eq!(changed.status, StatusCode::OK, "{:?}", changed.body);
+    let next = refresh(&app, &refresh_1).await;
+    let after = next.data()["access_token"].as_str().unwrap();
+    assert_eq!(app.get("/api/v1/users", Some(after)).await.status, StatusCode::OK);
+
+    let defined = app
+        .post("/api/v1/roles", Some(&admin), json!({ "name": "moderator", "permissions": ["messages:write"] }))
+        .await;
+    assert_eq!(defined.status, StatusCode::CREATED, "{:?}", defined.body);
+    let again = app.post("/api/v1/roles", Some(&admin), json!({ "name": "moderator", "permissions": [] })).await;
+    assert_eq!(again.status, StatusCode::CONFLICT);
+    let bad = app.post("/api/v1/roles", Some(&admin), json!({ "name": "root", "permissions": ["everything:*"] })).await;
+    assert_eq!((bad.status, bad.code()), (StatusCode::BAD_REQUEST, "VALIDATION_FAILED"));
+    let admin_fixed =
+        app.request("PUT", "/api/v1/roles/admin", Some(&admin), Some(json!({ "permissions": [] })), &[]).await;
+    assert_eq!(admin_fixed.status, StatusCode::CONFLICT);
+    let roles =
+        app.request("GET", "/api/v1/roles", Some(&admin), None, &[("X-Consistency-Token", &defined.token())]).await;
+    assert!(roles.data().as_array().unwrap().iter().any(|r| r["name"] == "moderator"));
+    app.stop().await;
+}
