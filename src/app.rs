@@ -71,6 +71,20 @@ impl Application {
     /// # Errors
     /// When Postgres is unreachable, keys are missing in production, or the port is taken.
     pub async fn build(settings: Settings, services: Services) -> anyhow::Result<Self> {
+        // SMTP settings are read only where mail is sent, so a bad SMTP setup stops no API.
+        let email = if services.workers { Some(cairn_workers::EmailSettings::from_env()?) } else { None };
+        Self::build_with_email(settings, email, services).await
+    }
+
+    /// As [`Self::build`], with the mail settings given rather than read from the environment.
+    ///
+    /// # Errors
+    /// As [`Self::build`].
+    pub async fn build_with_email(
+        settings: Settings,
+        email: Option<cairn_workers::EmailSettings>,
+        services: Services,
+    ) -> anyhow::Result<Self> {
         telemetry::init_tracing(settings.log_format);
         let _ = telemetry::metrics_handle();
         let shutdown = CancellationToken::new();
@@ -149,8 +163,10 @@ impl Application {
             tasks.spawn(retrying("audit worker", token.clone(), move || {
                 audit.clone().run(js_audit.clone(), ns_audit.clone(), batch, replicas, token.clone())
             }));
-            // SMTP settings are read only where mail is sent, so a bad SMTP setup stops no API.
-            let email_settings = cairn_workers::EmailSettings::from_env()?;
+            let email_settings = match email {
+                Some(e) => e,
+                None => cairn_workers::EmailSettings::from_env()?,
+            };
             if settings.is_production() {
                 email_settings.check_production()?;
             }

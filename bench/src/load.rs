@@ -105,6 +105,34 @@ where
     F: Fn(S) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = (S, anyhow::Result<&'static str>)> + Send,
 {
+    run_clients(clients, window, None, op).await
+}
+
+/// As [`closed_loop`], but each client starts an operation at most every `pace`: a light, steady
+/// probe whose latency shows how other load affects it, without adding much load itself.
+///
+/// # Errors
+/// When a client task panics.
+pub async fn paced_loop<S, F, Fut>(clients: Vec<S>, window: Window, pace: Duration, op: F) -> anyhow::Result<Outcome>
+where
+    S: Send + 'static,
+    F: Fn(S) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = (S, anyhow::Result<&'static str>)> + Send,
+{
+    run_clients(clients, window, Some(pace), op).await
+}
+
+async fn run_clients<S, F, Fut>(
+    clients: Vec<S>,
+    window: Window,
+    pace: Option<Duration>,
+    op: F,
+) -> anyhow::Result<Outcome>
+where
+    S: Send + 'static,
+    F: Fn(S) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = (S, anyhow::Result<&'static str>)> + Send,
+{
     let start = Instant::now();
     let measure_from = start + window.warmup;
     let measure_to = measure_from + window.measure;
@@ -136,6 +164,9 @@ where
                         // Do not spin on a failing service.
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
+                }
+                if let Some(pace) = pace {
+                    tokio::time::sleep_until((began + pace).into()).await;
                 }
             }
             log

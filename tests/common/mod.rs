@@ -135,7 +135,9 @@ impl TestApp {
 
     pub async fn spawn_with(env: TestEnv, services: Services, extra: &[(&str, &str)]) -> Self {
         quiet_logs();
-        let app = Application::build(env.settings(extra), services).await.unwrap();
+        let vars = env.vars();
+        let email = cairn_workers::EmailSettings::from_lookup(|k| vars.get(k).cloned()).unwrap();
+        let app = Application::build_with_email(env.settings(extra), Some(email), services).await.unwrap();
         let address = format!("http://127.0.0.1:{}", app.port());
         let shutdown = app.shutdown_token();
         let pool = PgPool::connect(&env.database_url).await.unwrap();

@@ -1,5 +1,6 @@
 //! `login`: sign-ins per second at 16 clients, and the latency of a cheap authenticated GET
-//! (`/api/v1/users/me`, 4 clients) while they run, beside the same GET with no sign-ins.
+//! (`/api/v1/users/me`, a steady probe of 4 clients × 50 requests/s) while they run, beside the
+//! same probe with no sign-ins.
 //!
 //! Baseline: argon2id verifications (m = 19 MiB, t = 2, p = 1, cairn's parameters) per second
 //! on one thread per core, measured after the service has stopped. A sign-in is one verification
@@ -13,7 +14,7 @@ use argon2::password_hash::{PasswordHash, PasswordVerifier};
 
 use super::{Ctx, Output, Running};
 use crate::env::BenchEnv;
-use crate::load::{closed_loop, Outcome, Window};
+use crate::load::{closed_loop, paced_loop, Outcome, Window};
 use crate::report::{Measure, Row};
 use crate::seed;
 use crate::stats::Summary;
@@ -22,12 +23,14 @@ use crate::stats::Summary;
 const LOGIN_CLIENTS: usize = 16;
 /// Clients reading their profile meanwhile.
 const READ_CLIENTS: usize = 4;
+/// How often each of them sends a request.
+const READ_PACE: Duration = Duration::from_millis(20);
 /// Users that sign in, in turn.
 const USERS: usize = 256;
 
 async fn me_load(running: &Running, token: &Arc<String>, window: Window) -> anyhow::Result<Outcome> {
     let (api, token) = (running.api.clone(), token.clone());
-    closed_loop(vec![(); READ_CLIENTS], window, move |()| {
+    paced_loop(vec![(); READ_CLIENTS], window, READ_PACE, move |()| {
         let (api, token) = (api.clone(), token.clone());
         async move { ((), api.me(&token).await.map(|()| "me")) }
     })
@@ -112,7 +115,9 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
     running.service.stop().await?;
     let (hashes, hash_latency, threads) = argon2_baseline(&hash, window).await?;
     out.note(format!(
-        "{USERS} users sign in in turn from {LOGIN_CLIENTS} clients while {READ_CLIENTS} clients read /users/me"
+        "{USERS} users sign in in turn from {LOGIN_CLIENTS} clients while {READ_CLIENTS} clients read /users/me every \
+         {} ms each",
+        READ_PACE.as_millis()
     ));
     let mut row = Row::new(
         format!("login, {LOGIN_CLIENTS} clients"),
@@ -127,13 +132,13 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
     out.rows.push(row);
     out.rows.push(
         Row::new(
-            format!("GET /api/v1/users/me during logins, {READ_CLIENTS} clients"),
+            format!("GET /api/v1/users/me during logins, {READ_CLIENTS} clients × 50/s"),
             Measure::rate(loaded.throughput(), "req/s", loaded.summary()),
         )
         .errors(loaded.errors)
         .memory(memory)
         .baseline(
-            format!("same GET with no logins, {READ_CLIENTS} clients"),
+            format!("same GET probe with no logins"),
             Measure::rate(quiet.throughput(), "req/s", quiet.summary()),
         ),
     );
