@@ -1,4 +1,4 @@
-//! Every endpoint called anonymously, as a plain user and as an admin; and every kind of bad token.
+//! Every route of the OpenAPI document called anonymously and as each seeded role; and every kind of bad token.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,54 +9,139 @@ use common::TestApp;
 use reqwest::StatusCode;
 use serde_json::json;
 
+/// Who may call a route.
+#[derive(Debug, Clone, Copy)]
+enum Policy {
+    /// Anyone.
+    Public,
+    /// Needs a refresh token (none is sent here, so everyone gets 401).
+    RefreshToken,
+    /// Any signed-in caller.
+    SignedIn,
+    /// Callers whose roles grant this permission.
+    Permission(&'static str),
+}
+
+/// The declared policy of every route. A route the OpenAPI document lists without an entry here
+/// fails the test: every new endpoint must say who may call it.
+fn policy(method: &str, path: &str) -> Option<Policy> {
+    use Policy::*;
+    Some(match (method, path) {
+        ("POST", "/api/v1/auth/register" | "/api/v1/auth/login" | "/api/v1/auth/verify-email")
+        | ("POST", "/api/v1/auth/verify-email/resend" | "/api/v1/auth/password-reset")
+        | ("POST", "/api/v1/auth/password-reset/confirm")
+        | ("GET", "/.well-known/jwks.json") => Public,
+        ("POST", "/api/v1/auth/refresh") => RefreshToken,
+        ("POST", "/api/v1/auth/logout" | "/api/v1/auth/logout-all" | "/api/v1/auth/password")
+        | ("GET", "/api/v1/users/me" | "/api/v1/users/me/sessions" | "/api/v1/roles")
+        | ("DELETE", "/api/v1/users/me/sessions/{id}") => SignedIn,
+        ("PATCH", "/api/v1/users/me") => Permission("profile:write"),
+        ("GET", "/api/v1/users" | "/api/v1/users/{id}") => Permission("users:read"),
+        ("POST", "/api/v1/users/{id}/roles") | ("DELETE", "/api/v1/users/{id}/roles/{role}") => {
+            Permission("roles:manage")
+        }
+        ("POST", "/api/v1/roles") | ("PUT", "/api/v1/roles/{name}") => Permission("roles:manage"),
+        ("POST", "/api/v1/users/{id}/deactivate" | "/api/v1/users/{id}/reactivate")
+        | ("DELETE", "/api/v1/users/{id}" | "/api/v1/users/{id}/sessions") => Permission("users:write"),
+        _ => return None,
+    })
+}
+
+/// A body that passes validation, so an allowed call is judged on its permission alone.
+fn body_for(method: &str, path: &str) -> Option<serde_json::Value> {
+    let body = match path {
+        "/api/v1/auth/register" => json!({
+            "email": format!("m{}@example.com", uuid::Uuid::new_v4().simple()),
+            "password": common::PASSWORD,
+            "display_name": "M",
+        }),
+        "/api/v1/auth/login" => json!({ "email": "matrix-probe@example.com", "password": common::PASSWORD }),
+        "/api/v1/auth/verify-email" => json!({ "token": "not-a-token" }),
+        // Browsers send the cookie and no body; none is sent here.
+        "/api/v1/auth/refresh" => return None,
+        "/api/v1/auth/verify-email/resend" | "/api/v1/auth/password-reset" => json!({ "email": "nobody@example.com" }),
+        "/api/v1/auth/password-reset/confirm" => {
+            json!({ "token": "not-a-token", "new_password": "whatever long enough" })
+        }
+        // A weak new password: allowed callers get 400 and nobody's password changes.
+        "/api/v1/auth/password" => json!({ "current_password": common::PASSWORD, "new_password": "weak" }),
+        "/api/v1/users/me" => json!({ "display_name": "Renamed" }),
+        "/api/v1/users/{id}/roles" => json!({ "role": "operator" }),
+        "/api/v1/roles" => {
+            json!({ "name": format!("r{}", &uuid::Uuid::new_v4().simple().to_string()[..8]), "permissions": ["files:read"] })
+        }
+        "/api/v1/roles/{name}" => json!({ "permissions": ["files:read", "files:write"] }),
+        _ if method == "GET" || method == "DELETE" => return None,
+        _ => json!({}),
+    };
+    Some(body)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn each_endpoint_answers_anonymous_user_and_admin_as_the_api_says() {
+async fn every_route_answers_each_role_as_its_declared_policy_says() {
     let app = TestApp::spawn().await;
     let (_, admin) = app.admin_token().await;
-    let user_id = app.register_ok("plain@example.com").await;
-    let user = app.login("plain@example.com").await;
-    let registered = app.register("target@example.com").await;
-    let target: uuid::Uuid = registered.data()["user_id"].as_str().unwrap().parse().unwrap();
-    let id = target.to_string();
-    // Reads below must see both users: wait for the projections once.
-    let seen = app
-        .request("GET", "/api/v1/users/me", Some(&user), None, &[("X-Consistency-Token", &registered.token())])
-        .await;
-    assert_eq!(seen.body["meta"]["consistent"], true);
+    // One account per seeded role; each holds that role only.
+    let mut accounts: Vec<(&str, Option<String>, Vec<String>)> = vec![("anonymous", None, vec![])];
+    for role in ["user", "readonly", "auditor", "operator", "admin"] {
+        let email = format!("{role}-matrix@example.com");
+        let id = app.register_ok(&email).await;
+        if role != "user" {
+            let granted = app.post(&format!("/api/v1/users/{id}/roles"), Some(&admin), json!({ "role": role })).await;
+            assert_eq!(granted.status, StatusCode::OK);
+            let revoked =
+                app.request("DELETE", &format!("/api/v1/users/{id}/roles/user"), Some(&admin), None, &[]).await;
+            assert_eq!(revoked.status, StatusCode::OK);
+        }
+        let perms = cairn_domain::roles::permissions_of(role).unwrap().into_iter().map(str::to_owned).collect();
+        accounts.push((role, Some(email), perms));
+    }
+    let target = app.register_ok("matrix-target@example.com").await.to_string();
+    app.register_ok("matrix-probe@example.com").await;
 
-    // (method, path, body, anonymous, user, admin)
-    let unauth = StatusCode::UNAUTHORIZED;
-    let forbidden = StatusCode::FORBIDDEN;
-    let ok = StatusCode::OK;
-    type Case = (&'static str, String, Option<serde_json::Value>, StatusCode, StatusCode, StatusCode);
-    let cases: Vec<Case> = vec![
-        ("GET", "/api/v1/users/me".into(), None, unauth, ok, ok),
-        ("PATCH", "/api/v1/users/me".into(), Some(json!({ "display_name": "New" })), unauth, ok, ok),
-        ("GET", "/api/v1/users".into(), None, unauth, forbidden, ok),
-        ("GET", format!("/api/v1/users/{id}"), None, unauth, forbidden, ok),
-        ("GET", format!("/api/v1/users/{user_id}"), None, unauth, ok, ok), // self is always allowed
-        ("GET", "/api/v1/roles".into(), None, unauth, ok, ok),
-        ("POST", format!("/api/v1/users/{id}/roles"), Some(json!({ "role": "operator" })), unauth, forbidden, ok),
-        ("DELETE", format!("/api/v1/users/{id}/roles/operator"), None, unauth, forbidden, ok),
-        ("POST", format!("/api/v1/users/{id}/deactivate"), Some(json!({})), unauth, forbidden, ok),
-        ("POST", format!("/api/v1/users/{id}/reactivate"), Some(json!({})), unauth, forbidden, ok),
-        ("DELETE", format!("/api/v1/users/{id}"), None, unauth, forbidden, ok),
-        ("GET", "/.well-known/jwks.json".into(), None, ok, ok, ok),
-        ("GET", "/health".into(), None, ok, ok, ok),
-    ];
-    for (method, path, body, anonymous, as_user, as_admin) in cases {
-        for (who, token, expected) in [
-            ("anonymous", None, anonymous),
-            ("user", Some(user.as_str()), as_user),
-            ("admin", Some(admin.as_str()), as_admin),
-        ] {
-            // Commands the admin runs change state, so the user's and anonymous calls go first and
-            // each admin call is the one that succeeds.
-            let reply = app.request(method, &path, token, body.clone(), &[]).await;
-            assert_eq!(reply.status, expected, "{method} {path} as {who}: {:?}", reply.body);
-            if !expected.is_success() {
-                assert_eq!(reply.body["success"], false);
-                assert!(reply.body["error"]["request_id"].is_string());
+    let spec = app.get("/api/v1/openapi.json", None).await;
+    let mut routes: Vec<(String, String)> = Vec::new();
+    for (path, item) in spec.body["paths"].as_object().unwrap() {
+        for method in ["get", "post", "put", "patch", "delete"] {
+            if item.get(method).is_some() {
+                routes.push((method.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    assert!(routes.len() >= 25, "the OpenAPI document lists only {} routes", routes.len());
+    let undeclared: Vec<_> = routes.iter().filter(|(m, p)| policy(m, p).is_none()).collect();
+    assert!(undeclared.is_empty(), "routes without a declared policy: {undeclared:?}");
+
+    for (method, path) in &routes {
+        let policy = policy(method, path).unwrap();
+        let url = path
+            .replace("/users/me/sessions/{id}", &format!("/users/me/sessions/{}", uuid::Uuid::new_v4()))
+            .replace("{id}", &target)
+            .replace("{role}", "operator")
+            .replace("{name}", "readonly");
+        for (role, email, perms) in &accounts {
+            // A fresh sign-in per call: some calls (logout, logout-all) end the caller's session.
+            let token = match email {
+                Some(email) => Some(app.login(email).await),
+                None => None,
+            };
+            let reply = app.request(method, &url, token.as_deref(), body_for(method, path), &[]).await;
+            let expected = match (policy, token.is_some()) {
+                (Policy::Public, _) | (Policy::SignedIn, true) => None,
+                (Policy::RefreshToken, _) | (_, false) => Some(StatusCode::UNAUTHORIZED),
+                (Policy::Permission(p), true) if perms.iter().any(|held| held == p) => None,
+                (Policy::Permission(_), true) => Some(StatusCode::FORBIDDEN),
+            };
+            match expected {
+                Some(status) => assert_eq!(reply.status, status, "{method} {path} as {role}: {:?}", reply.body),
+                None => assert!(
+                    reply.status != StatusCode::UNAUTHORIZED && reply.status != StatusCode::FORBIDDEN,
+                    "{method} {path} as {role} was refused: {:?}",
+                    reply.body
+                ),
+            }
+            if !reply.status.is_success() {
+                assert_eq!(reply.body["success"], false, "{method} {path} as {role}");
             }
         }
     }

@@ -18,12 +18,15 @@ async fn a_new_user_verifies_their_address_with_the_mailed_token() {
     assert!(token.len() >= 43, "at least 256 bits: {token}");
 
     let login = app.login("verify@example.com").await;
-    let claims = app.request("GET", "/api/v1/users/me", Some(&login), None, &[("X-Consistency-Token", &registered.token())]).await;
+    let claims = app
+        .request("GET", "/api/v1/users/me", Some(&login), None, &[("X-Consistency-Token", &registered.token())])
+        .await;
     assert_eq!(claims.data()["email_verified"], false);
 
     let verified = app.post("/api/v1/auth/verify-email", None, json!({ "token": token })).await;
     assert_eq!(verified.status, StatusCode::OK, "{:?}", verified.body);
-    let me = app.request("GET", "/api/v1/users/me", Some(&login), None, &[("X-Consistency-Token", &verified.token())]).await;
+    let me =
+        app.request("GET", "/api/v1/users/me", Some(&login), None, &[("X-Consistency-Token", &verified.token())]).await;
     assert_eq!(me.data()["email_verified"], true);
     // Single use.
     let again = app.post("/api/v1/auth/verify-email", None, json!({ "token": token })).await;
@@ -31,7 +34,11 @@ async fn a_new_user_verifies_their_address_with_the_mailed_token() {
     let forged = app.post("/api/v1/auth/verify-email", None, json!({ "token": "A".repeat(43) })).await;
     assert_eq!(forged.status, StatusCode::BAD_REQUEST);
     // The token is stored only as a hash.
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM email_tokens WHERE token_hash = $1").bind(&token).fetch_one(&app.pool).await.unwrap();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM email_tokens WHERE token_hash = $1")
+        .bind(&token)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     assert_eq!(stored, 0);
     app.stop().await;
 }
@@ -41,7 +48,13 @@ async fn a_password_reset_sets_the_new_password_and_ends_every_session() {
     let app = TestApp::spawn().await;
     let mail = MailCatcher::start(app.env.smtp_port);
     app.register_ok("forgot@example.com").await;
-    let session = app.post("/api/v1/auth/login", None, json!({ "email": "forgot@example.com", "password": PASSWORD, "refresh_token_in_body": true })).await;
+    let session = app
+        .post(
+            "/api/v1/auth/login",
+            None,
+            json!({ "email": "forgot@example.com", "password": PASSWORD, "refresh_token_in_body": true }),
+        )
+        .await;
     let access = session.data()["access_token"].as_str().unwrap().to_owned();
     let refresh = session.data()["refresh_token"].as_str().unwrap().to_owned();
 
@@ -50,20 +63,32 @@ async fn a_password_reset_sets_the_new_password_and_ends_every_session() {
     let token = mail.token_for("forgot@example.com", "reset-password", 1).await;
 
     // A weak password is refused and leaves the token usable.
-    let weak = app.post("/api/v1/auth/password-reset/confirm", None, json!({ "token": token, "new_password": "password" })).await;
+    let weak = app
+        .post("/api/v1/auth/password-reset/confirm", None, json!({ "token": token, "new_password": "password" }))
+        .await;
     assert_eq!((weak.status, weak.code()), (StatusCode::BAD_REQUEST, "VALIDATION_FAILED"));
     let new_password = "brand new passphrase for forgot";
-    let reset = app.post("/api/v1/auth/password-reset/confirm", None, json!({ "token": token, "new_password": new_password })).await;
+    let reset = app
+        .post("/api/v1/auth/password-reset/confirm", None, json!({ "token": token, "new_password": new_password }))
+        .await;
     assert_eq!(reset.status, StatusCode::OK, "{:?}", reset.body);
 
     assert_eq!(app.get("/api/v1/roles", Some(&access)).await.status, StatusCode::UNAUTHORIZED, "every session ends");
     let refreshed = app.post("/api/v1/auth/refresh", None, json!({ "refresh_token": refresh })).await;
     assert_eq!(refreshed.status, StatusCode::UNAUTHORIZED);
-    let old = app.post("/api/v1/auth/login", None, json!({ "email": "forgot@example.com", "password": PASSWORD })).await;
+    let old =
+        app.post("/api/v1/auth/login", None, json!({ "email": "forgot@example.com", "password": PASSWORD })).await;
     assert_eq!(old.status, StatusCode::UNAUTHORIZED);
-    let new = app.post("/api/v1/auth/login", None, json!({ "email": "forgot@example.com", "password": new_password })).await;
+    let new =
+        app.post("/api/v1/auth/login", None, json!({ "email": "forgot@example.com", "password": new_password })).await;
     assert_eq!(new.status, StatusCode::OK);
-    let reused = app.post("/api/v1/auth/password-reset/confirm", None, json!({ "token": token, "new_password": "yet another passphrase here" })).await;
+    let reused = app
+        .post(
+            "/api/v1/auth/password-reset/confirm",
+            None,
+            json!({ "token": token, "new_password": "yet another passphrase here" }),
+        )
+        .await;
     assert_eq!(reused.status, StatusCode::BAD_REQUEST, "single use");
 
     // Nobody gets a mail for an address without an account.
