@@ -30,6 +30,7 @@ fn policy(method: &str, path: &str) -> Option<Policy> {
         ("POST", "/api/v1/auth/register" | "/api/v1/auth/login" | "/api/v1/auth/verify-email")
         | ("POST", "/api/v1/auth/verify-email/resend" | "/api/v1/auth/password-reset")
         | ("POST", "/api/v1/auth/password-reset/confirm")
+        | ("POST", "/api/v1/auth/oauth/{provider}/start" | "/api/v1/auth/oauth/{provider}/callback")
         | ("GET", "/.well-known/jwks.json") => Public,
         ("POST", "/api/v1/auth/refresh") => RefreshToken,
         ("POST", "/api/v1/auth/logout" | "/api/v1/auth/logout-all" | "/api/v1/auth/password")
@@ -71,6 +72,7 @@ fn body_for(method: &str, path: &str) -> Option<serde_json::Value> {
             json!({ "name": format!("r{}", &uuid::Uuid::new_v4().simple().to_string()[..8]), "permissions": ["files:read"] })
         }
         "/api/v1/roles/{name}" => json!({ "permissions": ["files:read", "files:write"] }),
+        "/api/v1/auth/oauth/{provider}/callback" => json!({ "code": "c", "state": "s" }),
         _ if method == "GET" || method == "DELETE" => return None,
         _ => json!({}),
     };
@@ -118,7 +120,8 @@ async fn every_route_answers_each_role_as_its_declared_policy_says() {
             .replace("/users/me/sessions/{id}", &format!("/users/me/sessions/{}", uuid::Uuid::new_v4()))
             .replace("{id}", &target)
             .replace("{role}", "operator")
-            .replace("{name}", "readonly");
+            .replace("{name}", "readonly")
+            .replace("{provider}", "none-configured");
         for (role, email, perms) in &accounts {
             // A fresh sign-in per call: some calls (logout, logout-all) end the caller's session.
             let token = match email {

@@ -5,11 +5,13 @@
 //! - [`users`]: registration, profile, roles held, deactivation (the `User` aggregate).
 //! - [`auth`]: sign-in with lockout, sessions and refresh rotation, password change and reset,
 //!   email verification (the `Session` aggregate).
+//! - [`oauth`]: OAuth 2.0 / OpenID Connect sign-in with PKCE.
 //! - [`roles`]: defining and editing roles (the `Role` aggregate).
 //! - [`passwords`]: argon2id hashing on a bounded blocking pool, and the password policy.
 
 pub mod auth;
 pub mod executor;
+pub mod oauth;
 pub mod passwords;
 pub mod roles;
 pub mod users;
@@ -43,6 +45,8 @@ pub struct CommandState {
     pub cookie: RefreshCookie,
     /// The database (emailed tokens).
     pub pool: PgPool,
+    /// OAuth providers.
+    pub oauth: oauth::OAuth,
     /// Verification and reset mails asked for, per address.
     pub mail_requests: Arc<Limiter<String>>,
     /// Absolute session lifetime, for the cookie's Max-Age.
@@ -71,6 +75,7 @@ impl CommandState {
             users,
             auth,
             cookie: RefreshCookie { secure: settings.cookie_secure, allowed_origins: settings.allowed_origins.clone() },
+            oauth: oauth::OAuth::new(pool.clone(), &settings.oauth_providers, &settings.oauth_redirect_uri)?,
             pool,
             mail_requests: Arc::new(Limiter::new(mail_rate).ok_or_else(|| anyhow::anyhow!("mail request limit"))?),
             sessions_lifetime_secs: i64::try_from(settings.session_lifetime.as_secs()).unwrap_or(i64::MAX),
@@ -85,5 +90,5 @@ impl CommandState {
 
 /// The command API's routes, documented.
 pub fn router(state: CommandState) -> OpenApiRouter {
-    users::routes().merge(auth::routes()).merge(roles::routes()).with_state(state)
+    users::routes().merge(auth::routes()).merge(oauth::routes()).merge(roles::routes()).with_state(state)
 }

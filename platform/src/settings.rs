@@ -89,6 +89,129 @@ pub struct Settings {
     pub lockout_base: Duration,
     /// `CAIRN_LOCKOUT_MAX_SECS`: the longest lock (default 900).
     pub lockout_max: Duration,
+    /// `CAIRN_OAUTH_PROVIDERS` and `CAIRN_OAUTH_<NAME>_*`: OAuth / OpenID Connect sign-in.
+    pub oauth_providers: Vec<OAuthProvider>,
+    /// `CAIRN_OAUTH_REDIRECT_URI`: the frontend page providers send the user back to
+    /// (default `<CAIRN_PUBLIC_URL>/oauth/callback`).
+    pub oauth_redirect_uri: String,
+}
+
+/// How a provider proves who the user is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OAuthKind {
+    /// OpenID Connect: a signed ID token with `email`, `email_verified` and our `nonce`.
+    Oidc,
+    /// GitHub: the API's list of the user's verified email addresses.
+    Github,
+}
+
+/// One configured OAuth provider.
+#[derive(Clone)]
+pub struct OAuthProvider {
+    /// Its name in URLs (`google`, `github`, …).
+    pub name: String,
+    /// OIDC or GitHub.
+    pub kind: OAuthKind,
+    /// Client id.
+    pub client_id: String,
+    /// Client secret (from `…_CLIENT_SECRET` or the file named by `…_CLIENT_SECRET_FILE`).
+    pub client_secret: String,
+    /// Authorization endpoint.
+    pub authorize_url: String,
+    /// Token endpoint.
+    pub token_url: String,
+    /// OIDC: the provider's keys; GitHub: unused.
+    pub jwks_url: String,
+    /// OIDC: the expected `iss`.
+    pub issuer: String,
+    /// GitHub: the user endpoint; OIDC: unused.
+    pub userinfo_url: String,
+    /// GitHub: the emails endpoint.
+    pub emails_url: String,
+    /// Requested scopes.
+    pub scopes: String,
+}
+
+impl std::fmt::Debug for OAuthProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OAuthProvider")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"REDACTED")
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads the providers named in `CAIRN_OAUTH_PROVIDERS`; `google` and `github` come with their
+/// endpoints preset, so only the client id and secret are needed for them.
+fn oauth_providers(lookup: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Vec<OAuthProvider>> {
+    let names = lookup("CAIRN_OAUTH_PROVIDERS").unwrap_or_default();
+    let mut providers = Vec::new();
+    for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        if !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
+            bail!("CAIRN_OAUTH_PROVIDERS: '{name}' must be lower-case letters, digits and '-'");
+        }
+        let prefix = format!("CAIRN_OAUTH_{}_", name.to_uppercase().replace('-', "_"));
+        let var = |key: &str| lookup(&format!("{prefix}{key}")).filter(|v| !v.is_empty());
+        let (kind, authorize, token, jwks, issuer, userinfo, emails, scopes) = match name {
+            "google" => (
+                OAuthKind::Oidc,
+                "https://accounts.google.com/o/oauth2/v2/auth",
+                "https://oauth2.googleapis.com/token",
+                "https://www.googleapis.com/oauth2/v3/certs",
+                "https://accounts.google.com",
+                "",
+                "",
+                "openid email profile",
+            ),
+            "github" => (
+                OAuthKind::Github,
+                "https://github.com/login/oauth/authorize",
+                "https://github.com/login/oauth/access_token",
+                "",
+                "",
+                "https://api.github.com/user",
+                "https://api.github.com/user/emails",
+                "read:user user:email",
+            ),
+            _ => (OAuthKind::Oidc, "", "", "", "", "", "", "openid email profile"),
+        };
+        let kind = match var("KIND").as_deref() {
+            None => kind,
+            Some("oidc") => OAuthKind::Oidc,
+            Some("github") => OAuthKind::Github,
+            Some(other) => bail!("{prefix}KIND must be oidc or github, not '{other}'"),
+        };
+        let required = |key: &str, preset: &str| -> anyhow::Result<String> {
+            var(key)
+                .or_else(|| (!preset.is_empty()).then(|| preset.to_owned()))
+                .with_context(|| format!("{prefix}{key} is required"))
+        };
+        let client_secret = match (var("CLIENT_SECRET"), var("CLIENT_SECRET_FILE")) {
+            (Some(secret), None) => secret,
+            (None, Some(file)) => std::fs::read_to_string(&file)
+                .with_context(|| format!("{prefix}CLIENT_SECRET_FILE: cannot read {file}"))?
+                .trim()
+                .to_owned(),
+            (Some(_), Some(_)) => bail!("set {prefix}CLIENT_SECRET or {prefix}CLIENT_SECRET_FILE, not both"),
+            (None, None) => bail!("{prefix}CLIENT_SECRET or {prefix}CLIENT_SECRET_FILE is required"),
+        };
+        providers.push(OAuthProvider {
+            name: name.to_owned(),
+            kind,
+            client_id: required("CLIENT_ID", "")?,
+            client_secret,
+            authorize_url: required("AUTHORIZE_URL", authorize)?,
+            token_url: required("TOKEN_URL", token)?,
+            jwks_url: if kind == OAuthKind::Oidc { required("JWKS_URL", jwks)? } else { String::new() },
+            issuer: if kind == OAuthKind::Oidc { required("ISSUER", issuer)? } else { String::new() },
+            userinfo_url: if kind == OAuthKind::Github { required("USERINFO_URL", userinfo)? } else { String::new() },
+            emails_url: if kind == OAuthKind::Github { required("EMAILS_URL", emails)? } else { String::new() },
+            scopes: var("SCOPES").unwrap_or_else(|| scopes.to_owned()),
+        });
+    }
+    Ok(providers)
 }
 
 /// A rate: `count` requests per `period`, refilled evenly.
@@ -220,6 +343,10 @@ impl Settings {
             lockout_threshold: u32::try_from(num("CAIRN_LOCKOUT_THRESHOLD", 5)?)?.max(1),
             lockout_base: Duration::from_secs(num("CAIRN_LOCKOUT_BASE_SECS", 60)?.max(1)),
             lockout_max: Duration::from_secs(num("CAIRN_LOCKOUT_MAX_SECS", 900)?.max(1)),
+            oauth_providers: oauth_providers(&lookup)?,
+            oauth_redirect_uri: lookup("CAIRN_OAUTH_REDIRECT_URI").filter(|v| !v.is_empty()).unwrap_or_else(|| {
+                format!("{}/oauth/callback", get("CAIRN_PUBLIC_URL", "http://localhost:8080").trim_end_matches('/'))
+            }),
         })
     }
 

@@ -55,8 +55,17 @@ impl Ctx {
     }
 }
 
-/// Runs `load` and returns its result with the CPU process `pid` used meanwhile, in percent of
-/// one core.
+/// CPU used while a load ran, in percent of one core.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuUse {
+    /// By the service.
+    pub service: f64,
+    /// By this benchmark process (the clients), which shares the machine.
+    pub bench: f64,
+}
+
+/// Runs `load` and returns its result with the CPU the service (`pid`) and this process used
+/// meanwhile.
 ///
 /// # Errors
 /// When `load` fails or the process is gone.
@@ -64,12 +73,24 @@ pub async fn with_cpu<T>(
     ctx: &Ctx,
     pid: u32,
     load: impl Future<Output = anyhow::Result<T>>,
-) -> anyhow::Result<(T, f64)> {
-    let before = crate::service::cpu_seconds_of(pid, ctx.ticks)?;
+) -> anyhow::Result<(T, CpuUse)> {
+    let me = std::process::id();
+    let (service_before, bench_before) =
+        (crate::service::cpu_seconds_of(pid, ctx.ticks)?, crate::service::cpu_seconds_of(me, ctx.ticks)?);
     let started = Instant::now();
     let result = load.await?;
-    let used = crate::service::cpu_seconds_of(pid, ctx.ticks)? - before;
-    Ok((result, used / started.elapsed().as_secs_f64() * 100.0))
+    let seconds = started.elapsed().as_secs_f64();
+    let service = (crate::service::cpu_seconds_of(pid, ctx.ticks)? - service_before) / seconds * 100.0;
+    let bench = (crate::service::cpu_seconds_of(me, ctx.ticks)? - bench_before) / seconds * 100.0;
+    Ok((result, CpuUse { service, bench }))
+}
+
+impl crate::report::Row {
+    /// Keeps the CPU figures of a load.
+    #[must_use]
+    pub fn cpu(self, cpu: CpuUse) -> Self {
+        self.extra("service_cpu_percent", cpu.service).extra("bench_cpu_percent", cpu.bench)
+    }
 }
 
 /// What a scenario produces.

@@ -129,7 +129,7 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
         )
         .errors(outcome.errors)
         .memory(memory)
-        .extra("service_cpu_percent", cpu)
+        .cpu(cpu)
         .baseline(
             format!("{what} through sqlx, {CLIENTS} connections"),
             Measure::rate(baseline.throughput(), "queries/s", baseline.summary()),

@@ -207,7 +207,7 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
         )
         .errors(outcome.errors)
         .memory(memory)
-        .extra("service_cpu_percent", cpu)
+        .cpu(cpu)
         .baseline(
             format!("single-row INSERT, {clients} connection{}", if clients == 1 { "" } else { "s" }),
             Measure::rate(baseline.throughput(), "tx/s", baseline.summary()),

@@ -121,17 +121,28 @@ async fn login(
         Some((_, account)) => account,
         None => return Err(refused()),
     };
-    let (sid, refresh_token, _) = state.sessions.start(id, &account, &ctx).await?;
-    let access = access_token(&state.auth.tokens, users.roles(), id, &account, sid).await?;
-    let perms = users.roles().permissions_for(&account.roles.iter().cloned().collect::<Vec<_>>()).await?;
-    let mut data = tokens_body(access, &state.auth, body.refresh_token_in_body.then_some(refresh_token.as_str()));
+    complete_sign_in(&state, id, &account, &ctx, body.refresh_token_in_body).await
+}
+
+/// Starts a session for a user who proved who they are, and answers with the tokens: the refresh
+/// token as an HttpOnly cookie, or in the body for native clients.
+pub(crate) async fn complete_sign_in(
+    state: &CommandState,
+    id: Uuid,
+    account: &User,
+    ctx: &RequestContext,
+    refresh_in_body: bool,
+) -> Result<Response, ApiError> {
+    let (sid, refresh_token, _) = state.sessions.start(id, account, ctx).await?;
+    let access = access_token(&state.auth.tokens, state.users.roles(), id, account, sid).await?;
+    let perms = state.users.roles().permissions_for(&account.roles.iter().cloned().collect::<Vec<_>>()).await?;
+    let mut data = tokens_body(access, &state.auth, refresh_in_body.then_some(refresh_token.as_str()));
     data["user"] = json!({
         "id": id, "email": account.email, "display_name": account.display_name,
         "roles": account.roles, "permissions": perms, "email_verified": account.email_verified,
     });
     data["session_id"] = json!(sid);
-    let lifetime = state.sessions_lifetime_secs;
-    let cookie = (!body.refresh_token_in_body).then(|| state.cookie.set(&refresh_token, lifetime));
+    let cookie = (!refresh_in_body).then(|| state.cookie.set(&refresh_token, state.sessions_lifetime_secs));
     Ok(with_cookie(ApiResponse::ok(data), cookie))
 }
 

@@ -1,0 +1,12 @@
+//! OAuth 2.0 / OpenID Connect sign-in: authorization code with PKCE, `state` and `nonce` each
+//! usable once. An account is linked by verified email; a new address opens a new account.
+//!
+//! The frontend asks `POST /api/v1/auth/oauth/{provider}/start` for the provider's URL, sends the
+//! user there, receives `code` and `state` back on its own page, and posts them to
+//! `POST /api/v1/auth/oauth/{provider}/callback`, which answers like a password sign-in.
+
+mod flow;
+mod routes;
+
+pub use flow::OAuth;
+pub use routes::routes;
