@@ -12,6 +12,7 @@ use cairn_command_api::passwords::Passwords;
 use cairn_command_api::{CommandState, UserCommands};
 use cairn_platform::auth::{AuthState, KeySet, SessionVersions, TokenIssuer};
 use cairn_platform::checkpoint::CheckpointWatcher;
+use cairn_platform::http::limits::Limiter;
 use cairn_platform::http::{finish_router, ops_router, OpsState};
 use cairn_platform::nats::{self, Namespace};
 use cairn_platform::relay::Relay;
@@ -131,7 +132,8 @@ impl Application {
             );
             let sessions = SessionVersions::new(settings.access_token_ttl);
             sessions.follow(pool.clone(), js.clone(), ns.clone(), shutdown.clone()).await?;
-            let auth = AuthState { tokens, sessions: sessions.clone() };
+            let user_limits = settings.rate_limit_user.and_then(Limiter::new).map(Arc::new);
+            let auth = AuthState { tokens, sessions: sessions.clone(), user_limits };
             if services.command_api {
                 let users = UserCommands::new(pool.clone(), Passwords::new(settings.hash_concurrency), sessions);
                 users.roles().seed().await.map_err(|e| anyhow::anyhow!("cannot define the seeded roles: {e}"))?;

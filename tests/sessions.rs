@@ -302,6 +302,23 @@ async fn rate_limits_answer_429_with_retry_after() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_user_has_a_limit_of_their_own() {
+    let app = app_with(&[("CAIRN_RATE_LIMIT_USER", "3/min")]).await;
+    app.register_ok("busy@example.com").await;
+    app.register_ok("calm@example.com").await;
+    let busy = app.login("busy@example.com").await;
+    let calm = app.login("calm@example.com").await;
+    for _ in 0..3 {
+        assert_eq!(authed(&app, &busy).await, StatusCode::OK);
+    }
+    let limited = app.get("/api/v1/roles", Some(&busy)).await;
+    assert_eq!((limited.status, limited.code()), (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED"));
+    assert!(limited.headers.contains_key("retry-after"));
+    assert_eq!(authed(&app, &calm).await, StatusCode::OK, "another user from the same address is not limited");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reset_and_resend_answer_the_same_whether_or_not_the_address_exists() {
     let app = TestApp::spawn().await;
     app.register_ok("known@example.com").await;

@@ -81,8 +81,10 @@ pub struct Settings {
     pub rate_limit_auth: Option<RateLimit>,
     /// `CAIRN_RATE_LIMIT_PUBLIC`: per-IP limit outside `/api/`.
     pub rate_limit_public: Option<RateLimit>,
-    /// `CAIRN_RATE_LIMIT_API`: per-IP and per-user limit on the rest of `/api/`.
+    /// `CAIRN_RATE_LIMIT_API`: per-IP limit on the rest of `/api/`.
     pub rate_limit_api: Option<RateLimit>,
+    /// `CAIRN_RATE_LIMIT_USER`: per-user limit on authenticated API calls.
+    pub rate_limit_user: Option<RateLimit>,
     /// `CAIRN_LOCKOUT_THRESHOLD`: failed sign-ins in a row that lock an account (default 5).
     pub lockout_threshold: u32,
     /// `CAIRN_LOCKOUT_BASE_SECS`: the first lock's length; later ones double (default 60).
@@ -340,6 +342,8 @@ impl Settings {
                 .context("CAIRN_RATE_LIMIT_PUBLIC")?,
             rate_limit_api: RateLimit::parse(&get("CAIRN_RATE_LIMIT_API", "1200/min"))
                 .context("CAIRN_RATE_LIMIT_API")?,
+            rate_limit_user: RateLimit::parse(&get("CAIRN_RATE_LIMIT_USER", "1200/min"))
+                .context("CAIRN_RATE_LIMIT_USER")?,
             lockout_threshold: u32::try_from(num("CAIRN_LOCKOUT_THRESHOLD", 5)?)?.max(1),
             lockout_base: Duration::from_secs(num("CAIRN_LOCKOUT_BASE_SECS", 60)?.max(1)),
             lockout_max: Duration::from_secs(num("CAIRN_LOCKOUT_MAX_SECS", 900)?.max(1)),

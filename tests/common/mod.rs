@@ -65,6 +65,7 @@ impl TestEnv {
             ("CAIRN_RATE_LIMIT_AUTH".to_owned(), "1000000/min".to_owned()),
             ("CAIRN_RATE_LIMIT_API".to_owned(), "1000000/min".to_owned()),
             ("CAIRN_RATE_LIMIT_PUBLIC".to_owned(), "1000000/min".to_owned()),
+            ("CAIRN_RATE_LIMIT_USER".to_owned(), "1000000/min".to_owned()),
             ("SMTP_HOST".to_owned(), "127.0.0.1".to_owned()),
             ("SMTP_PORT".to_owned(), self.smtp_port.to_string()),
         ])

@@ -4,16 +4,21 @@ use axum::extract::{FromRef, FromRequestParts, OptionalFromRequestParts};
 use axum::http::request::Parts;
 use uuid::Uuid;
 
+use std::sync::Arc;
+
 use super::{Claims, SessionVersions, TokenIssuer};
+use crate::http::limits::Limiter;
 use crate::http::ApiError;
 
-/// What authentication needs: the keys and the session-version map.
+/// What authentication needs: the keys, the session-version map and the per-user rate limit.
 #[derive(Debug, Clone)]
 pub struct AuthState {
     /// Verifies (and on the command side, issues) tokens.
     pub tokens: TokenIssuer,
     /// Current session versions.
     pub sessions: SessionVersions,
+    /// Per-user limit on authenticated calls (`CAIRN_RATE_LIMIT_USER`), on top of the per-IP one.
+    pub user_limits: Option<Arc<Limiter<Uuid>>>,
 }
 
 /// A caller with a valid, current access token. Permissions come from the token, never the database.
@@ -87,6 +92,9 @@ fn authenticate(parts: &Parts, auth: &AuthState) -> Result<Option<Caller>, ApiEr
     let claims = auth.tokens.verify(token).map_err(|e| ApiError::Unauthenticated(e.0))?;
     if !auth.sessions.is_current(claims.sub, claims.sv, claims.sid) {
         return Err(ApiError::Unauthenticated("session has ended; sign in again".into()));
+    }
+    if let Some(limits) = &auth.user_limits {
+        limits.check(&claims.sub)?;
     }
     Ok(Some(Caller { claims }))
 }
