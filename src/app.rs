@@ -133,7 +133,8 @@ impl Application {
             let sessions = SessionVersions::new(settings.access_token_ttl);
             sessions.follow(pool.clone(), js.clone(), ns.clone(), shutdown.clone()).await?;
             let user_limits = settings.rate_limit_user.and_then(Limiter::new).map(Arc::new);
-            let auth = AuthState { tokens, sessions: sessions.clone(), user_limits };
+            let verified_email_for = Arc::new(settings.verified_email_for.clone());
+            let auth = AuthState { tokens, sessions: sessions.clone(), user_limits, verified_email_for };
             if services.command_api {
                 let users = UserCommands::new(pool.clone(), Passwords::new(settings.hash_concurrency), sessions);
                 users.roles().seed().await.map_err(|e| anyhow::anyhow!("cannot define the seeded roles: {e}"))?;

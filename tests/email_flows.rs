@@ -10,7 +10,13 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_user_verifies_their_address_with_the_mailed_token() {
-    let app = TestApp::spawn().await;
+    // This deployment lets only verified addresses change their profile.
+    let app = TestApp::spawn_with(
+        common::TestEnv::new(),
+        cairn::Services::all(),
+        &[("CAIRN_VERIFIED_EMAIL_FOR", "profile:write")],
+    )
+    .await;
     let mail = MailCatcher::start(app.env.smtp_port);
     let registered = app.register("verify@example.com").await;
     assert_eq!(registered.status, StatusCode::CREATED);

@@ -85,6 +85,8 @@ pub struct Settings {
     pub rate_limit_api: Option<RateLimit>,
     /// `CAIRN_RATE_LIMIT_USER`: per-user limit on authenticated API calls.
     pub rate_limit_user: Option<RateLimit>,
+    /// `CAIRN_VERIFIED_EMAIL_FOR`: permissions that also need a verified email address.
+    pub verified_email_for: Vec<String>,
     /// `CAIRN_LOCKOUT_THRESHOLD`: failed sign-ins in a row that lock an account (default 5).
     pub lockout_threshold: u32,
     /// `CAIRN_LOCKOUT_BASE_SECS`: the first lock's length; later ones double (default 60).
@@ -342,6 +344,12 @@ impl Settings {
                 .context("CAIRN_RATE_LIMIT_PUBLIC")?,
             rate_limit_api: RateLimit::parse(&get("CAIRN_RATE_LIMIT_API", "1200/min"))
                 .context("CAIRN_RATE_LIMIT_API")?,
+            verified_email_for: get("CAIRN_VERIFIED_EMAIL_FOR", "rooms:write,messages:write,files:write")
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect(),
             rate_limit_user: RateLimit::parse(&get("CAIRN_RATE_LIMIT_USER", "1200/min"))
                 .context("CAIRN_RATE_LIMIT_USER")?,
             lockout_threshold: u32::try_from(num("CAIRN_LOCKOUT_THRESHOLD", 5)?)?.max(1),

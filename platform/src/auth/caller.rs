@@ -19,6 +19,8 @@ pub struct AuthState {
     pub sessions: SessionVersions,
     /// Per-user limit on authenticated calls (`CAIRN_RATE_LIMIT_USER`), on top of the per-IP one.
     pub user_limits: Option<Arc<Limiter<Uuid>>>,
+    /// Permissions that also need a verified email address (`CAIRN_VERIFIED_EMAIL_FOR`).
+    pub verified_email_for: Arc<Vec<String>>,
 }
 
 /// A caller with a valid, current access token. Permissions come from the token, never the database.
@@ -26,6 +28,7 @@ pub struct AuthState {
 pub struct Caller {
     /// The verified claims.
     pub claims: Claims,
+    verified_email_for: Arc<Vec<String>>,
 }
 
 impl Caller {
@@ -41,16 +44,18 @@ impl Caller {
         self.claims.perms.iter().any(|p| p == permission)
     }
 
-    /// Requires `permission`.
+    /// Requires `permission`, and a verified email where the deployment says that permission needs one.
     ///
     /// # Errors
-    /// FORBIDDEN naming the missing permission.
+    /// FORBIDDEN naming the missing permission; EMAIL_NOT_VERIFIED.
     pub fn require(&self, permission: &str) -> Result<(), ApiError> {
-        if self.has(permission) {
-            Ok(())
-        } else {
-            Err(ApiError::Forbidden(format!("this action needs the '{permission}' permission")))
+        if !self.has(permission) {
+            return Err(ApiError::Forbidden(format!("this action needs the '{permission}' permission")));
         }
+        if self.verified_email_for.iter().any(|p| p == permission) {
+            self.require_verified_email()?;
+        }
+        Ok(())
     }
 
     /// Requires a verified email address.
@@ -96,7 +101,7 @@ fn authenticate(parts: &Parts, auth: &AuthState) -> Result<Option<Caller>, ApiEr
     if let Some(limits) = &auth.user_limits {
         limits.check(&claims.sub)?;
     }
-    Ok(Some(Caller { claims }))
+    Ok(Some(Caller { claims, verified_email_for: Arc::clone(&auth.verified_email_for) }))
 }
 
 impl<S> FromRequestParts<S> for Caller
