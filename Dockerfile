@@ -18,6 +18,7 @@ COPY query-api ./query-api
 COPY projector ./projector
 COPY workers ./workers
 COPY embedded ./embedded
+COPY bench ./bench
 COPY src ./src
 COPY migrations ./migrations
 COPY tests ./tests
