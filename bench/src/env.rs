@@ -139,6 +139,7 @@ impl BenchEnv {
             .env("CAIRN_RATE_LIMIT_AUTH", "off")
             .env("CAIRN_RATE_LIMIT_PUBLIC", "off")
             .env("CAIRN_RATE_LIMIT_API", "off")
+            .env("CAIRN_RATE_LIMIT_USER", "off")
             .stdin(Stdio::null());
         for (key, value) in extra_env {
             command.env(key, value);

@@ -27,7 +27,8 @@ pub async fn cairn_binary(rebuild: bool) -> anyhow::Result<PathBuf> {
         if !given.is_file() {
             bail!("CAIRN_BIN={} is not a file", given.display());
         }
-        return Ok(given);
+        // Absolute, since the service runs in a scratch directory.
+        return std::fs::canonicalize(&given).with_context(|| format!("CAIRN_BIN={}", given.display()));
     }
     let workspace = workspace_dir();
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from);

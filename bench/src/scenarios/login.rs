@@ -138,7 +138,7 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
         .errors(loaded.errors)
         .memory(memory)
         .baseline(
-            format!("same GET probe with no logins"),
+            "same GET probe with no logins".to_owned(),
             Measure::rate(quiet.throughput(), "req/s", quiet.summary()),
         ),
     );

@@ -16,8 +16,11 @@ use crate::service::cpu_seconds_of;
 /// When set-up fails or the load measures nothing.
 pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<()> {
     let targets = Targets::seed(env, "target", TARGET_USERS, 1).await?;
-    // Creates the administrator and signs in, then restarts so the idle figure has served nothing.
-    Running::start(env, &[]).await?.service.stop().await?;
+    // Creates the administrator, signs in and lets the pipeline take in the seeded users; then
+    // restarts, so the idle figure is of a process that has served nothing and has nothing to do.
+    let first = Running::start(env, &[]).await?;
+    crate::seed::wait_projected(&env.pool, Duration::from_secs(120)).await?;
+    first.service.stop().await?;
     let service = crate::service::Service::start(env, &[]).await?;
     let settle = ctx.pick(Duration::from_secs(1), Duration::from_secs(3));
     tokio::time::sleep(settle).await;

@@ -102,22 +102,23 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
     let hash = seed::password_hash()?;
     let spec = seed::Users { label: "reader", users, events_per_user: 1, chunk_events: 5_000, password_hash: &hash };
     let ids = Arc::new(seed::users(&env.pool, &spec).await?);
-    let running = Running::start(env, &[]).await?;
-    seed::wait_projected(&env.pool, Duration::from_secs(300)).await?;
-    sqlx::query("VACUUM ANALYZE users").execute(&env.pool).await?;
-    out.note(format!("{users} users in the read model; {CLIENTS} clients; the admin's token on every request"));
-    let mut measured = Vec::new();
+    out.note(format!(
+        "{users} users in the read model; {CLIENTS} clients; the admin's token on every request; each query's baseline \
+         runs right after it, with the service stopped"
+    ));
     for (query, name) in
         [(Query::List, format!("GET /api/v1/users?limit={PAGE}")), (Query::One, "GET /api/v1/users/{id}".to_owned())]
     {
+        let running = Running::start(env, &[]).await?;
+        seed::wait_projected(&env.pool, Duration::from_secs(300)).await?;
+        sqlx::query("VACUUM ANALYZE users").execute(&env.pool).await?;
         let (outcome, cpu) = with_cpu(ctx, running.service.pid(), http_load(&running, &ids, query, window)).await?;
+        let memory = running.service.memory().ok();
+        running.service.stop().await?;
         outcome.require_success(&name)?;
-        measured.push((query, name, outcome, cpu, running.service.memory().ok()));
-    }
-    running.service.stop().await?;
-    let pool = env.pool_of(u32::try_from(CLIENTS)?).await?;
-    for (query, name, outcome, cpu, memory) in measured {
+        let pool = env.pool_of(u32::try_from(CLIENTS)?).await?;
         let baseline = sql_load(&pool, &ids, query, window).await?;
+        pool.close().await;
         baseline.require_success("baseline SQL")?;
         let what = match query {
             Query::List => "the list SQL",
@@ -141,6 +142,5 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
         }
         out.rows.push(row);
     }
-    pool.close().await;
     Ok(())
 }

@@ -21,8 +21,9 @@ use crate::seed;
 
 /// Concurrency levels of the cheap command.
 pub const LEVELS: [usize; 3] = [1, 16, 64];
-/// Users the role commands spread over (four per client at the highest level).
-pub const TARGET_USERS: usize = 256;
+/// Users the role commands spread over: 64 per client at the highest level, so streams stay short
+/// (a dozen events or so by the end of a full run) and the command stays cheap.
+pub const TARGET_USERS: usize = 4_096;
 
 /// Users to grant and revoke `operator` on, with whether each holds it now.
 #[derive(Clone)]
@@ -171,45 +172,36 @@ pub async fn create_events_copy(env: &BenchEnv, table: &str) -> anyhow::Result<(
 pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<()> {
     let window = ctx.window();
     let targets = Targets::seed(env, "target", TARGET_USERS, 1).await?;
-    let running = Running::start(env, &[]).await?;
+    create_events_copy(env, "bench_events").await?;
     out.note(format!(
         "cheap command: alternating role grant / revoke of `operator` over {TARGET_USERS} users, each client owning its share; \
-         {:.1} s warm-up, {:.0} s measured per level",
+         {:.1} s warm-up, {:.0} s measured per level; each level's baseline runs right after it, with the service stopped",
         window.warmup.as_secs_f64(),
         window.measure.as_secs_f64()
     ));
-    let mut cairn_rows = Vec::new();
+    let mut grant_latency = Vec::new();
     for clients in LEVELS {
+        let running = Running::start(env, &[]).await?;
         let (outcome, cpu) =
             with_cpu(ctx, running.service.pid(), toggle_load(&running, &targets, clients, window)).await?;
+        let memory = running.service.memory().ok();
+        running.service.stop().await?;
         outcome.require_success(&format!("role commands at {clients} clients"))?;
-        cairn_rows.push((clients, outcome, cpu, running.service.memory().ok()));
-    }
-    let mut register_rows = Vec::new();
-    for clients in [1usize, 16] {
-        let outcome = register_load(&running.api, clients, window).await?;
-        outcome.require_success(&format!("registrations at {clients} clients"))?;
-        register_rows.push((clients, outcome, running.service.memory().ok()));
-    }
-    running.service.stop().await?;
-
-    create_events_copy(env, "bench_events").await?;
-    let mut grant_latency = Vec::new();
-    for (clients, outcome, cpu, memory) in cairn_rows {
+        let baseline = insert_baseline(env, "bench_events", clients, window).await?;
+        baseline.require_success("baseline INSERT")?;
         if let Some(s) = outcome.summary_of("grant") {
             grant_latency.push(format!("{clients} client(s) p50 {:.2} ms, p99 {:.2} ms", s.p50_ms, s.p99_ms));
         }
-        let baseline = insert_baseline(env, "bench_events", clients, window).await?;
-        baseline.require_success("baseline INSERT")?;
+        let plural = if clients == 1 { "" } else { "s" };
         let mut row = Row::new(
-            format!("role grant/revoke, {clients} client{}", if clients == 1 { "" } else { "s" }),
+            format!("role grant/revoke, {clients} client{plural}"),
             Measure::rate(outcome.throughput(), "commands/s", outcome.summary()),
         )
         .errors(outcome.errors)
         .memory(memory)
         .cpu(cpu)
         .baseline(
-            format!("single-row INSERT, {clients} connection{}", if clients == 1 { "" } else { "s" }),
+            format!("single-row INSERT, {clients} connection{plural}"),
             Measure::rate(baseline.throughput(), "tx/s", baseline.summary()),
         );
         for label in ["grant", "revoke"] {
@@ -227,17 +219,22 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
         out.rows.push(row);
     }
     out.note(format!("role grant alone: {}", grant_latency.join("; ")));
-    for (clients, outcome, memory) in register_rows {
+
+    let running = Running::start(env, &[]).await?;
+    for clients in [1usize, 16] {
+        let outcome = register_load(&running.api, clients, window).await?;
+        outcome.require_success(&format!("registrations at {clients} clients"))?;
         let mut row = Row::new(
             format!("register (argon2id hash included), {clients} client{}", if clients == 1 { "" } else { "s" }),
             Measure::rate(outcome.throughput(), "registrations/s", outcome.summary()),
         )
         .errors(outcome.errors)
-        .memory(memory);
+        .memory(running.service.memory().ok());
         if let Some(e) = &outcome.first_error {
             row = row.extra("first_error", e.clone());
         }
         out.rows.push(row);
     }
+    running.service.stop().await?;
     Ok(())
 }
