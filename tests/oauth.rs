@@ -200,3 +200,78 @@ async fn wrong_nonce_unverified_email_and_unknown_state_are_refused() {
     assert_eq!(accounts, 0, "no refused sign-in opened an account");
     app.stop().await;
 }
+
+/// A GitHub-like provider: no ID token; the API lists the user's addresses and which are verified.
+async fn start_github(emails: Value) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let codes: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    let authorize_codes = Arc::clone(&codes);
+    let token_codes = Arc::clone(&codes);
+    let app = Router::new()
+        .route(
+            "/authorize",
+            get(move |Query(q): Query<HashMap<String, String>>| {
+                let codes = Arc::clone(&authorize_codes);
+                async move {
+                    assert!(q.get("nonce").is_none(), "GitHub is not OpenID Connect");
+                    codes.lock().unwrap().insert("gh-code".to_owned(), q["code_challenge"].clone());
+                    Redirect::to(&format!("{}?code=gh-code&state={}", q["redirect_uri"], q["state"]))
+                }
+            }),
+        )
+        .route(
+            "/token",
+            post(move |Form(form): Form<HashMap<String, String>>| {
+                let codes = Arc::clone(&token_codes);
+                async move {
+                    let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                        .encode(ring::digest::digest(&ring::digest::SHA256, form["code_verifier"].as_bytes()));
+                    let expected = codes.lock().unwrap().remove(&form["code"]);
+                    if expected.as_deref() != Some(challenge.as_str()) {
+                        return (StatusCode::BAD_REQUEST, Json(json!({ "error": "bad_verification_code" })));
+                    }
+                    (StatusCode::OK, Json(json!({ "access_token": "gh-token", "token_type": "bearer" })))
+                }
+            }),
+        )
+        .route("/user", get(|| async { Json(json!({ "login": "octo", "name": "Octo Cat" })) }))
+        .route("/user/emails", get(move || async move { Json(emails.clone()) }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    base
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_github_style_provider_signs_in_with_the_primary_verified_address() {
+    let base = start_github(json!([
+        { "email": "unverified@example.com", "primary": false, "verified": false },
+        { "email": "octo@example.com", "primary": true, "verified": true },
+    ]))
+    .await;
+    let vars = [
+        ("CAIRN_OAUTH_PROVIDERS", "gh".to_owned()),
+        ("CAIRN_OAUTH_GH_KIND", "github".to_owned()),
+        ("CAIRN_OAUTH_GH_CLIENT_ID", CLIENT_ID.to_owned()),
+        ("CAIRN_OAUTH_GH_CLIENT_SECRET", CLIENT_SECRET.to_owned()),
+        ("CAIRN_OAUTH_GH_AUTHORIZE_URL", format!("{base}/authorize")),
+        ("CAIRN_OAUTH_GH_TOKEN_URL", format!("{base}/token")),
+        ("CAIRN_OAUTH_GH_USERINFO_URL", format!("{base}/user")),
+        ("CAIRN_OAUTH_GH_EMAILS_URL", format!("{base}/user/emails")),
+        ("CAIRN_OAUTH_REDIRECT_URI", "http://localhost:5173/oauth/callback".to_owned()),
+    ];
+    let extra: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let app = TestApp::spawn_with(TestEnv::new(), Services::all(), &extra).await;
+    let started = app.post("/api/v1/auth/oauth/gh/start", None, json!({})).await;
+    let url = started.data()["authorize_url"].as_str().unwrap();
+    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let redirect = browser.get(url).send().await.unwrap();
+    let location = reqwest::Url::parse(redirect.headers()["location"].to_str().unwrap()).unwrap();
+    let pairs: HashMap<String, String> = location.query_pairs().into_owned().collect();
+    let signed_in = app
+        .post("/api/v1/auth/oauth/gh/callback", None, json!({ "code": pairs["code"], "state": pairs["state"] }))
+        .await;
+    assert_eq!(signed_in.status, StatusCode::OK, "{:?}", signed_in.body);
+    assert_eq!(signed_in.data()["user"]["email"], "octo@example.com");
+    assert_eq!(signed_in.data()["user"]["display_name"], "Octo Cat");
+    app.stop().await;
+}
