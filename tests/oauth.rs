@@ -214,7 +214,7 @@ async fn start_github(emails: Value) -> String {
             get(move |Query(q): Query<HashMap<String, String>>| {
                 let codes = Arc::clone(&authorize_codes);
                 async move {
-                    assert!(q.get("nonce").is_none(), "GitHub is not OpenID Connect");
+                    assert!(!q.contains_key("nonce"), "GitHub is not OpenID Connect");
                     codes.lock().unwrap().insert("gh-code".to_owned(), q["code_challenge"].clone());
                     Redirect::to(&format!("{}?code=gh-code&state={}", q["redirect_uri"], q["state"]))
                 }
