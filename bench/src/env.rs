@@ -51,9 +51,6 @@ impl BenchEnv {
         let namespace = format!("bench{}", &suffix[..12]);
         let server = postgres_server_url();
         let database_url = format!("{}/{database}", server.trim_end_matches('/'));
-        let mut admin = admin_connection().await?;
-        sqlx::query(&format!("CREATE DATABASE \"{database}\"")).execute(&mut admin).await?;
-        admin.close().await?;
         let nats = async_nats::ConnectOptions::new()
             .name("cairn-bench")
             .connect(nats_url())
@@ -61,11 +58,22 @@ impl BenchEnv {
             .with_context(|| format!("cannot connect to NATS at {}", nats_url()))?;
         let jetstream = async_nats::jetstream::new(nats);
         let scratch = tempfile::Builder::new().prefix("cairn-bench-").tempdir()?;
-        let pool = PgPoolOptions::new()
-            .max_connections(8)
-            .connect_with(PgConnectOptions::from_str(&database_url)?.disable_statement_logging())
-            .await
-            .with_context(|| format!("cannot connect to {database}"))?;
+        let mut admin = admin_connection().await?;
+        sqlx::query(&format!("CREATE DATABASE \"{database}\"")).execute(&mut admin).await?;
+        admin.close().await?;
+        // From here on a failure must not leave the database behind.
+        let connected = PgConnectOptions::from_str(&database_url).map(ConnectOptions::disable_statement_logging);
+        let pool = match connected {
+            Ok(options) => PgPoolOptions::new().max_connections(8).connect_with(options).await,
+            Err(e) => Err(e),
+        };
+        let pool = match pool {
+            Ok(pool) => pool,
+            Err(e) => {
+                drop_database(&database).await;
+                return Err(anyhow::Error::from(e).context(format!("cannot connect to {database}")));
+            }
+        };
         let env = Self {
             database,
             database_url,
@@ -76,7 +84,10 @@ impl BenchEnv {
             scratch,
             extra_streams: std::sync::Mutex::new(Vec::new()),
         };
-        env.run_cairn(&["migrate"], &[]).await.context("cairn migrate")?;
+        if let Err(e) = env.run_cairn(&["migrate"], &[]).await {
+            env.cleanup().await;
+            return Err(e.context("cairn migrate"));
+        }
         Ok(env)
     }
 
@@ -181,18 +192,22 @@ impl BenchEnv {
             // A stream that was never created is fine.
             let _ = self.jetstream.delete_stream(&stream).await;
         }
-        match admin_connection().await {
-            Ok(mut admin) => {
-                let dropped = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database))
-                    .execute(&mut admin)
-                    .await;
-                if let Err(e) = dropped {
-                    crate::report::note(&format!("could not drop database {}: {e}", self.database));
-                }
-                let _ = admin.close().await;
+        drop_database(&self.database).await;
+    }
+}
+
+/// Drops `database`, closing whatever is still connected to it; failures are only reported.
+async fn drop_database(database: &str) {
+    match admin_connection().await {
+        Ok(mut admin) => {
+            let dropped =
+                sqlx::query(&format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)")).execute(&mut admin).await;
+            if let Err(e) = dropped {
+                crate::report::note(&format!("could not drop database {database}: {e}"));
             }
-            Err(e) => crate::report::note(&format!("could not drop database {}: {e:#}", self.database)),
+            let _ = admin.close().await;
         }
+        Err(e) => crate::report::note(&format!("could not drop database {database}: {e:#}")),
     }
 }
 

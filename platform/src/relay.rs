@@ -141,6 +141,8 @@ impl Relay {
                 continue;
             }
             self.publish_batch(&events).await?;
+            // The horizon moved: the next wait behind a running transaction starts short again.
+            held_back_rounds = 0;
             let last = events.last().map(EventEnvelope::position).unwrap_or(checkpoint);
             sqlx::query(
                 "UPDATE relay_checkpoints SET last_tx = $2::text::xid8, last_pos = $3, updated_at = now() WHERE name = $1",

@@ -6,6 +6,10 @@
 //! until the users projection has applied the command, so 2xx → consistent answer is the
 //! end-to-end lag (relay, JetStream, projector, checkpoint notification), plus one read's round
 //! trip.
+//!
+//! Meanwhile the relay's and the users projection's checkpoints are sampled every 5 ms, which
+//! splits the lag into its stages: 2xx → published (relay checkpoint past the command), 2xx →
+//! applied (projection checkpoint past it), and the rest (the service noticing, and the read).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -23,9 +27,57 @@ use crate::stats::Summary;
 
 struct Sample {
     sent: Instant,
+    acked: Instant,
+    token: (i64, i64),
     command: Duration,
     lag: Duration,
     consistent: bool,
+}
+
+/// How often the checkpoints are sampled.
+const SAMPLE_EVERY: Duration = Duration::from_millis(5);
+
+/// One sample of both checkpoints: when, relay `(tx, pos)`, projection `(tx, pos)`.
+type Checkpoints = (Instant, (i64, i64), (i64, i64));
+
+/// Samples the relay's and the users projection's checkpoints until `stop` is set.
+async fn sample_checkpoints(
+    pool: sqlx::PgPool,
+    namespace: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<Vec<Checkpoints>> {
+    let mut samples = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let (relay_tx, relay_pos, users_tx, users_pos): (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT coalesce((SELECT last_tx::text::bigint FROM relay_checkpoints WHERE name = $1), 0), \
+                    coalesce((SELECT last_pos FROM relay_checkpoints WHERE name = $1), 0), \
+                    coalesce((SELECT last_tx::text::bigint FROM projection_checkpoints WHERE name = 'users'), 0), \
+                    coalesce((SELECT last_pos FROM projection_checkpoints WHERE name = 'users'), 0)",
+        )
+        .bind(&namespace)
+        .fetch_one(&pool)
+        .await?;
+        samples.push((Instant::now(), (relay_tx, relay_pos), (users_tx, users_pos)));
+        tokio::time::sleep(SAMPLE_EVERY).await;
+    }
+    Ok(samples)
+}
+
+/// Time from `acked` to the first sample whose checkpoint (picked by `which`) reached `token`.
+fn reached(
+    samples: &[Checkpoints],
+    acked: Instant,
+    token: (i64, i64),
+    which: fn(&Checkpoints) -> (i64, i64),
+) -> Option<Duration> {
+    // Checkpoints only move forward, so the samples are sorted by both time and position.
+    let first = samples.partition_point(|s| which(s) < token);
+    samples.get(first).map(|s| s.0.saturating_duration_since(acked))
+}
+
+fn parse_token(token: &str) -> Option<(i64, i64)> {
+    let (tx, pos) = token.split_once('.')?;
+    Some((tx.parse().ok()?, pos.parse().ok()?))
 }
 
 /// Runs the scenario.
@@ -54,6 +106,8 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
         window.measure.as_secs_f64()
     ));
 
+    let stop_sampling = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = tokio::spawn(sample_checkpoints(env.pool.clone(), env.namespace.clone(), stop_sampling.clone()));
     let free: Arc<Mutex<VecDeque<usize>>> = Arc::new(Mutex::new((0..targets.ids().len()).collect()));
     let admin = Arc::new(running.admin_token.clone());
     let start = Instant::now();
@@ -79,7 +133,9 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
                 let (_, token) = targets.toggle(&api, &admin, i).await?;
                 let acked = Instant::now();
                 let consistent = api.get_user(&admin, targets.ids()[i], Some(&token)).await?;
-                anyhow::Ok(Sample { sent, command: acked - sent, lag: acked.elapsed(), consistent })
+                let lag = acked.elapsed();
+                let token = parse_token(&token).with_context(|| format!("bad consistency token {token}"))?;
+                anyhow::Ok(Sample { sent, acked, token, command: acked - sent, lag, consistent })
             }
             .await;
             if let Ok(mut f) = free.lock() {
@@ -101,6 +157,10 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
             }
         }
     }
+    // Let the checkpoints pass the last commands before the sampler stops.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop_sampling.store(true, std::sync::atomic::Ordering::Relaxed);
+    let checkpoints = sampler.await.context("the checkpoint sampler panicked")??;
     let memory = running.service.memory().ok();
     running.service.stop().await?;
 
@@ -132,6 +192,22 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
         )
         .memory(memory),
     );
+    let stage = |which: fn(&Checkpoints) -> (i64, i64)| -> Vec<Duration> {
+        samples.iter().filter_map(|s| reached(&checkpoints, s.acked, s.token, which)).collect()
+    };
+    let published = stage(|c| c.1);
+    let applied = stage(|c| c.2);
+    for (name, stage) in
+        [("relay checkpoint passes it", &published), ("users projection checkpoint passes it", &applied)]
+    {
+        out.rows.push(
+            Row::new(
+                format!("2xx → {name} (sampled every {} ms)", SAMPLE_EVERY.as_millis()),
+                Measure::rate(achieved, "commands/s", Summary::of(stage)),
+            )
+            .memory(memory),
+        );
+    }
     if let Some(e) = &first_error {
         out.note(format!("{errors} commands or reads failed; first: {e}"));
     }
