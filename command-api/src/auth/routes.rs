@@ -225,8 +225,7 @@ async fn logout(
     }
     let token =
         state.sessions.revoke(caller.claims.sid, Some(caller.id()), RevokeReason::Logout, &ctx, caller.id()).await?;
-    let answer =
-        ApiResponse::ok(json!({ "session_id": caller.claims.sid })).meta("consistency_token", token.to_string());
+    let answer = ApiResponse::ok(json!({ "session_id": caller.claims.sid })).consistency(token);
     Ok(with_cookie(answer, Some(state.cookie.clear())))
 }
 
@@ -244,7 +243,7 @@ async fn logout_all(
     }
     let command = UserCommand::EndAllSessions { reason: SessionsEndedReason::LogoutAll };
     let token = state.users.execute(caller.id(), command, &ctx, Some(caller.id())).await?;
-    let answer = ApiResponse::ok(json!({ "user_id": caller.id() })).meta("consistency_token", token.to_string());
+    let answer = ApiResponse::ok(json!({ "user_id": caller.id() })).consistency(token);
     Ok(with_cookie(answer, Some(state.cookie.clear())))
 }
 
@@ -277,7 +276,7 @@ async fn change_password(
     let user = state.users.load(id).await?;
     let token = state.sessions.rebind(caller.claims.sid, user.session_version, &ctx, id).await?;
     let access = access_token(&state.auth.tokens, state.users.roles(), id, &user, caller.claims.sid).await?;
-    Ok(ApiResponse::ok(tokens_body(access, &state.auth, None)).meta("consistency_token", token.to_string()))
+    Ok(ApiResponse::ok(tokens_body(access, &state.auth, None)).consistency(token))
 }
 
 /// Consumes an emailed token of `purpose`, returning its user. Single use: the row is locked and
@@ -320,7 +319,7 @@ async fn verify_email(
     tx.commit().await?;
     let answer = ApiResponse::ok(json!({ "user_id": id, "email_verified": true }));
     Ok(match token {
-        Some(t) => answer.meta("consistency_token", t.to_string()),
+        Some(t) => answer.consistency(t),
         None => answer,
     })
 }
@@ -408,7 +407,7 @@ async fn confirm_password_reset(
     let password_hash = state.users.hash_new_password(body.new_password, &user, "new_password").await?;
     let token = state.users.execute(id, UserCommand::ResetPassword { password_hash }, &ctx, Some(id)).await?;
     tx.commit().await?;
-    Ok(ApiResponse::ok(json!({ "user_id": id })).meta("consistency_token", token.to_string()))
+    Ok(ApiResponse::ok(json!({ "user_id": id })).consistency(token))
 }
 
 /// Ends one of the caller's sessions.
@@ -423,7 +422,7 @@ async fn end_my_session(
     ApiPath(sid): ApiPath<Uuid>,
 ) -> Result<ApiResponse<Value>, ApiError> {
     let token = sessions.revoke(sid, Some(caller.id()), RevokeReason::UserRevoked, &ctx, caller.id()).await?;
-    Ok(ApiResponse::ok(json!({ "session_id": sid })).meta("consistency_token", token.to_string()))
+    Ok(ApiResponse::ok(json!({ "session_id": sid })).consistency(token))
 }
 
 /// Ends every session of a user (SessionsEnded). Needs `users:write`.
@@ -440,5 +439,5 @@ async fn end_user_sessions(
     caller.require("users:write")?;
     let command = UserCommand::EndAllSessions { reason: SessionsEndedReason::Administrator };
     let token = users.execute(id, command, &ctx, Some(caller.id())).await?;
-    Ok(ApiResponse::ok(json!({ "user_id": id })).meta("consistency_token", token.to_string()))
+    Ok(ApiResponse::ok(json!({ "user_id": id })).consistency(token))
 }

@@ -55,8 +55,7 @@ async fn define_role(
     }
     let token =
         roles.execute(&name, RoleCommand::DefineRole { permissions: body.permissions }, &ctx, caller.id()).await?;
-    Ok(ApiResponse::with_status(StatusCode::CREATED, json!({ "name": name.as_str() }))
-        .meta("consistency_token", token.to_string()))
+    Ok(ApiResponse::with_status(StatusCode::CREATED, json!({ "name": name.as_str() })).consistency(token))
 }
 
 /// Replaces a role's permissions (RolePermissionsChanged); holders get them in their next token.
@@ -80,5 +79,5 @@ async fn change_role(
     let token = roles
         .execute(&name, RoleCommand::ChangePermissions { permissions: body.permissions }, &ctx, caller.id())
         .await?;
-    Ok(ApiResponse::ok(json!({ "name": name.as_str() })).meta("consistency_token", token.to_string()))
+    Ok(ApiResponse::ok(json!({ "name": name.as_str() })).consistency(token))
 }

@@ -33,7 +33,7 @@ pub fn routes() -> OpenApiRouter<CommandState> {
 
 /// An accepted command: the answer's `meta.consistency_token` lets a read wait for it.
 fn accepted<T: Serialize>(status: StatusCode, data: T, token: ConsistencyToken) -> ApiResponse<T> {
-    ApiResponse::with_status(status, data).meta("consistency_token", token.to_string())
+    ApiResponse::with_status(status, data).consistency(token)
 }
 
 /// `POST /api/v1/auth/register` body.

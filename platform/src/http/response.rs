@@ -27,6 +27,12 @@ impl<T: Serialize> ApiResponse<T> {
         Self { status, data, meta: Map::new() }
     }
 
+    /// Adds `meta.consistency_token`: the position a read can wait for with `X-Consistency-Token`.
+    #[must_use]
+    pub fn consistency(self, token: crate::envelope::ConsistencyToken) -> Self {
+        self.meta("consistency_token", token.to_string())
+    }
+
     /// Adds a `meta` field.
     #[must_use]
     pub fn meta(mut self, key: &str, value: impl Into<Value>) -> Self {
