@@ -23,101 +23,66 @@ impl Projection for UsersProjection {
         let at = event.recorded_at;
         let seq = event.sequence;
         let table = format!("{schema}.users");
-        // Every update is guarded by `version < sequence`, so re-applying an event changes nothing
-        // even outside the checkpoint's protection (a rebuild catching up, say).
-        let update = |set: &str| {
-            format!("UPDATE {table} SET {set}, updated_at = $2, version = $3 WHERE id = $1 AND version < $3")
-        };
-        match event_payload {
-            UserEvent::UserRegistered { email, display_name, roles, .. } => {
-                sqlx::query(&format!(
-                    "INSERT INTO {table} (id, email, display_name, status, roles, created_at, updated_at, version) \
-                     VALUES ($1, $2, $3, 'active', $4, $5, $5, $6) ON CONFLICT (id) DO NOTHING"
-                ))
-                .bind(id)
-                .bind(email)
-                .bind(display_name)
-                .bind(roles)
-                .bind(at)
-                .bind(seq)
-                .execute(&mut *conn)
-                .await?;
-            }
-            UserEvent::DisplayNameChanged { display_name } => {
-                sqlx::query(&update("display_name = $4"))
-                    .bind(id)
-                    .bind(at)
-                    .bind(seq)
-                    .bind(display_name)
-                    .execute(&mut *conn)
-                    .await?;
-            }
+        if let UserEvent::UserRegistered { email, display_name, roles, .. } = event_payload {
+            sqlx::query(&format!(
+                "INSERT INTO {table} (id, email, display_name, status, roles, created_at, updated_at, version) \
+                 VALUES ($1, $2, $3, 'active', $4, $5, $5, $6) ON CONFLICT (id) DO NOTHING"
+            ))
+            .bind(id)
+            .bind(email)
+            .bind(display_name)
+            .bind(roles)
+            .bind(at)
+            .bind(seq)
+            .execute(&mut *conn)
+            .await?;
+            return Ok(());
+        }
+        // Every other event is one guarded UPDATE: `$4` carries a text value, `$5` a session version.
+        let sv = |v: u64| i64::try_from(v).map(Some);
+        let (set, text, version): (&str, Option<String>, Option<i64>) = match event_payload {
+            UserEvent::DisplayNameChanged { display_name } => ("display_name = $4", Some(display_name), None),
             UserEvent::RoleGranted { role } => {
-                sqlx::query(&update(
-                    "roles = (SELECT array_agg(DISTINCT r ORDER BY r) FROM unnest(roles || $4::text) AS r)",
-                ))
-                .bind(id)
-                .bind(at)
-                .bind(seq)
-                .bind(role)
-                .execute(&mut *conn)
-                .await?;
+                ("roles = (SELECT array_agg(DISTINCT r ORDER BY r) FROM unnest(roles || $4) AS r)", Some(role), None)
             }
-            UserEvent::RoleRevoked { role, session_version } => {
-                sqlx::query(&update(
-                    "roles = array_remove(roles, $4::text), session_version = greatest(session_version, $5)",
-                ))
-                .bind(id)
-                .bind(at)
-                .bind(seq)
-                .bind(role)
-                .bind(i64::try_from(session_version)?)
-                .execute(&mut *conn)
-                .await?;
-            }
+            UserEvent::RoleRevoked { role, session_version } => (
+                "roles = array_remove(roles, $4), session_version = greatest(session_version, $5)",
+                Some(role),
+                sv(session_version)?,
+            ),
             UserEvent::UserDeactivated { session_version } => {
-                sqlx::query(&update("status = 'deactivated', session_version = greatest(session_version, $4)"))
-                    .bind(id)
-                    .bind(at)
-                    .bind(seq)
-                    .bind(i64::try_from(session_version)?)
-                    .execute(&mut *conn)
-                    .await?;
+                ("status = 'deactivated', session_version = greatest(session_version, $5)", None, sv(session_version)?)
             }
-            UserEvent::UserReactivated {} => {
-                sqlx::query(&update("status = 'active'")).bind(id).bind(at).bind(seq).execute(&mut *conn).await?;
-            }
+            UserEvent::UserReactivated {} => ("status = 'active'", None, None),
             UserEvent::UserDeleted { session_version } => {
-                sqlx::query(&update("status = 'deleted', session_version = greatest(session_version, $4)"))
-                    .bind(id)
-                    .bind(at)
-                    .bind(seq)
-                    .bind(i64::try_from(session_version)?)
-                    .execute(&mut *conn)
-                    .await?;
+                ("status = 'deleted', session_version = greatest(session_version, $5)", None, sv(session_version)?)
             }
-            UserEvent::EmailVerified {} => {
-                sqlx::query(&update("email_verified = true")).bind(id).bind(at).bind(seq).execute(&mut *conn).await?;
-            }
+            UserEvent::EmailVerified {} => ("email_verified = true", None, None),
             UserEvent::PasswordChanged { session_version, .. }
             | UserEvent::PasswordReset { session_version, .. }
             | UserEvent::SessionsEnded { session_version, .. } => {
-                sqlx::query(&update("session_version = greatest(session_version, $4)"))
-                    .bind(id)
-                    .bind(at)
-                    .bind(seq)
-                    .bind(i64::try_from(session_version)?)
-                    .execute(&mut *conn)
-                    .await?;
+                ("session_version = greatest(session_version, $5)", None, sv(session_version)?)
             }
-            // Sign-in bookkeeping and mail requests change nothing this table shows.
-            UserEvent::EmailVerificationRequested {}
+            // Registration is handled above; sign-in bookkeeping and mail requests change nothing
+            // this table shows.
+            UserEvent::UserRegistered { .. }
+            | UserEvent::EmailVerificationRequested {}
             | UserEvent::PasswordResetRequested {}
             | UserEvent::LoginFailed { .. }
             | UserEvent::AccountLocked { .. }
             | UserEvent::AccountUnlocked {}
-            | UserEvent::LoginSucceeded {} => {}
-        }
+            | UserEvent::LoginSucceeded {} => return Ok(()),
+        };
+        // Guarded by `version < sequence`, so re-applying an event changes nothing even outside the
+        // checkpoint's protection (a rebuild catching up, say).
+        sqlx::query(&format!("UPDATE {table} SET {set}, updated_at = $2, version = $3 WHERE id = $1 AND version < $3"))
+            .bind(id)
+            .bind(at)
+            .bind(seq)
+            .bind(text)
+            .bind(version)
+            .execute(&mut *conn)
+            .await?;
         Ok(())
     }
 }
