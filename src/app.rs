@@ -113,6 +113,8 @@ impl Application {
         }
 
         let mut tasks = JoinSet::new();
+        // Commands signal it after each commit; it wakes this process's relay, and others' by NOTIFY.
+        let wake = cairn_platform::wake::LogWake::new(pool.clone());
         let mut api = OpenApiRouter::new();
         let serves_api = services.command_api || services.query_api;
         if serves_api {
@@ -136,7 +138,8 @@ impl Application {
             let verified_email_for = Arc::new(settings.verified_email_for.clone());
             let auth = AuthState { tokens, sessions: sessions.clone(), user_limits, verified_email_for };
             if services.command_api {
-                let users = UserCommands::new(pool.clone(), Passwords::new(settings.hash_concurrency), sessions);
+                let users =
+                    UserCommands::new(pool.clone(), Passwords::new(settings.hash_concurrency), sessions, wake.clone());
                 users.roles().seed().await.map_err(|e| anyhow::anyhow!("cannot define the seeded roles: {e}"))?;
                 let state = CommandState::new(pool.clone(), &settings, auth.clone(), users)?;
                 api = api.merge(cairn_command_api::router(state));
@@ -151,7 +154,7 @@ impl Application {
             }
         }
         if services.relay {
-            let relay = Relay::new(pool.clone(), js.clone(), ns.clone(), settings.relay_batch);
+            let relay = Relay::new(pool.clone(), js.clone(), ns.clone(), settings.relay_batch).with_wake(wake.clone());
             tasks.spawn(relay.run(shutdown.clone()));
         }
         if services.projector {

@@ -190,13 +190,18 @@ async fn admin(settings: &Settings, command: AdminCommand) -> anyhow::Result<()>
                 _ => read_password()?,
             };
             let pool = db::connect_and_migrate(&settings.database_url, 2).await?;
-            let users = UserCommands::new(pool, Passwords::new(1), SessionVersions::default());
+            // A relay in a running service is woken by the NOTIFY this process sends after the commit.
+            let wake = cairn_platform::wake::LogWake::local();
+            let users = UserCommands::new(pool.clone(), Passwords::new(1), SessionVersions::default(), wake);
             let display_name = display_name.unwrap_or_else(|| email.split('@').next().unwrap_or("admin").to_owned());
             let input = RegisterUser { email, password, display_name, roles };
             let (id, token) = users
                 .register(input, &RequestContext::operator("cairn admin create-user"), None)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", describe(&e)))?;
+            if let Err(e) = cairn_platform::wake::notify(&pool).await {
+                tracing::debug!(error = %e, "cannot wake the relay; it polls");
+            }
             let _ = writeln!(std::io::stdout(), "{id}");
             tracing::info!(user_id = %id, consistency_token = %token, "user created");
             Ok(())

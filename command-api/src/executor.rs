@@ -6,6 +6,7 @@ use std::sync::Arc;
 use cairn_platform::auth::SessionVersions;
 use cairn_platform::envelope::ConsistencyToken;
 use cairn_platform::http::{ApiError, RequestContext};
+use cairn_platform::wake::LogWake;
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{Aggregate, AggregateError, CqrsFramework, EventStore};
 use postgres_es::PostgresEventRepository;
@@ -26,6 +27,7 @@ pub struct Executor<A: Aggregate<Services = ()>> {
     store: Arc<Store<A>>,
     pool: PgPool,
     sessions: SessionVersions,
+    wake: LogWake,
 }
 
 impl<A: Aggregate<Services = ()>> Clone for Executor<A> {
@@ -35,6 +37,7 @@ impl<A: Aggregate<Services = ()>> Clone for Executor<A> {
             store: Arc::clone(&self.store),
             pool: self.pool.clone(),
             sessions: self.sessions.clone(),
+            wake: self.wake.clone(),
         }
     }
 }
@@ -46,10 +49,11 @@ where
 {
     /// An executor over `pool`. Session-ending events it appends update `sessions` at once, so
     /// this process refuses old tokens immediately; other processes learn it from the stream.
+    /// Each committed command signals `wake`.
     #[must_use]
-    pub fn new(pool: PgPool, sessions: SessionVersions) -> Self {
+    pub fn new(pool: PgPool, sessions: SessionVersions, wake: LogWake) -> Self {
         let store = || PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()));
-        Self { cqrs: Arc::new(CqrsFramework::new(store(), vec![], ())), store: Arc::new(store()), pool, sessions }
+        Self { cqrs: Arc::new(CqrsFramework::new(store(), vec![], ())), store: Arc::new(store()), pool, sessions, wake }
     }
 
     /// The database.
@@ -74,6 +78,7 @@ where
             .execute_with_metadata(id, command, ctx.command_metadata(actor.as_deref()))
             .await
             .map_err(map_error)?;
+        self.wake.appended();
         metrics::counter!("cairn_commands_total", "aggregate" => A::TYPE).increment(1);
         let recent = cairn_platform::log::last_events_of(&self.pool, A::TYPE, id, 3).await?;
         let Some(newest) = recent.first() else { return Ok(ConsistencyToken::default()) };

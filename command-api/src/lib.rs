@@ -70,7 +70,7 @@ impl CommandState {
         };
         let mail_rate = RateLimit { count: 3, period: std::time::Duration::from_secs(3600) };
         Ok(Self {
-            sessions: SessionService::new(pool.clone(), auth.sessions.clone(), policy),
+            sessions: SessionService::new(pool.clone(), auth.sessions.clone(), users.wake().clone(), policy),
             roles: users.roles().clone(),
             users,
             auth,

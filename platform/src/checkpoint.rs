@@ -9,8 +9,21 @@ use tokio_util::sync::CancellationToken;
 
 use crate::envelope::ConsistencyToken;
 
-/// The channel projectors notify, inside their transaction, when they advance.
+/// The channel projectors notify, inside their transaction, when they advance. The payload is
+/// `<projection> <tx>.<pos>` ([`notification`]), so a watcher needs no query to follow it.
 pub const CHECKPOINT_CHANNEL: &str = "cairn_checkpoint";
+
+/// The payload announcing that projection `name` reached `at`.
+#[must_use]
+pub fn notification(name: &str, at: ConsistencyToken) -> String {
+    format!("{name} {at}")
+}
+
+/// Reads a [`notification`] payload.
+fn parse_notification(payload: &str) -> Option<(&str, ConsistencyToken)> {
+    let (name, at) = payload.split_once(' ')?;
+    Some((name, at.parse().ok()?))
+}
 
 /// Reads the checkpoint of projection `name` (zero when it has applied nothing).
 ///
@@ -73,11 +86,7 @@ async fn follow(
     tx: &watch::Sender<ConsistencyToken>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(CHECKPOINT_CHANNEL).await?;
-    loop {
-        // Read after LISTEN, so no advance between the two is missed.
-        let now = read(pool, name).await?;
+    let advance = |now: ConsistencyToken| {
         tx.send_if_modified(|seen| {
             let newer = now > *seen;
             if newer {
@@ -85,10 +94,39 @@ async fn follow(
             }
             newer
         });
+    };
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(CHECKPOINT_CHANNEL).await?;
+    // Read after LISTEN, so no advance between the two is missed.
+    advance(read(pool, name).await?);
+    loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            n = listener.recv() => { n?; }
-            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            n = listener.recv() => {
+                let n = n?;
+                match parse_notification(n.payload()) {
+                    Some((projection, at)) if projection == name => advance(at),
+                    Some(_) => {}
+                    // Not ours to parse (an older projector): read the checkpoint.
+                    None => advance(read(pool, name).await?),
+                }
+            }
+            // The fallback when a notification was lost with a dropped connection.
+            () = tokio::time::sleep(Duration::from_secs(1)) => advance(read(pool, name).await?),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notifications_name_the_projection_and_its_position() {
+        let at = ConsistencyToken { tx: 812, pos: 40 };
+        let payload = notification("users", at);
+        assert_eq!(parse_notification(&payload), Some(("users", at)));
+        assert_eq!(parse_notification("users"), None);
+        assert_eq!(parse_notification("users nonsense"), None);
     }
 }

@@ -21,6 +21,9 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> 
         .max_connections(max_connections)
         .min_connections(1)
         .acquire_timeout(Duration::from_secs(5))
+        // No ping before each use: it is a round trip per acquire, and a broken connection fails
+        // its statement and is dropped from the pool anyway.
+        .test_before_acquire(false)
         .connect_with(options.log_statements(tracing::log::LevelFilter::Trace))
         .await
         .with_context(|| format!("cannot connect to Postgres at {}", redact(url)))

@@ -7,6 +7,7 @@
 //! - [`envelope`]: the event envelope published on NATS, and the consistency token.
 //! - [`log`]: reading the events table in the global order.
 //! - [`relay`]: the gap-safe relay from the events table to JetStream.
+//! - [`wake`]: waking the relay after events commit.
 //! - [`checkpoint`]: projection checkpoints and waiting for one to reach a consistency token.
 //! - [`secrets`]: random tokens and their hashes.
 //! - [`auth`]: signing keys, access tokens, the session-version map, the authenticated caller.
@@ -24,5 +25,6 @@ pub mod roles;
 pub mod secrets;
 pub mod settings;
 pub mod telemetry;
+pub mod wake;
 
 pub use settings::Settings;

@@ -133,6 +133,11 @@ pub trait EventBatchHandler: Send + Sync {
 /// Pulls batches from `consumer` and hands them to `handler`; acknowledges only after the
 /// handler succeeded (at-least-once delivery; handlers make the effect exactly-once). Runs until
 /// `shutdown`, riding out NATS outages.
+///
+/// Messages arrive through one continuous pull (the server pushes each as soon as it is stored,
+/// up to `batch` ahead of the acknowledgements); a batch is whatever has arrived when the previous
+/// one is done, up to `batch`, so a quiet stream is applied one event at a time at once and a
+/// busy one in full batches.
 pub async fn consume<H: EventBatchHandler>(
     consumer: consumer::Consumer<consumer::pull::Config>,
     batch: usize,
@@ -140,30 +145,76 @@ pub async fn consume<H: EventBatchHandler>(
     name: &'static str,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    use futures::StreamExt;
     let mut backoff = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
-        let fetched = consumer.fetch().max_messages(batch).expires(Duration::from_millis(500)).messages().await;
-        let mut messages = match fetched {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(consumer = name, error = %e, "fetch failed; retrying");
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
+        let pulled = consumer
+            .stream()
+            .max_messages_per_batch(batch.max(1))
+            .expires(Duration::from_secs(10))
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await;
+        match pulled {
+            Ok(messages) => {
+                if let Err(e) = consume_stream(messages, batch.max(1), &handler, name, &shutdown).await {
+                    tracing::warn!(consumer = name, error = %e, "pull interrupted; pulling again");
+                } else {
+                    return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
             }
+            Err(e) => tracing::warn!(consumer = name, error = %e, "pull failed; retrying"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Applies batches from one pull until `shutdown` (`Ok`) or until the pull breaks (`Err`).
+async fn consume_stream<H: EventBatchHandler>(
+    mut messages: consumer::pull::Stream,
+    batch: usize,
+    handler: &H,
+    name: &'static str,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    use futures::{FutureExt, StreamExt};
+    loop {
+        let first = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            next = messages.next() => next,
         };
-        let mut delivered = Vec::new();
-        let mut events = Vec::new();
-        while let Some(next) = messages.next().await {
-            let Ok(message) = next else { break };
+        let mut delivered = Vec::with_capacity(batch);
+        let mut broken = None;
+        match first {
+            None => anyhow::bail!("the pull ended"),
+            Some(Err(e)) => anyhow::bail!("{e}"),
+            Some(Ok(message)) => delivered.push(message),
+        }
+        // Take whatever else has already arrived, without waiting for more.
+        while delivered.len() < batch {
+            match messages.next().now_or_never() {
+                Some(Some(Ok(message))) => delivered.push(message),
+                Some(Some(Err(e))) => {
+                    broken = Some(anyhow::anyhow!("{e}"));
+                    break;
+                }
+                Some(None) => {
+                    broken = Some(anyhow::anyhow!("the pull ended"));
+                    break;
+                }
+                None => break,
+            }
+        }
+        let mut events = Vec::with_capacity(delivered.len());
+        let mut applicable = Vec::with_capacity(delivered.len());
+        for message in delivered {
             match serde_json::from_slice::<crate::envelope::EventEnvelope>(&message.payload) {
                 Ok(event) => {
                     events.push(event);
-                    delivered.push(message);
+                    applicable.push(message);
                 }
                 Err(e) => {
                     // Not an event envelope: it can never be applied, so it must not block the stream.
@@ -172,35 +223,49 @@ pub async fn consume<H: EventBatchHandler>(
                 }
             }
         }
-        if events.is_empty() {
-            continue;
-        }
-        // Retry the same batch until it applies: handing it back (NAK) would let later
-        // messages overtake it. The handler is idempotent, so a retry after a partial failure is safe.
-        loop {
-            match handler.handle(&events).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(consumer = name, error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+        if !events.is_empty() {
+            apply_until_done(handler, &events, name, shutdown).await;
+            if shutdown.is_cancelled() {
+                return Ok(()); // not acknowledged: delivered again, and skipped if it was applied
+            }
+            let pending = applicable.last().and_then(|m| m.info().ok().map(|i| i.pending));
+            for message in &applicable {
+                if let Err(e) = message.ack().await {
+                    // The batch is committed; a lost ack means redelivery, which the handler skips.
+                    tracing::warn!(consumer = name, error = %e, "ack failed");
                 }
             }
-        }
-        backoff = Duration::from_millis(100);
-        let pending = delivered.last().and_then(|m| m.info().ok().map(|i| i.pending));
-        for message in &delivered {
-            if let Err(e) = message.ack().await {
-                // The batch is committed; a lost ack means redelivery, which the handler skips.
-                tracing::warn!(consumer = name, error = %e, "ack failed");
+            metrics::counter!("cairn_consumer_events_total", "consumer" => name).increment(events.len() as u64);
+            if let Some(pending) = pending {
+                metrics::gauge!("cairn_consumer_lag_events", "consumer" => name).set(pending as f64);
             }
         }
-        metrics::counter!("cairn_consumer_events_total", "consumer" => name).increment(events.len() as u64);
-        if let Some(pending) = pending {
-            metrics::gauge!("cairn_consumer_lag_events", "consumer" => name).set(pending as f64);
+        if let Some(e) = broken {
+            return Err(e);
+        }
+    }
+}
+
+/// Retries the same batch until it applies or `shutdown`: handing it back (NAK) would let later
+/// messages overtake it. The handler is idempotent, so a retry after a partial failure is safe.
+async fn apply_until_done<H: EventBatchHandler>(
+    handler: &H,
+    events: &[crate::envelope::EventEnvelope],
+    name: &'static str,
+    shutdown: &tokio_util::sync::CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match handler.handle(events).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(consumer = name, error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
         }
     }
 }

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::envelope::{ConsistencyToken, EventEnvelope};
 use crate::nats::Namespace;
+use crate::wake::{LogWake, EVENTS_CHANNEL};
 
 /// Publishes the event log to JetStream.
 #[derive(Clone)]
@@ -32,13 +33,22 @@ pub struct Relay {
     ns: Namespace,
     batch: i64,
     idle_poll: Duration,
+    wake: Option<LogWake>,
 }
 
 impl Relay {
     /// A relay for `ns` publishing up to `batch` events per round.
     #[must_use]
     pub fn new(pool: PgPool, js: jetstream::Context, ns: Namespace, batch: i64) -> Self {
-        Self { pool, js, ns, batch, idle_poll: Duration::from_millis(500) }
+        Self { pool, js, ns, batch, idle_poll: Duration::from_millis(500), wake: None }
+    }
+
+    /// Also wakes on `wake`, which this process's commands signal after each commit (without it,
+    /// only `NOTIFY cairn_events` and the idle poll wake the relay).
+    #[must_use]
+    pub fn with_wake(mut self, wake: LogWake) -> Self {
+        self.wake = Some(wake);
+        self
     }
 
     /// Runs until `shutdown`: waits for the lock, then publishes; on any failure starts over.
@@ -98,7 +108,9 @@ impl Relay {
 
     async fn publish_loop(&self, conn: &mut PgConnection, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen("cairn_events").await?;
+        listener.listen(EVENTS_CHANNEL).await?;
+        let unused = LogWake::local();
+        let mut woken = self.wake.as_ref().unwrap_or(&unused).subscribe();
         sqlx::query("INSERT INTO relay_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING")
             .bind(self.ns.as_str())
             .execute(&mut *conn)
@@ -114,6 +126,8 @@ impl Relay {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
+            // Anything appended from here on wakes the waits below.
+            woken.borrow_and_update();
             let events = crate::log::read_after(conn, checkpoint, self.batch).await?;
             if events.is_empty() {
                 // Committed events may be waiting behind an older transaction still running (the
@@ -126,9 +140,15 @@ impl Relay {
                 .fetch_one(&mut *conn)
                 .await?;
                 if held_back {
-                    // Back off while a long transaction holds the horizon.
+                    // A transaction still running holds the horizon: look again when this process
+                    // commits something (often the very transaction in the way), or after a pause
+                    // that grows while a long transaction holds it.
                     held_back_rounds = (held_back_rounds + 1).min(6);
-                    tokio::time::sleep(Duration::from_millis(1 << held_back_rounds)).await;
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Ok(()),
+                        _ = woken.changed() => {}
+                        () = tokio::time::sleep(Duration::from_millis(1 << held_back_rounds)) => {}
+                    }
                     continue;
                 }
                 held_back_rounds = 0;
@@ -136,6 +156,7 @@ impl Relay {
                 tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),
                     n = listener.recv() => { n?; }
+                    _ = woken.changed() => {}
                     () = tokio::time::sleep(self.idle_poll) => {}
                 }
                 continue;

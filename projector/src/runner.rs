@@ -3,7 +3,7 @@
 use std::future::Future;
 
 use async_nats::jetstream;
-use cairn_platform::checkpoint::CHECKPOINT_CHANNEL;
+use cairn_platform::checkpoint::{self, CHECKPOINT_CHANNEL};
 use cairn_platform::envelope::{ConsistencyToken, EventEnvelope};
 use cairn_platform::nats::{self, EventBatchHandler, Namespace};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -75,7 +75,11 @@ async fn save_checkpoint(conn: &mut PgConnection, name: &str, at: ConsistencyTok
     .bind(at.pos)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("SELECT pg_notify($1, $2)").bind(CHECKPOINT_CHANNEL).bind(name).execute(&mut *conn).await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHECKPOINT_CHANNEL)
+        .bind(checkpoint::notification(name, at))
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 

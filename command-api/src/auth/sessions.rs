@@ -5,6 +5,7 @@ use cairn_domain::{RefreshOutcome, RevokeReason, Session, SessionCommand, Sessio
 use cairn_platform::auth::{SessionVersions, TokenIssuer, TokenSubject};
 use cairn_platform::envelope::ConsistencyToken;
 use cairn_platform::http::{ApiError, RequestContext};
+use cairn_platform::wake::LogWake;
 use cairn_platform::secrets::{hash_token, random_token};
 use chrono::Utc;
 use sqlx::PgPool;
@@ -47,8 +48,8 @@ fn split_token(token: &str) -> Option<(Uuid, &str)> {
 impl SessionService {
     /// A service over `pool` with `policy`.
     #[must_use]
-    pub fn new(pool: PgPool, sessions: SessionVersions, policy: SessionPolicy) -> Self {
-        Self { executor: Executor::new(pool, sessions), policy }
+    pub fn new(pool: PgPool, sessions: SessionVersions, wake: LogWake, policy: SessionPolicy) -> Self {
+        Self { executor: Executor::new(pool, sessions, wake), policy }
     }
 
     /// Starts a session for `user_id` and returns its id and first refresh token (`<sid>.<secret>`).

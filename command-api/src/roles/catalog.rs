@@ -7,6 +7,7 @@ use cairn_domain::{Role, RoleCommand, RoleName};
 use cairn_platform::auth::SessionVersions;
 use cairn_platform::envelope::ConsistencyToken;
 use cairn_platform::http::{ApiError, RequestContext};
+use cairn_platform::wake::LogWake;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -21,8 +22,8 @@ pub struct RoleCatalog {
 impl RoleCatalog {
     /// A catalogue over `pool`.
     #[must_use]
-    pub fn new(pool: PgPool, sessions: SessionVersions) -> Self {
-        Self { executor: Executor::new(pool, sessions) }
+    pub fn new(pool: PgPool, sessions: SessionVersions, wake: LogWake) -> Self {
+        Self { executor: Executor::new(pool, sessions, wake) }
     }
 
     /// Defines the seeded roles that do not exist yet. Safe to run from every process at start.

@@ -8,6 +8,7 @@ use cairn_domain::{DisplayName, Email, RoleName, User, UserCommand};
 use cairn_platform::auth::SessionVersions;
 use cairn_platform::envelope::ConsistencyToken;
 use cairn_platform::http::{ApiError, RequestContext};
+use cairn_platform::wake::LogWake;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -34,17 +35,25 @@ pub struct UserCommands {
     executor: Executor<User>,
     passwords: Passwords,
     roles: RoleCatalog,
+    wake: LogWake,
 }
 
 impl UserCommands {
     /// A service over `pool`.
     #[must_use]
-    pub fn new(pool: PgPool, passwords: Passwords, sessions: SessionVersions) -> Self {
+    pub fn new(pool: PgPool, passwords: Passwords, sessions: SessionVersions, wake: LogWake) -> Self {
         Self {
-            roles: RoleCatalog::new(pool.clone(), sessions.clone()),
-            executor: Executor::new(pool, sessions),
+            roles: RoleCatalog::new(pool.clone(), sessions.clone(), wake.clone()),
+            executor: Executor::new(pool, sessions, wake.clone()),
             passwords,
+            wake,
         }
+    }
+
+    /// What this process's commands signal after they commit.
+    #[must_use]
+    pub fn wake(&self) -> &LogWake {
+        &self.wake
     }
 
     /// The hashing pool (sign-in verifies through it too).
