@@ -144,7 +144,7 @@ impl BenchEnv {
             .env("CAIRN_NAMESPACE", &self.namespace)
             .env("CAIRN_KEYS_DIR", self.keys_dir())
             .env("CAIRN_ENV", "development")
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "warn".to_owned()))
             // The bench is one client address sending thousands of requests a second: per-IP
             // and per-user limits would measure the limiter, not the service.
             .env("CAIRN_RATE_LIMIT_AUTH", "off")

@@ -117,7 +117,11 @@ impl Service {
     pub async fn start(env: &BenchEnv, extra_env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let port = free_port()?;
         let listen = format!("127.0.0.1:{port}");
-        let log = env.scratch_file(&format!("serve-{port}.log"));
+        // BENCH_LOG_DIR keeps the service's log after the run (it goes to the scratch directory otherwise).
+        let log = match std::env::var_os("BENCH_LOG_DIR") {
+            Some(dir) => std::path::PathBuf::from(dir).join(format!("serve-{port}.log")),
+            None => env.scratch_file(&format!("serve-{port}.log")),
+        };
         let log_file = std::fs::File::create(&log)?;
         let mut vars: Vec<(&str, &str)> = vec![("CAIRN_LISTEN", listen.as_str())];
         vars.extend_from_slice(extra_env);

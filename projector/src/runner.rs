@@ -23,6 +23,23 @@ pub trait Projection: Send + Sync + Clone + 'static {
         schema: &str,
         event: &EventEnvelope,
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// Applies `events`, in order, to the tables in `schema`. Called inside the batch's
+    /// transaction. By default one [`Projection::apply`] each; a projection that sees many events
+    /// folds them and writes each changed row once.
+    fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        schema: &str,
+        events: &[&EventEnvelope],
+    ) -> impl Future<Output = anyhow::Result<()>> + Send {
+        async move {
+            for event in events {
+                self.apply(conn, schema, event).await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 struct Checkpointed<P: Projection> {
@@ -34,29 +51,23 @@ impl<P: Projection> EventBatchHandler for Checkpointed<P> {
     async fn handle(&self, events: &[EventEnvelope]) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
         // The row lock serialises this projection's writers (and a rebuild's final swap).
-        sqlx::query("INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING")
-            .bind(P::NAME)
-            .execute(&mut *tx)
-            .await?;
-        let (last_tx, last_pos): (i64, i64) = sqlx::query_as(
-            "SELECT last_tx::text::bigint, last_pos FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
-        )
-        .bind(P::NAME)
-        .fetch_one(&mut *tx)
-        .await?;
-        let start = ConsistencyToken { tx: u64::try_from(last_tx).unwrap_or(0), pos: last_pos };
+        let start = lock_checkpoint(&mut tx, P::NAME).await?;
         let mut checkpoint = start;
+        let mut pending: Vec<&EventEnvelope> = Vec::with_capacity(events.len());
         for event in events {
             if event.position() <= checkpoint {
                 continue; // delivered twice: already applied
             }
             if event.previous() > checkpoint {
                 // Its predecessor has not been applied: take the missing events from the log.
+                self.projection.apply_batch(&mut tx, "public", &pending).await?;
+                pending.clear();
                 fill_gap(&mut tx, &self.projection, checkpoint, event.previous()).await?;
             }
-            self.projection.apply(&mut tx, "public", event).await?;
+            pending.push(event);
             checkpoint = event.position();
         }
+        self.projection.apply_batch(&mut tx, "public", &pending).await?;
         if checkpoint != start {
             save_checkpoint(&mut tx, P::NAME, checkpoint).await?;
         }
@@ -66,20 +77,35 @@ impl<P: Projection> EventBatchHandler for Checkpointed<P> {
     }
 }
 
+/// Locks projection `name`'s checkpoint row (creating it when missing) and reads it.
+async fn lock_checkpoint(conn: &mut PgConnection, name: &str) -> sqlx::Result<ConsistencyToken> {
+    let select = "SELECT last_tx::text::bigint, last_pos FROM projection_checkpoints WHERE name = $1 FOR UPDATE";
+    let mut row: Option<(i64, i64)> = sqlx::query_as(select).bind(name).fetch_optional(&mut *conn).await?;
+    if row.is_none() {
+        sqlx::query("INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(name)
+            .execute(&mut *conn)
+            .await?;
+        row = sqlx::query_as(select).bind(name).fetch_optional(&mut *conn).await?;
+    }
+    let (tx, pos) = row.unwrap_or_default();
+    Ok(ConsistencyToken { tx: u64::try_from(tx).unwrap_or(0), pos })
+}
+
+/// Advances projection `name`'s checkpoint and announces it, in one statement.
 async fn save_checkpoint(conn: &mut PgConnection, name: &str, at: ConsistencyToken) -> sqlx::Result<()> {
     sqlx::query(
-        "UPDATE projection_checkpoints SET last_tx = $2::text::xid8, last_pos = $3, updated_at = now() WHERE name = $1",
+        "WITH saved AS (UPDATE projection_checkpoints SET last_tx = $2::text::xid8, last_pos = $3, updated_at = now() \
+                        WHERE name = $1 RETURNING name) \
+         SELECT pg_notify($4, $5) FROM saved",
     )
     .bind(name)
     .bind(at.tx.to_string())
     .bind(at.pos)
+    .bind(CHECKPOINT_CHANNEL)
+    .bind(checkpoint::notification(name, at))
     .execute(&mut *conn)
     .await?;
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(CHECKPOINT_CHANNEL)
-        .bind(checkpoint::notification(name, at))
-        .execute(&mut *conn)
-        .await?;
     Ok(())
 }
 
@@ -96,10 +122,9 @@ async fn fill_gap<P: Projection>(
         if events.is_empty() {
             anyhow::bail!("gap after {at} up to {to} is not in the events table yet");
         }
-        for event in events.iter().take_while(|e| e.position() <= to) {
-            projection.apply(conn, "public", event).await?;
-            at = event.position();
-        }
+        let batch: Vec<&EventEnvelope> = events.iter().take_while(|e| e.position() <= to).collect();
+        projection.apply_batch(conn, "public", &batch).await?;
+        at = batch.last().map_or(to, |e| e.position());
     }
     tracing::info!(projection = P::NAME, from = %from, to = %to, "filled a gap from the events table");
     Ok(at)
@@ -150,10 +175,9 @@ pub async fn rebuild<P: Projection>(pool: &PgPool, projection: &P, batch: i64, s
     loop {
         let mut tx = conn.begin().await?;
         let events = cairn_platform::log::read_after(&mut tx, at, batch).await?;
-        for event in &events {
-            projection.apply(&mut tx, REBUILD_SCHEMA, event).await?;
-            at = event.position();
-        }
+        let all: Vec<&EventEnvelope> = events.iter().collect();
+        projection.apply_batch(&mut tx, REBUILD_SCHEMA, &all).await?;
+        at = events.last().map_or(at, EventEnvelope::position);
         tx.commit().await?;
         count += events.len() as u64;
         if (events.len() as i64) < batch {
@@ -161,27 +185,17 @@ pub async fn rebuild<P: Projection>(pool: &PgPool, projection: &P, batch: i64, s
         }
     }
     let mut tx = conn.begin().await?;
-    sqlx::query("INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind(P::NAME)
-        .execute(&mut *tx)
-        .await?;
-    let (live_tx, live_pos): (i64, i64) =
-        sqlx::query_as("SELECT last_tx::text::bigint, last_pos FROM projection_checkpoints WHERE name = $1 FOR UPDATE")
-            .bind(P::NAME)
-            .fetch_one(&mut *tx)
-            .await?;
-    let live = ConsistencyToken { tx: u64::try_from(live_tx).unwrap_or(0), pos: live_pos };
+    let live = lock_checkpoint(&mut tx, P::NAME).await?;
     // Bring the new tables exactly to the live checkpoint: no further, no less.
     while at < live {
         let events = cairn_platform::log::read_after(&mut tx, at, batch).await?;
         if events.is_empty() {
             break;
         }
-        for event in events.iter().take_while(|e| e.position() <= live) {
-            projection.apply(&mut tx, REBUILD_SCHEMA, event).await?;
-            at = event.position();
-            count += 1;
-        }
+        let batch: Vec<&EventEnvelope> = events.iter().take_while(|e| e.position() <= live).collect();
+        projection.apply_batch(&mut tx, REBUILD_SCHEMA, &batch).await?;
+        at = batch.last().map_or(at, |e| e.position());
+        count += batch.len() as u64;
         if events.last().is_some_and(|e| e.position() > live) {
             break;
         }
