@@ -128,6 +128,21 @@ async fn services_in_separate_processes_work_together() {
     assert_eq!(read["meta"]["consistent"], true, "{read}");
     assert_eq!(read["data"].as_array().unwrap().len(), 20);
 
+    // Each command API keeps the aggregates it loaded in memory; a change made through the other
+    // one must still be seen (ids[2] was registered through writers[0] and granted through writers[1]).
+    let delete = |base: &str, path: &str| {
+        let req = client.delete(format!("{base}{path}")).bearer_auth(&admin);
+        async move { req.send().await.unwrap().status() }
+    };
+    let role_path = format!("/api/v1/users/{}/roles/auditor", ids[2]);
+    assert_eq!(delete(&writers[0], &role_path).await, StatusCode::OK);
+    assert_eq!(delete(&writers[1], &role_path).await, StatusCode::CONFLICT, "the revocation through writers[0] is seen");
+    let grant = json!({ "role": "auditor" });
+    let (status, _) = post(&writers[1], &format!("/api/v1/users/{}/roles", ids[2]), Some(&admin), grant.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = post(&writers[0], &format!("/api/v1/users/{}/roles", ids[2]), Some(&admin), grant).await;
+    assert_eq!(status, StatusCode::CONFLICT, "the grant through writers[1] is seen");
+
     // A deactivation through one command API is honoured by the query API process too.
     let (status, body) =
         post(&writers[0], "/api/v1/auth/login", None, json!({ "email": "split0@example.com", "password": PASSWORD }))

@@ -7,13 +7,13 @@ use cairn_platform::auth::SessionVersions;
 use cairn_platform::envelope::ConsistencyToken;
 use cairn_platform::http::{ApiError, RequestContext};
 use cairn_platform::wake::LogWake;
-use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{Aggregate, AggregateError, CqrsFramework, EventStore};
-use postgres_es::PostgresEventRepository;
+
+use crate::store::{CachedStore, CACHED_AGGREGATES};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-type Store<A> = PersistedEventStore<PostgresEventRepository, A>;
+type Store<A> = CachedStore<A>;
 
 /// How an aggregate's refusals reach the client: 4xx, never 5xx.
 pub trait Refusal: std::error::Error {
@@ -22,7 +22,7 @@ pub trait Refusal: std::error::Error {
 }
 
 /// Executes commands on aggregates of type `A`.
-pub struct Executor<A: Aggregate<Services = ()>> {
+pub struct Executor<A: Aggregate<Services = ()> + Clone> {
     cqrs: Arc<CqrsFramework<A, Store<A>>>,
     store: Arc<Store<A>>,
     pool: PgPool,
@@ -30,7 +30,7 @@ pub struct Executor<A: Aggregate<Services = ()>> {
     wake: LogWake,
 }
 
-impl<A: Aggregate<Services = ()>> Clone for Executor<A> {
+impl<A: Aggregate<Services = ()> + Clone> Clone for Executor<A> {
     fn clone(&self) -> Self {
         Self {
             cqrs: Arc::clone(&self.cqrs),
@@ -44,7 +44,7 @@ impl<A: Aggregate<Services = ()>> Clone for Executor<A> {
 
 impl<A> Executor<A>
 where
-    A: Aggregate<Services = ()> + 'static,
+    A: Aggregate<Services = ()> + Clone + 'static,
     A::Error: Refusal,
 {
     /// An executor over `pool`. Session-ending events it appends update `sessions` at once, so
@@ -52,8 +52,9 @@ where
     /// Each committed command signals `wake`.
     #[must_use]
     pub fn new(pool: PgPool, sessions: SessionVersions, wake: LogWake) -> Self {
-        let store = || PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()));
-        Self { cqrs: Arc::new(CqrsFramework::new(store(), vec![], ())), store: Arc::new(store()), pool, sessions, wake }
+        let store = CachedStore::new(pool.clone(), CACHED_AGGREGATES);
+        let cqrs = Arc::new(CqrsFramework::new(store.share(), vec![], ()));
+        Self { cqrs, store: Arc::new(store), pool, sessions, wake }
     }
 
     /// The database.

@@ -14,6 +14,7 @@ pub mod executor;
 pub mod oauth;
 pub mod passwords;
 pub mod roles;
+pub mod store;
 pub mod users;
 
 use std::sync::Arc;
