@@ -59,7 +59,20 @@ pub struct TokenIssuer {
     issuer: String,
     audience: String,
     ttl: Duration,
+    verified: Arc<std::sync::Mutex<VerifiedTokens>>,
 }
+
+/// Tokens already verified, by the SHA-256 of the token: a client presents the same access token
+/// on every request for its lifetime, and checking its Ed25519 signature again each time is most
+/// of what an authenticated read costs. An entry is used only while the token has not expired and
+/// the key that signed it still verifies.
+type VerifiedTokens = std::collections::HashMap<[u8; 32], (Claims, String)>;
+
+/// How many verified tokens are remembered.
+const VERIFIED_TOKENS: usize = 50_000;
+
+/// Seconds of clock skew allowed on `exp`.
+const LEEWAY_SECS: i64 = 5;
 
 /// Why a token was refused (the message goes to the client as UNAUTHENTICATED).
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +88,7 @@ impl TokenIssuer {
             issuer: issuer.to_owned(),
             audience: audience.to_owned(),
             ttl,
+            verified: Arc::default(),
         }
     }
 
@@ -160,6 +174,34 @@ impl TokenIssuer {
     /// # Errors
     /// A [`TokenError`] saying why.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+        let mut fingerprint = [0u8; 32];
+        fingerprint.copy_from_slice(digest.as_ref());
+        let now = chrono::Utc::now().timestamp();
+        let cached = self.verified.lock().ok().and_then(|cache| cache.get(&fingerprint).cloned());
+        if let Some((claims, kid)) = cached {
+            if claims.exp >= now - LEEWAY_SECS && self.current().decoding(&kid).is_some() {
+                return Ok(claims);
+            }
+            if let Ok(mut cache) = self.verified.lock() {
+                cache.remove(&fingerprint);
+            }
+        }
+        let (claims, kid) = self.verify_signed(token)?;
+        if let Ok(mut cache) = self.verified.lock() {
+            if cache.len() >= VERIFIED_TOKENS {
+                cache.retain(|_, (c, _)| c.exp >= now - LEEWAY_SECS);
+                if cache.len() >= VERIFIED_TOKENS {
+                    cache.clear();
+                }
+            }
+            cache.insert(fingerprint, (claims.clone(), kid));
+        }
+        Ok(claims)
+    }
+
+    /// Checks the signature and the claims; returns them with the signing key's id.
+    fn verify_signed(&self, token: &str) -> Result<(Claims, String), TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError("malformed token".into()))?;
         if header.alg != Algorithm::EdDSA {
             return Err(TokenError("token algorithm not accepted".into()));
@@ -170,9 +212,9 @@ impl TokenIssuer {
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[&self.issuer]);
         validation.set_audience(&[&self.audience]);
-        validation.leeway = 5;
+        validation.leeway = LEEWAY_SECS.unsigned_abs();
         validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
-        jsonwebtoken::decode::<Claims>(token, key, &validation).map(|d| d.claims).map_err(|e| {
+        jsonwebtoken::decode::<Claims>(token, key, &validation).map(|d| (d.claims, kid)).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             TokenError(
                 match e.kind() {
@@ -218,6 +260,18 @@ mod tests {
         let token = tokens.issue(subject(user, 3)).expect("issue");
         let claims = tokens.verify(&token).expect("verifies");
         assert_eq!((claims.sub, claims.sv), (user, 3));
+    }
+
+    #[test]
+    fn a_remembered_token_is_refused_once_its_key_is_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tokens = issuer(dir.path(), "api");
+        let token = tokens.issue(subject(Uuid::new_v4(), 1)).expect("issue");
+        let first = tokens.verify(&token).expect("verifies");
+        assert_eq!(tokens.verify(&token).expect("verifies again, from memory"), first);
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        tokens.replace_keys(KeySet::load(elsewhere.path(), false).expect("keys"));
+        assert!(tokens.verify(&token).is_err(), "the key that signed it no longer verifies");
     }
 
     #[test]
