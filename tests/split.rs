@@ -136,7 +136,11 @@ async fn services_in_separate_processes_work_together() {
     };
     let role_path = format!("/api/v1/users/{}/roles/auditor", ids[2]);
     assert_eq!(delete(&writers[0], &role_path).await, StatusCode::OK);
-    assert_eq!(delete(&writers[1], &role_path).await, StatusCode::CONFLICT, "the revocation through writers[0] is seen");
+    assert_eq!(
+        delete(&writers[1], &role_path).await,
+        StatusCode::CONFLICT,
+        "the revocation through writers[0] is seen"
+    );
     let grant = json!({ "role": "auditor" });
     let (status, _) = post(&writers[1], &format!("/api/v1/users/{}/roles", ids[2]), Some(&admin), grant.clone()).await;
     assert_eq!(status, StatusCode::OK);

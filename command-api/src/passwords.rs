@@ -174,11 +174,9 @@ impl Passwords {
     /// # Errors
     /// When hashing fails (it does not for valid parameters).
     pub async fn hash(&self, password: String) -> anyhow::Result<String> {
-        self.run(move || {
-            hash_password(password.as_bytes())
-        })
-        .await?
-        .map_err(|e| anyhow::anyhow!("password hashing failed: {e}"))
+        self.run(move || hash_password(password.as_bytes()))
+            .await?
+            .map_err(|e| anyhow::anyhow!("password hashing failed: {e}"))
     }
 
     /// Verifies `password` against `hash`; with no hash (unknown account) it verifies against a
@@ -192,20 +190,14 @@ impl Passwords {
             Some(h) => h,
             None => dummy_hash().to_owned(),
         };
-        let matches = self
-            .run(move || {
-                verify_password(password.as_bytes(), &hash).unwrap_or(false)
-            })
-            .await?;
+        let matches = self.run(move || verify_password(password.as_bytes(), &hash).unwrap_or(false)).await?;
         Ok(known && matches)
     }
 }
 
 fn dummy_hash() -> &'static str {
     static DUMMY: OnceLock<String> = OnceLock::new();
-    DUMMY.get_or_init(|| {
-        hash_password(uuid::Uuid::new_v4().to_string().as_bytes()).unwrap_or_default()
-    })
+    DUMMY.get_or_init(|| hash_password(uuid::Uuid::new_v4().to_string().as_bytes()).unwrap_or_default())
 }
 
 #[cfg(test)]

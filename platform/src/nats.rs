@@ -226,7 +226,13 @@ async fn consume_stream<H: EventBatchHandler>(
         if !events.is_empty() {
             let started = std::time::Instant::now();
             apply_until_done(handler, &events, name, shutdown).await;
-            tracing::debug!(consumer = name, events = events.len(), first = events[0].global_position, took_us = started.elapsed().as_micros() as u64, "applied");
+            tracing::debug!(
+                consumer = name,
+                events = events.len(),
+                first = events[0].global_position,
+                took_us = started.elapsed().as_micros() as u64,
+                "applied"
+            );
             if shutdown.is_cancelled() {
                 return Ok(()); // not acknowledged: delivered again, and skipped if it was applied
             }

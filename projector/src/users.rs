@@ -110,7 +110,12 @@ impl Projection for UsersProjection {
         self.apply_batch(conn, schema, &[event]).await
     }
 
-    async fn apply_batch(&self, conn: &mut PgConnection, schema: &str, events: &[&EventEnvelope]) -> anyhow::Result<()> {
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        schema: &str,
+        events: &[&EventEnvelope],
+    ) -> anyhow::Result<()> {
         let mut changes = Vec::new();
         for event in events.iter().filter(|e| e.aggregate_type == "User") {
             let user_event = UserEvent::deserialize(&event.payload)?;

@@ -5,8 +5,8 @@ use cairn_domain::{RefreshOutcome, RevokeReason, Session, SessionCommand, Sessio
 use cairn_platform::auth::{SessionVersions, TokenIssuer, TokenSubject};
 use cairn_platform::envelope::ConsistencyToken;
 use cairn_platform::http::{ApiError, RequestContext};
-use cairn_platform::wake::LogWake;
 use cairn_platform::secrets::{hash_token, random_token};
+use cairn_platform::wake::LogWake;
 use chrono::Utc;
 use sqlx::PgPool;
 use uuid::Uuid;
