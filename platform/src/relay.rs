@@ -33,21 +33,21 @@ pub struct Relay {
     ns: Namespace,
     batch: i64,
     idle_poll: Duration,
-    wake: Option<LogWake>,
+    wake: LogWake,
 }
 
 impl Relay {
     /// A relay for `ns` publishing up to `batch` events per round.
     #[must_use]
     pub fn new(pool: PgPool, js: jetstream::Context, ns: Namespace, batch: i64) -> Self {
-        Self { pool, js, ns, batch, idle_poll: Duration::from_millis(500), wake: None }
+        Self { pool, js, ns, batch, idle_poll: Duration::from_millis(500), wake: LogWake::local() }
     }
 
     /// Also wakes on `wake`, which this process's commands signal after each commit (without it,
     /// only `NOTIFY cairn_events` and the idle poll wake the relay).
     #[must_use]
     pub fn with_wake(mut self, wake: LogWake) -> Self {
-        self.wake = Some(wake);
+        self.wake = wake;
         self
     }
 
@@ -109,8 +109,7 @@ impl Relay {
     async fn publish_loop(&self, conn: &mut PgConnection, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(EVENTS_CHANNEL).await?;
-        let unused = LogWake::local();
-        let mut woken = self.wake.as_ref().unwrap_or(&unused).subscribe();
+        let mut woken = self.wake.subscribe();
         sqlx::query("INSERT INTO relay_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING")
             .bind(self.ns.as_str())
             .execute(&mut *conn)

@@ -137,11 +137,11 @@ impl Projection for UsersProjection {
         .bind(&ids)
         .fetch_all(&mut *conn)
         .await?;
-        let mut rows: HashMap<Uuid, UserRow> = existing.into_iter().map(|r| (r.id, r)).collect();
-        let mut dirty: Vec<Uuid> = Vec::new();
+        // Each row with whether the batch changed it.
+        let mut rows: HashMap<Uuid, (UserRow, bool)> = existing.into_iter().map(|r| (r.id, (r, false))).collect();
         for (id, sequence, at, event) in changes {
-            let changed = match (rows.get_mut(&id), event) {
-                (Some(row), event) => row.apply(event, sequence, at)?,
+            match (rows.get_mut(&id), event) {
+                (Some((row, changed)), event) => *changed |= row.apply(event, sequence, at)?,
                 (None, UserEvent::UserRegistered { email, display_name, roles, .. }) => {
                     let row = UserRow {
                         id,
@@ -155,17 +155,13 @@ impl Projection for UsersProjection {
                         updated_at: at,
                         version: sequence,
                     };
-                    rows.insert(id, row);
-                    true
+                    rows.insert(id, (row, true));
                 }
                 // A change to a user this table never saw registered: nothing to change.
-                (None, _) => false,
-            };
-            if changed && !dirty.contains(&id) {
-                dirty.push(id);
+                (None, _) => {}
             }
         }
-        write_rows(conn, &table, dirty.iter().filter_map(|id| rows.get(id))).await
+        write_rows(conn, &table, rows.values().filter(|(_, changed)| *changed).map(|(row, _)| row)).await
     }
 }
 
