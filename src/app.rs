@@ -15,9 +15,9 @@ use cairn_platform::checkpoint::CheckpointWatcher;
 use cairn_platform::http::limits::Limiter;
 use cairn_platform::http::{finish_router, ops_router, OpsState};
 use cairn_platform::nats::{self, Namespace};
-use cairn_platform::relay::Relay;
 use cairn_platform::{db, telemetry, Settings};
 use cairn_query_api::{Consistency, QueryState};
+use cairn_relay::Relay;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -114,7 +114,7 @@ impl Application {
 
         let mut tasks = JoinSet::new();
         // Commands signal it after each commit; it wakes this process's relay, and others' by NOTIFY.
-        let wake = cairn_platform::wake::LogWake::new(pool.clone());
+        let wake = cairn_relay::RelayWakeup::new(pool.clone());
         let mut api = OpenApiRouter::new();
         let serves_api = services.command_api || services.query_api;
         if serves_api {
@@ -150,7 +150,12 @@ impl Application {
                     .map(|name| CheckpointWatcher::spawn(pool.clone(), name, shutdown.clone()))
                     .collect();
                 let consistency = Consistency { projections, max_wait: settings.consistency_wait };
-                api = api.merge(cairn_query_api::router(QueryState { pool: pool.clone(), auth, consistency }));
+                let consumers = cairn_query_api::admin::Consumers {
+                    projections: Arc::new(cairn_projector::PROJECTIONS.to_vec()),
+                    workers: Arc::new(cairn_workers::PARKING_CONSUMERS.to_vec()),
+                };
+                let state = QueryState { pool: pool.clone(), auth, consistency, consumers };
+                api = api.merge(cairn_query_api::router(state));
             }
         }
         if services.relay {

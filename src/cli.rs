@@ -52,6 +52,13 @@ enum Command {
         #[arg(long)]
         projection: String,
     },
+    /// Show every projection's checkpoint, lag, state and parked count, and the workers' parked
+    /// counts (as `GET /api/v1/admin/projections`); with `--parked NAME`, the events NAME parked.
+    Projections {
+        /// List the events this projection or worker parked (and not yet resolved or skipped).
+        #[arg(long, value_name = "NAME")]
+        parked: Option<String>,
+    },
     /// Operator tasks.
     Admin {
         #[command(subcommand)]
@@ -129,6 +136,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Replay { projection } => return replay(&settings, &projection).await,
+        Command::Projections { parked } => return projections(&settings, parked.as_deref()).await,
         Command::Admin { command } => return admin(&settings, command).await,
         Command::Healthcheck => return healthcheck(&settings).await,
     };
@@ -173,13 +181,56 @@ async fn replay(settings: &Settings, projection: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn projections(settings: &Settings, parked: Option<&str>) -> anyhow::Result<()> {
+    use cairn_query_api::admin::status;
+    let pool = db::connect_and_migrate(&settings.database_url, 2).await?;
+    let mut out = std::io::stdout().lock();
+    if let Some(name) = parked {
+        if !cairn_projector::PROJECTIONS.contains(&name) && !cairn_workers::PARKING_CONSUMERS.contains(&name) {
+            bail!("unknown projection or worker '{name}'");
+        }
+        let (rows, more) = status::parked(&pool, name, Some("parked"), None, 100).await?;
+        writeln!(out, "{:<36}  {:<14}  {:<28}  {:>8}  error", "event id", "position", "event", "attempts")?;
+        for row in &rows {
+            let event = format!("{}/{} v{}", row.aggregate_type, row.event_type, row.event_version);
+            writeln!(
+                out,
+                "{:<36}  {:<14}  {:<28}  {:>8}  {}",
+                row.event_id, row.position, event, row.attempts, row.error
+            )?;
+        }
+        if more {
+            writeln!(out, "… more: see GET /api/v1/admin/projections/{name}/parked")?;
+        }
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<12}  {:<20}  {:>10}  {:>10}  {:<12}  {:>6}",
+        "projection", "checkpoint", "lag", "lag ms", "state", "parked"
+    )?;
+    for p in status::projections(&pool, cairn_projector::PROJECTIONS).await? {
+        writeln!(
+            out,
+            "{:<12}  {:<20}  {:>10}  {:>10}  {:<12}  {:>6}",
+            p.name, p.checkpoint, p.lag_events, p.lag_ms, p.state, p.parked
+        )?;
+    }
+    writeln!(out)?;
+    writeln!(out, "{:<12}  {:>6}", "worker", "parked")?;
+    for w in status::workers(&pool, cairn_workers::PARKING_CONSUMERS).await? {
+        writeln!(out, "{:<12}  {:>6}", w.name, w.parked)?;
+    }
+    Ok(())
+}
+
 async fn admin(settings: &Settings, command: AdminCommand) -> anyhow::Result<()> {
     match command {
         AdminCommand::RotateKey => {
             let kid = KeySet::rotate(&settings.keys_dir)?;
             let _ = writeln!(
                 std::io::stdout(),
-                "created signing key {kid} in {}; it signs from the next start",
+                "created signing key {kid} in {}; running processes sign with it within a minute",
                 settings.keys_dir.display()
             );
             Ok(())
@@ -191,7 +242,7 @@ async fn admin(settings: &Settings, command: AdminCommand) -> anyhow::Result<()>
             };
             let pool = db::connect_and_migrate(&settings.database_url, 2).await?;
             // A relay in a running service is woken by the NOTIFY this process sends after the commit.
-            let wake = cairn_platform::wake::LogWake::local();
+            let wake = cairn_relay::RelayWakeup::local();
             let users = UserCommands::new(pool.clone(), Passwords::new(1), SessionVersions::default(), wake);
             let display_name = display_name.unwrap_or_else(|| email.split('@').next().unwrap_or("admin").to_owned());
             let input = RegisterUser { email, password, display_name, roles };
@@ -199,7 +250,7 @@ async fn admin(settings: &Settings, command: AdminCommand) -> anyhow::Result<()>
                 .register(input, &RequestContext::operator("cairn admin create-user"), None)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", describe(&e)))?;
-            if let Err(e) = cairn_platform::wake::notify(&pool).await {
+            if let Err(e) = cairn_relay::wakeup::notify(&pool).await {
                 tracing::debug!(error = %e, "cannot wake the relay; it polls");
             }
             let _ = writeln!(std::io::stdout(), "{id}");

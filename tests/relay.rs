@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use cairn_platform::envelope::EventEnvelope;
 use cairn_platform::nats::{self, Namespace};
-use cairn_platform::relay::Relay;
+use cairn_relay::Relay;
 use common::TestEnv;
 use futures::StreamExt;
 use sqlx::{Connection, PgConnection, PgPool};

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cairn_platform::auth::SessionVersions;
 use cairn_platform::envelope::ConsistencyToken;
 use cairn_platform::http::{ApiError, RequestContext};
-use cairn_platform::wake::LogWake;
+use cairn_relay::RelayWakeup;
 use cqrs_es::{Aggregate, AggregateError, CqrsFramework, EventStore};
 
 use crate::store::{CachedStore, CACHED_AGGREGATES};
@@ -27,7 +27,7 @@ pub struct Executor<A: Aggregate<Services = ()> + Clone> {
     store: Arc<Store<A>>,
     pool: PgPool,
     sessions: SessionVersions,
-    wake: LogWake,
+    wake: RelayWakeup,
 }
 
 impl<A: Aggregate<Services = ()> + Clone> Clone for Executor<A> {
@@ -51,7 +51,7 @@ where
     /// this process refuses old tokens immediately; other processes learn it from the stream.
     /// Each committed command signals `wake`.
     #[must_use]
-    pub fn new(pool: PgPool, sessions: SessionVersions, wake: LogWake) -> Self {
+    pub fn new(pool: PgPool, sessions: SessionVersions, wake: RelayWakeup) -> Self {
         let store = CachedStore::new(pool.clone(), CACHED_AGGREGATES);
         let cqrs = Arc::new(CqrsFramework::new(store.share(), vec![], ()));
         Self { cqrs, store: Arc::new(store), pool, sessions, wake }
@@ -81,7 +81,7 @@ where
             .map_err(map_error)?;
         self.wake.appended();
         metrics::counter!("cairn_commands_total", "aggregate" => A::TYPE).increment(1);
-        let recent = cairn_platform::log::last_events_of(&self.pool, A::TYPE, id, 3).await?;
+        let recent = cairn_relay::reader::last_events_of(&self.pool, A::TYPE, id, 3).await?;
         let Some(newest) = recent.first() else { return Ok(ConsistencyToken::default()) };
         // The events this command appended: the newest transaction's, when it carries our request id
         // (a command may also append nothing, leaving an older event newest).

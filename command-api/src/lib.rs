@@ -1,6 +1,7 @@
 //! The write side: validates requests, authenticates callers and turns each accepted request
 //! into a command on an aggregate. Every command answers with a consistency token.
 //!
+//! - [`admin`]: operators' retries and skips of parked events (the `ParkedEvent` aggregate).
 //! - [`executor`]: runs commands on any aggregate through postgres-es, with request metadata.
 //! - [`users`]: registration, profile, roles held, deactivation (the `User` aggregate).
 //! - [`auth`]: sign-in with lockout, sessions and refresh rotation, password change and reset,
@@ -9,6 +10,7 @@
 //! - [`roles`]: defining and editing roles (the `Role` aggregate).
 //! - [`passwords`]: argon2id hashing on a bounded blocking pool, and the password policy.
 
+pub mod admin;
 pub mod auth;
 pub mod executor;
 pub mod oauth;
@@ -40,6 +42,8 @@ pub struct CommandState {
     pub sessions: SessionService,
     /// Roles.
     pub roles: RoleCatalog,
+    /// Operators' decisions about parked events.
+    pub parked: admin::ParkedEvents,
     /// Token issuing and verification.
     pub auth: AuthState,
     /// The refresh cookie.
@@ -73,6 +77,7 @@ impl CommandState {
         Ok(Self {
             sessions: SessionService::new(pool.clone(), auth.sessions.clone(), users.wake().clone(), policy),
             roles: users.roles().clone(),
+            parked: admin::ParkedEvents::new(pool.clone(), auth.sessions.clone(), users.wake().clone()),
             users,
             auth,
             cookie: RefreshCookie { secure: settings.cookie_secure, allowed_origins: settings.allowed_origins.clone() },
@@ -91,5 +96,10 @@ impl CommandState {
 
 /// The command API's routes, documented.
 pub fn router(state: CommandState) -> OpenApiRouter {
-    users::routes().merge(auth::routes()).merge(oauth::routes()).merge(roles::routes()).with_state(state)
+    users::routes()
+        .merge(auth::routes())
+        .merge(oauth::routes())
+        .merge(roles::routes())
+        .merge(admin::routes())
+        .with_state(state)
 }

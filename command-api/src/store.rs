@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cqrs_es::persist::{EventStoreAggregateContext, PersistedEventRepository, PersistedEventStore};
+use cqrs_es::persist::{EventStoreAggregateContext, PersistedEventRepository, PersistedEventStore, SerializedEvent};
 use cqrs_es::{Aggregate, AggregateError, EventEnvelope, EventStore};
 use postgres_es::PostgresEventRepository;
 use sqlx::PgPool;
@@ -35,7 +35,8 @@ impl<A: Aggregate + Clone> CachedStore<A> {
 
     fn with_cache(pool: PgPool, cache: Arc<Mutex<Cache<A>>>) -> Self {
         Self {
-            inner: PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone())),
+            inner: PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()))
+                .with_upcasters(cairn_domain::upcast::event_store_upcasters()),
             repo: PostgresEventRepository::new(pool.clone()),
             pool,
             cache,
@@ -77,6 +78,8 @@ impl<A: Aggregate + Clone> EventStore<A> for CachedStore<A> {
         let tail = self.repo.get_last_events::<A>(aggregate_id, sequence).await?;
         let had_tail = !tail.is_empty();
         for serialized in tail {
+            // Events stored under an older version are read as the current shape.
+            let serialized = upcast(serialized);
             let envelope = EventEnvelope::<A>::try_from(serialized)?;
             sequence = envelope.sequence;
             aggregate.apply(envelope.payload);
@@ -113,6 +116,15 @@ impl<A: Aggregate + Clone> EventStore<A> for CachedStore<A> {
             }
         }
     }
+}
+
+fn upcast(mut event: SerializedEvent) -> SerializedEvent {
+    if cairn_domain::upcast::needs_upcast(&event.event_type, &event.event_version) {
+        let (payload, version) = cairn_domain::upcast::upcast(&event.event_type, &event.event_version, event.payload);
+        event.payload = payload;
+        event.event_version = version;
+    }
+    event
 }
 
 /// A bounded map with least-recently-used eviction.

@@ -6,14 +6,19 @@
 //! - [`session`]: the `Session` aggregate (a sign-in and its rotating refresh-token family).
 //! - [`role`]: the `Role` aggregate (a named set of permissions).
 //! - [`roles`]: the seeded role catalogue and its permissions.
+//! - [`parked`]: the `ParkedEvent` aggregate (operators' retries and skips of parked events).
+//! - [`upcast`]: reading events stored under older versions as the current shape.
 //! - [`values`]: newtypes that parse input (`Email`, `DisplayName`, `RoleName`).
 
+pub mod parked;
 pub mod role;
 pub mod roles;
 pub mod session;
+pub mod upcast;
 pub mod user;
 pub mod values;
 
+pub use parked::{parked_event_id, ParkedEvent, ParkedEventCommand, ParkedEventError, ParkedEventEvent};
 pub use role::{Role, RoleCommand, RoleError, RoleEvent};
 pub use session::{RefreshOutcome, RevokeReason, Session, SessionCommand, SessionError, SessionEvent, SessionPolicy};
 pub use user::{LockoutPolicy, SessionsEndedReason, User, UserCommand, UserError, UserEvent, UserStatus};

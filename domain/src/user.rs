@@ -295,7 +295,12 @@ impl DomainEvent for UserEvent {
     }
 
     fn event_version(&self) -> String {
-        "1".to_owned()
+        // Older versions are read through `crate::upcast`.
+        match self {
+            Self::UserRegistered { .. } => "2",
+            _ => "1",
+        }
+        .to_owned()
     }
 }
 

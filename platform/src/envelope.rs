@@ -5,6 +5,7 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use sqlx::Row;
 use uuid::Uuid;
 
 /// One event as every consumer receives it: the row of the events table, self-describing.
@@ -66,6 +67,44 @@ impl EventEnvelope {
     pub fn meta(&self, key: &str) -> Option<&str> {
         self.metadata.get(key).and_then(serde_json::Value::as_str).filter(|s| !s.is_empty())
     }
+}
+
+/// The columns of the events table [`from_row`] reads, for queries that select whole events.
+pub const EVENT_COLUMNS: &str = "event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, \
+     transaction_id::text::bigint AS tx, global_position, recorded_at, payload, metadata";
+
+/// One event from a row selected with [`EVENT_COLUMNS`] (its predecessor left unset).
+///
+/// # Errors
+/// When a column is missing or mistyped.
+pub fn from_row(row: &sqlx::postgres::PgRow) -> sqlx::Result<EventEnvelope> {
+    Ok(EventEnvelope {
+        event_id: row.try_get("event_id")?,
+        aggregate_type: row.try_get("aggregate_type")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        sequence: row.try_get("sequence")?,
+        event_type: row.try_get("event_type")?,
+        event_version: row.try_get("event_version")?,
+        transaction_id: u64::try_from(row.try_get::<i64, _>("tx")?).unwrap_or_default(),
+        global_position: row.try_get("global_position")?,
+        recorded_at: row.try_get("recorded_at")?,
+        payload: row.try_get("payload")?,
+        metadata: row.try_get("metadata")?,
+        previous_transaction_id: 0,
+        previous_global_position: 0,
+    })
+}
+
+/// The stored event with id `event_id`.
+///
+/// # Errors
+/// When the query fails.
+pub async fn load<'e>(executor: impl sqlx::PgExecutor<'e>, event_id: Uuid) -> sqlx::Result<Option<EventEnvelope>> {
+    let row = sqlx::query(&format!("SELECT {EVENT_COLUMNS} FROM events WHERE event_id = $1"))
+        .bind(event_id)
+        .fetch_optional(executor)
+        .await?;
+    row.as_ref().map(from_row).transpose()
 }
 
 /// A position in the global order `(transaction_id, global_position)`. Commands return the

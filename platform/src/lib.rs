@@ -4,11 +4,10 @@
 //! - [`telemetry`]: tracing and the Prometheus recorder.
 //! - [`db`]: the Postgres pool, database creation and migrations.
 //! - [`nats`]: namespaced JetStream names, the EVENTS stream and its consumers.
+//! - [`failure`]: transient failures (retried) versus an event's own (parked).
 //! - [`envelope`]: the event envelope published on NATS, and the consistency token.
-//! - [`log`]: reading the events table in the global order.
-//! - [`relay`]: the gap-safe relay from the events table to JetStream.
-//! - [`wake`]: waking the relay after events commit.
 //! - [`checkpoint`]: projection checkpoints and waiting for one to reach a consistency token.
+//! - [`parking`]: events a consumer could not apply, and operators' retries and skips.
 //! - [`secrets`]: random tokens and their hashes.
 //! - [`auth`]: signing keys, access tokens, the session-version map, the authenticated caller.
 //! - [`http`]: the response envelope, the error type, extractors and the layers every router shares.
@@ -17,14 +16,12 @@ pub mod auth;
 pub mod checkpoint;
 pub mod db;
 pub mod envelope;
+pub mod failure;
 pub mod http;
-pub mod log;
 pub mod nats;
-pub mod relay;
-pub mod roles;
+pub mod parking;
 pub mod secrets;
 pub mod settings;
 pub mod telemetry;
-pub mod wake;
 
 pub use settings::Settings;

@@ -5,6 +5,8 @@ use std::time::Duration;
 use anyhow::Context;
 use async_nats::jetstream::{self, consumer, stream};
 
+use crate::failure::is_transient;
+
 /// Names of every stream, subject and consumer, prefixed by `CAIRN_NAMESPACE` so several
 /// deployments (and parallel tests) share one NATS server without seeing each other's events.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,11 +125,32 @@ pub trait EventBatchHandler: Send + Sync {
     /// Applies a batch. Must be idempotent: a batch may be delivered again after a crash.
     ///
     /// # Errors
-    /// Any failure: the batch is redelivered after a pause.
+    /// A failure marked transient ([`crate::failure::is_transient`]) has the batch retried as it
+    /// is; any other has it applied one event at a time, and the events that keep failing parked.
     fn handle(
         &self,
         events: &[crate::envelope::EventEnvelope],
     ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send;
+
+    /// As [`EventBatchHandler::handle`], told whether the consumer has caught up with the stream
+    /// (nothing more is waiting), which lets a handler put off work that can wait for company.
+    ///
+    /// # Errors
+    /// As [`EventBatchHandler::handle`].
+    fn handle_hinted(
+        &self,
+        events: &[crate::envelope::EventEnvelope],
+        caught_up: bool,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send {
+        let _ = caught_up;
+        self.handle(events)
+    }
+
+    /// Whether the handler parks what it cannot apply and carries out operators' decisions
+    /// itself, in its own transactions (projections do). Otherwise the consumer loop does both.
+    fn parks_itself(&self) -> bool {
+        false
+    }
 }
 
 /// Pulls batches from `consumer` and hands them to `handler`; acknowledges only after the
@@ -143,8 +166,10 @@ pub async fn consume<H: EventBatchHandler>(
     batch: usize,
     handler: H,
     name: &'static str,
+    pool: sqlx::PgPool,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    let handler = Parking { handler, name, pool };
     let mut backoff = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
         let pulled = consumer
@@ -176,7 +201,7 @@ pub async fn consume<H: EventBatchHandler>(
 async fn consume_stream<H: EventBatchHandler>(
     mut messages: consumer::pull::Stream,
     batch: usize,
-    handler: &H,
+    handler: &Parking<H>,
     name: &'static str,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
@@ -225,7 +250,8 @@ async fn consume_stream<H: EventBatchHandler>(
         }
         if !events.is_empty() {
             let started = std::time::Instant::now();
-            apply_until_done(handler, &events, name, shutdown).await;
+            let pending = applicable.last().and_then(|m| m.info().ok().map(|i| i.pending));
+            handler.apply(&events, pending == Some(0), shutdown).await;
             tracing::debug!(
                 consumer = name,
                 events = events.len(),
@@ -236,7 +262,6 @@ async fn consume_stream<H: EventBatchHandler>(
             if shutdown.is_cancelled() {
                 return Ok(()); // not acknowledged: delivered again, and skipped if it was applied
             }
-            let pending = applicable.last().and_then(|m| m.info().ok().map(|i| i.pending));
             for message in &applicable {
                 if let Err(e) = message.ack().await {
                     // The batch is committed; a lost ack means redelivery, which the handler skips.
@@ -254,26 +279,147 @@ async fn consume_stream<H: EventBatchHandler>(
     }
 }
 
-/// Retries the same batch until it applies or `shutdown`: handing it back (NAK) would let later
-/// messages overtake it. The handler is idempotent, so a retry after a partial failure is safe.
-async fn apply_until_done<H: EventBatchHandler>(
-    handler: &H,
-    events: &[crate::envelope::EventEnvelope],
+/// A handler with the consumer loop's side of parking: transient failures are retried as they
+/// are, others one event at a time, and an event that fails [`ATTEMPTS`] times for a reason of its
+/// own is parked. Operators' decisions addressed to this consumer are carried out here too,
+/// unless the handler does both itself.
+struct Parking<H> {
+    handler: H,
     name: &'static str,
-    shutdown: &tokio_util::sync::CancellationToken,
-) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match handler.handle(events).await {
-            Ok(()) => return,
-            Err(e) => {
-                tracing::warn!(consumer = name, error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying");
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
+    pool: sqlx::PgPool,
+}
+
+/// How often one event is tried, for a reason of its own, before it is parked.
+const ATTEMPTS: u32 = 3;
+
+impl<H: EventBatchHandler> Parking<H> {
+    /// Applies `events` until done or `shutdown`: never handed back (NAK), which would let later
+    /// messages overtake them. The handler is idempotent, so a retry after a partial failure is safe.
+    async fn apply(
+        &self,
+        events: &[crate::envelope::EventEnvelope],
+        caught_up: bool,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) {
+        let name = self.name;
+        let mut backoff = Backoff::new();
+        loop {
+            match self.handler.handle_hinted(events, caught_up).await {
+                Ok(()) => break,
+                Err(e) if is_transient(&e) || self.handler.parks_itself() => {
+                    tracing::warn!(consumer = name, error = %format!("{e:#}"), retry_in_ms = backoff.next_ms(), "batch failed; retrying");
+                    if !backoff.wait(shutdown).await {
+                        return;
+                    }
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                Err(e) => {
+                    tracing::warn!(consumer = name, error = %format!("{e:#}"), "batch refused; one event at a time");
+                    for event in events {
+                        if !self.apply_one(event, shutdown).await {
+                            return;
+                        }
+                    }
+                    break;
+                }
             }
+        }
+        if !self.handler.parks_itself() {
+            for event in events {
+                if let Some(decision) = crate::parking::control(event, name) {
+                    self.decide(decision, shutdown).await;
+                }
+            }
+        }
+    }
+
+    /// Applies one event, parking it after [`ATTEMPTS`] refusals. False on `shutdown`.
+    async fn apply_one(
+        &self,
+        event: &crate::envelope::EventEnvelope,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> bool {
+        let mut backoff = Backoff::new();
+        let mut refused = 0;
+        loop {
+            let outcome: anyhow::Result<()> = match self.handler.handle(std::slice::from_ref(event)).await {
+                Ok(()) => return true,
+                Err(e) if is_transient(&e) => Err(e),
+                Err(e) => {
+                    refused += 1;
+                    if refused >= ATTEMPTS {
+                        match crate::parking::park(&self.pool, self.name, event, &e).await {
+                            Ok(()) => return true,
+                            Err(park) => Err(anyhow::Error::from(park)),
+                        }
+                    } else {
+                        Err(e)
+                    }
+                }
+            };
+            if let Err(e) = outcome {
+                tracing::warn!(consumer = self.name, event_id = %event.event_id, error = %format!("{e:#}"), "event failed; retrying");
+            }
+            if !backoff.wait(shutdown).await {
+                return false;
+            }
+        }
+    }
+
+    /// Carries out an operator's decision; a failure to reach Postgres is retried until `shutdown`.
+    async fn decide(&self, decision: crate::parking::Control, shutdown: &tokio_util::sync::CancellationToken) {
+        use crate::parking::{self, Control};
+        let mut backoff = Backoff::new();
+        loop {
+            let done: anyhow::Result<()> = async {
+                match decision {
+                    Control::Skip(id) => parking::skipped(&self.pool, self.name, id).await?,
+                    Control::Retry(id) => {
+                        if !parking::is_parked(&self.pool, self.name, id).await? {
+                            return Ok(());
+                        }
+                        let Some(event) = crate::envelope::load(&self.pool, id).await? else { return Ok(()) };
+                        match self.handler.handle(std::slice::from_ref(&event)).await {
+                            Ok(()) => parking::resolved(&self.pool, self.name, id).await?,
+                            Err(e) if is_transient(&e) => return Err(e),
+                            Err(e) => parking::park(&self.pool, self.name, &event, &e).await?,
+                        }
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            match done {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(consumer = self.name, error = %format!("{e:#}"), "parked-event decision failed; retrying")
+                }
+            }
+            if !backoff.wait(shutdown).await {
+                return;
+            }
+        }
+    }
+}
+
+/// Doubling pauses from 100 ms up to 5 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Self(Duration::from_millis(100))
+    }
+
+    fn next_ms(&self) -> u64 {
+        u64::try_from(self.0.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Sleeps the current pause and doubles it. False when `shutdown` came first.
+    async fn wait(&mut self, shutdown: &tokio_util::sync::CancellationToken) -> bool {
+        let pause = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        tokio::select! {
+            () = shutdown.cancelled() => false,
+            () = tokio::time::sleep(pause) => true,
         }
     }
 }

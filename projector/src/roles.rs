@@ -14,6 +14,10 @@ impl Projection for RolesProjection {
     const NAME: &'static str = "roles";
     const TABLES: &'static [&'static str] = &["roles"];
 
+    fn wants(&self, event: &EventEnvelope) -> bool {
+        event.aggregate_type == "Role"
+    }
+
     async fn apply(&self, conn: &mut PgConnection, schema: &str, event: &EventEnvelope) -> anyhow::Result<()> {
         if event.aggregate_type != "Role" {
             return Ok(());

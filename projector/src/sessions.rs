@@ -14,6 +14,10 @@ impl Projection for SessionsProjection {
     const NAME: &'static str = "sessions";
     const TABLES: &'static [&'static str] = &["sessions"];
 
+    fn wants(&self, event: &EventEnvelope) -> bool {
+        event.aggregate_type == "Session"
+    }
+
     async fn apply(&self, conn: &mut PgConnection, schema: &str, event: &EventEnvelope) -> anyhow::Result<()> {
         if event.aggregate_type != "Session" {
             return Ok(());

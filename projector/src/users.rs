@@ -106,6 +106,19 @@ impl Projection for UsersProjection {
     const NAME: &'static str = "users";
     const TABLES: &'static [&'static str] = &["users"];
 
+    fn wants(&self, event: &EventEnvelope) -> bool {
+        event.aggregate_type == "User"
+            && !matches!(
+                event.event_type.as_str(),
+                "EmailVerificationRequested"
+                    | "PasswordResetRequested"
+                    | "LoginFailed"
+                    | "AccountLocked"
+                    | "AccountUnlocked"
+                    | "LoginSucceeded"
+            )
+    }
+
     async fn apply(&self, conn: &mut PgConnection, schema: &str, event: &EventEnvelope) -> anyhow::Result<()> {
         self.apply_batch(conn, schema, &[event]).await
     }

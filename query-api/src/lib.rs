@@ -3,8 +3,10 @@
 //! applied it, and says in `meta.consistent` whether it did.
 //!
 //! - [`users`]: the users read model, the caller's profile, the role catalogue.
+//! - [`admin`]: operators' view of projections and parked events.
 //! - [`consistency`]: the consistency-token wait.
 
+pub mod admin;
 pub mod consistency;
 pub mod users;
 
@@ -24,9 +26,11 @@ pub struct QueryState {
     pub auth: AuthState,
     /// Consistency-token waits.
     pub consistency: Consistency,
+    /// The consumers this deployment runs, for the operators' view.
+    pub consumers: admin::Consumers,
 }
 
 /// The query API's routes, documented.
 pub fn router(state: QueryState) -> OpenApiRouter {
-    users::routes().with_state(state)
+    users::routes().merge(admin::routes()).with_state(state)
 }

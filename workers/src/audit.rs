@@ -40,7 +40,8 @@ impl AuditWorker {
         let stream = nats::ensure_events_stream(&js, &ns, replicas).await?;
         let consumer = nats::ensure_durable_consumer(&stream, CONSUMER).await?;
         tracing::info!("audit worker running");
-        nats::consume(consumer, batch, self, "audit", shutdown).await;
+        let pool = self.pool.clone();
+        nats::consume(consumer, batch, self, "audit", pool, shutdown).await;
         Ok(())
     }
 }

@@ -7,4 +7,8 @@ pub mod audit;
 pub mod email;
 
 pub use audit::AuditWorker;
+
+/// The names under which the workers (and each API process's session map) park events they
+/// cannot apply, as the operators' view lists them.
+pub const PARKING_CONSUMERS: &[&str] = &["audit", "email", cairn_platform::auth::SESSION_MAP];
 pub use email::{EmailSettings, EmailWorker};

@@ -6,7 +6,7 @@ use cairn_platform::auth::{SessionVersions, TokenIssuer, TokenSubject};
 use cairn_platform::envelope::ConsistencyToken;
 use cairn_platform::http::{ApiError, RequestContext};
 use cairn_platform::secrets::{hash_token, random_token};
-use cairn_platform::wake::LogWake;
+use cairn_relay::RelayWakeup;
 use chrono::Utc;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -48,7 +48,7 @@ fn split_token(token: &str) -> Option<(Uuid, &str)> {
 impl SessionService {
     /// A service over `pool` with `policy`.
     #[must_use]
-    pub fn new(pool: PgPool, sessions: SessionVersions, wake: LogWake, policy: SessionPolicy) -> Self {
+    pub fn new(pool: PgPool, sessions: SessionVersions, wake: RelayWakeup, policy: SessionPolicy) -> Self {
         Self { executor: Executor::new(pool, sessions, wake), policy }
     }
 

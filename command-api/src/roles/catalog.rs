@@ -7,7 +7,7 @@ use cairn_domain::{Role, RoleCommand, RoleName};
 use cairn_platform::auth::SessionVersions;
 use cairn_platform::envelope::ConsistencyToken;
 use cairn_platform::http::{ApiError, RequestContext};
-use cairn_platform::wake::LogWake;
+use cairn_relay::RelayWakeup;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -22,7 +22,7 @@ pub struct RoleCatalog {
 impl RoleCatalog {
     /// A catalogue over `pool`.
     #[must_use]
-    pub fn new(pool: PgPool, sessions: SessionVersions, wake: LogWake) -> Self {
+    pub fn new(pool: PgPool, sessions: SessionVersions, wake: RelayWakeup) -> Self {
         Self { executor: Executor::new(pool, sessions, wake) }
     }
 

@@ -8,7 +8,7 @@ use cairn_domain::{DisplayName, Email, RoleName, User, UserCommand};
 use cairn_platform::auth::SessionVersions;
 use cairn_platform::envelope::ConsistencyToken;
 use cairn_platform::http::{ApiError, RequestContext};
-use cairn_platform::wake::LogWake;
+use cairn_relay::RelayWakeup;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -35,13 +35,13 @@ pub struct UserCommands {
     executor: Executor<User>,
     passwords: Passwords,
     roles: RoleCatalog,
-    wake: LogWake,
+    wake: RelayWakeup,
 }
 
 impl UserCommands {
     /// A service over `pool`.
     #[must_use]
-    pub fn new(pool: PgPool, passwords: Passwords, sessions: SessionVersions, wake: LogWake) -> Self {
+    pub fn new(pool: PgPool, passwords: Passwords, sessions: SessionVersions, wake: RelayWakeup) -> Self {
         Self {
             roles: RoleCatalog::new(pool.clone(), sessions.clone(), wake.clone()),
             executor: Executor::new(pool, sessions, wake.clone()),
@@ -52,7 +52,7 @@ impl UserCommands {
 
     /// What this process's commands signal after they commit.
     #[must_use]
-    pub fn wake(&self) -> &LogWake {
+    pub fn wake(&self) -> &RelayWakeup {
         &self.wake
     }
 

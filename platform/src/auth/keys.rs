@@ -202,7 +202,8 @@ pub fn generate(dir: &Path, development: bool) -> Result<String, KeyError> {
 }
 
 impl KeySet {
-    /// Adds a production key to `dir` (`cairn admin rotate-key`); it signs from the next start.
+    /// Adds a production key to `dir` (`cairn admin rotate-key`). Running processes reload the
+    /// directory every minute (`TokenIssuer::spawn_reload`) and sign with the newest key from then on.
     ///
     /// # Errors
     /// When generation or writing fails.

@@ -8,5 +8,5 @@ mod tokens;
 
 pub use caller::{AuthState, Caller};
 pub use keys::{KeyError, KeySet};
-pub use sessions::SessionVersions;
+pub use sessions::{SessionVersions, SESSION_MAP};
 pub use tokens::{Claims, TokenError, TokenIssuer, TokenSubject};

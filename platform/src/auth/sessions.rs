@@ -24,6 +24,9 @@ use uuid::Uuid;
 use crate::envelope::EventEnvelope;
 use crate::nats::Namespace;
 
+/// The name under which the session map parks the session-ending events it cannot read.
+pub const SESSION_MAP: &str = "session_map";
+
 /// The user events that end sessions, with the new version in their payload.
 const SESSION_EVENTS: &[&str] =
     &["RoleRevoked", "UserDeactivated", "UserDeleted", "PasswordChanged", "PasswordReset", "SessionsEnded"];
@@ -90,19 +93,62 @@ impl SessionVersions {
 
     /// Applies one event from the stream, if it ends sessions.
     pub fn apply(&self, event: &EventEnvelope) {
+        if let Err(e) = self.try_apply(event) {
+            tracing::error!(event_id = %event.event_id, error = %format!("{e:#}"), "session-ending event unreadable");
+        }
+    }
+
+    /// Applies one event, if it ends sessions.
+    ///
+    /// # Errors
+    /// When it is a session-ending event whose user or version cannot be read.
+    pub fn try_apply(&self, event: &EventEnvelope) -> anyhow::Result<()> {
         match (event.aggregate_type.as_str(), event.event_type.as_str()) {
             ("User", kind) if SESSION_EVENTS.contains(&kind) => {
-                let version = event.body().get("session_version").and_then(serde_json::Value::as_u64);
-                if let (Ok(user), Some(version)) = (event.aggregate_id.parse::<Uuid>(), version) {
-                    self.observe(user, version);
-                }
+                let user: Uuid = event.aggregate_id.parse()?;
+                let version = event
+                    .body()
+                    .get("session_version")
+                    .and_then(serde_json::Value::as_u64)
+                    .ok_or_else(|| anyhow::anyhow!("{kind} has no readable session_version"))?;
+                self.observe(user, version);
             }
             ("Session", "SessionRevoked") => {
-                if let Ok(sid) = event.aggregate_id.parse::<Uuid>() {
-                    self.revoke_session(sid, event.recorded_at);
-                }
+                let sid: Uuid = event.aggregate_id.parse()?;
+                self.revoke_session(sid, event.recorded_at);
             }
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// Applies a streamed event; one that ends sessions but cannot be read is parked (every API
+    /// process parks the same row), and operators' decisions about those are carried out.
+    async fn apply_streamed(&self, pool: &PgPool, event: &EventEnvelope) {
+        let outcome: anyhow::Result<()> = async {
+            match crate::parking::control(event, SESSION_MAP) {
+                Some(crate::parking::Control::Skip(id)) => crate::parking::skipped(pool, SESSION_MAP, id).await?,
+                Some(crate::parking::Control::Retry(id)) => {
+                    if crate::parking::is_parked(pool, SESSION_MAP, id).await? {
+                        if let Some(parked) = crate::envelope::load(pool, id).await? {
+                            match self.try_apply(&parked) {
+                                Ok(()) => crate::parking::resolved(pool, SESSION_MAP, id).await?,
+                                Err(e) => crate::parking::park(pool, SESSION_MAP, &parked, &e).await?,
+                            }
+                        }
+                    }
+                }
+                None => {
+                    if let Err(e) = self.try_apply(event) {
+                        crate::parking::park(pool, SESSION_MAP, event, &e).await?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = outcome {
+            tracing::warn!(event_id = %event.event_id, error = %format!("{e:#}"), "session map could not record a parked event");
         }
     }
 
@@ -112,8 +158,11 @@ impl SessionVersions {
     /// When the query fails.
     pub async fn load(&self, pool: &PgPool) -> sqlx::Result<()> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT aggregate_id, max((payload -> event_type ->> 'session_version')::bigint) \
-             FROM events WHERE aggregate_type = 'User' AND event_type = ANY($1) GROUP BY aggregate_id",
+            // An unreadable version is left out (the stream parks it), never allowed to fail the load.
+            "SELECT aggregate_id, max(CASE WHEN payload -> event_type ->> 'session_version' ~ '^[0-9]{1,18}$' \
+                                          THEN (payload -> event_type ->> 'session_version')::bigint END) \
+             FROM events WHERE aggregate_type = 'User' AND event_type = ANY($1) GROUP BY aggregate_id \
+             HAVING bool_or(payload -> event_type ->> 'session_version' ~ '^[0-9]{1,18}$')",
         )
         .bind(SESSION_EVENTS)
         .fetch_all(pool)
@@ -151,7 +200,11 @@ impl SessionVersions {
         ns: Namespace,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let filters = [ns.event_subject("User", "*"), ns.event_subject("Session", "SessionRevoked")];
+        let filters = [
+            ns.event_subject("User", "*"),
+            ns.event_subject("Session", "SessionRevoked"),
+            ns.event_subject(crate::parking::AGGREGATE, "*"),
+        ];
         let first = subscribe_all(&js, &ns, &filters).await;
         if first.is_err() {
             tracing::warn!("session follower cannot reach JetStream yet; will retry");
@@ -163,7 +216,7 @@ impl SessionVersions {
             loop {
                 if let Some(subscriptions) = streams.take() {
                     let merged = futures::stream::select_all(subscriptions);
-                    map.drain(merged, &shutdown).await;
+                    map.drain(&pool, merged, &shutdown).await;
                 }
                 if shutdown.is_cancelled() {
                     return;
@@ -182,6 +235,7 @@ impl SessionVersions {
 
     async fn drain(
         &self,
+        pool: &PgPool,
         mut stream: futures::stream::SelectAll<consumer::pull::Ordered>,
         shutdown: &CancellationToken,
     ) {
@@ -190,8 +244,9 @@ impl SessionVersions {
                 () = shutdown.cancelled() => return,
                 next = stream.next() => match next {
                     Some(Ok(message)) => {
-                        if let Ok(event) = serde_json::from_slice::<EventEnvelope>(&message.payload) {
-                            self.apply(&event);
+                        match serde_json::from_slice::<EventEnvelope>(&message.payload) {
+                            Ok(event) => self.apply_streamed(pool, &event).await,
+                            Err(e) => tracing::error!(subject = %message.subject, error = %e, "not an event envelope; ignored"),
                         }
                     }
                     Some(Err(e)) => {

@@ -114,10 +114,8 @@ async fn list_roles(
     _caller: Caller,
     consistency: ReadConsistency,
 ) -> Result<ApiResponse<serde_json::Value>, ApiError> {
-    let rows: Vec<(String, Vec<String>)> =
+    let roles: Vec<(String, Vec<String>)> =
         sqlx::query_as("SELECT name, permissions FROM roles ORDER BY name").fetch_all(&pool).await?;
-    // Before the first start has defined the seeded roles, show the seeded catalogue.
-    let roles = if rows.is_empty() { cairn_platform::roles::catalogue() } else { rows };
     let roles: Vec<serde_json::Value> =
         roles.into_iter().map(|(name, perms)| json!({ "name": name, "permissions": perms })).collect();
     Ok(consistency.annotate(ApiResponse::ok(json!(roles))))

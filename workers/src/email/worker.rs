@@ -145,7 +145,8 @@ impl EmailWorker {
                 "email worker running, but the SMTP server is unusable; mails wait until it answers"
             ),
         }
-        nats::consume(consumer, batch, self, "email", shutdown).await;
+        let pool = self.pool.clone();
+        nats::consume(consumer, batch, self, "email", pool, shutdown).await;
         Ok(())
     }
 

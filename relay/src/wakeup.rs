@@ -18,7 +18,7 @@ pub const EVENTS_CHANNEL: &str = "cairn_events";
 
 /// Signals that events were appended.
 #[derive(Clone)]
-pub struct LogWake {
+pub struct RelayWakeup {
     inner: Arc<Inner>,
 }
 
@@ -29,7 +29,7 @@ struct Inner {
     again: AtomicBool,
 }
 
-impl LogWake {
+impl RelayWakeup {
     /// Wakes this process's relay and, through `NOTIFY` on `pool`, relays in other processes.
     #[must_use]
     pub fn new(pool: PgPool) -> Self {
@@ -70,7 +70,7 @@ impl LogWake {
         });
     }
 
-    /// A receiver that sees a change after each [`LogWake::appended`].
+    /// A receiver that sees a change after each [`RelayWakeup::appended`].
     #[must_use]
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.inner.tx.subscribe()

@@ -1,8 +1,9 @@
 //! Reading the event log in the global order, safely past in-flight transactions.
 
-use sqlx::{PgConnection, Row};
+use cairn_platform::envelope::{from_row, EVENT_COLUMNS};
+use sqlx::PgConnection;
 
-use crate::envelope::{ConsistencyToken, EventEnvelope};
+use cairn_platform::envelope::{ConsistencyToken, EventEnvelope};
 
 /// Reads up to `limit` events after `after` in `(transaction_id, global_position)` order.
 ///
@@ -44,32 +45,6 @@ pub async fn read_after(
             Ok(event)
         })
         .collect()
-}
-
-/// The columns [`from_row`] reads, for queries that select whole events.
-pub const EVENT_COLUMNS: &str = "event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, \
-     transaction_id::text::bigint AS tx, global_position, recorded_at, payload, metadata";
-
-/// One event from a row selected with [`EVENT_COLUMNS`] (its predecessor left unset).
-///
-/// # Errors
-/// When a column is missing or mistyped.
-pub fn from_row(row: &sqlx::postgres::PgRow) -> sqlx::Result<EventEnvelope> {
-    Ok(EventEnvelope {
-        event_id: row.try_get("event_id")?,
-        aggregate_type: row.try_get("aggregate_type")?,
-        aggregate_id: row.try_get("aggregate_id")?,
-        sequence: row.try_get("sequence")?,
-        event_type: row.try_get("event_type")?,
-        event_version: row.try_get("event_version")?,
-        transaction_id: u64::try_from(row.try_get::<i64, _>("tx")?).unwrap_or_default(),
-        global_position: row.try_get("global_position")?,
-        recorded_at: row.try_get("recorded_at")?,
-        payload: row.try_get("payload")?,
-        metadata: row.try_get("metadata")?,
-        previous_transaction_id: 0,
-        previous_global_position: 0,
-    })
 }
 
 /// The newest `limit` events of one aggregate, newest first.

@@ -2,7 +2,7 @@
 //! global_position)` order, publishes each event to JetStream, waits for every PubAck, and only
 //! then advances its checkpoint.
 //!
-//! - Gap safety comes from [`crate::log::read_after`]: it never reads past the oldest running
+//! - Gap safety comes from [`crate::reader::read_after`]: it never reads past the oldest running
 //!   transaction, so an event whose transaction commits late is published, not skipped.
 //! - Duplicates: `Nats-Msg-Id = event_id`, so a re-send after a crash (published, checkpoint not
 //!   yet stored) is dropped by the stream's duplicate window.
@@ -21,9 +21,9 @@ use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use crate::envelope::{ConsistencyToken, EventEnvelope};
-use crate::nats::Namespace;
-use crate::wake::{LogWake, EVENTS_CHANNEL};
+use crate::wakeup::{RelayWakeup, EVENTS_CHANNEL};
+use cairn_platform::envelope::{ConsistencyToken, EventEnvelope};
+use cairn_platform::nats::Namespace;
 
 /// Publishes the event log to JetStream.
 #[derive(Clone)]
@@ -33,20 +33,20 @@ pub struct Relay {
     ns: Namespace,
     batch: i64,
     idle_poll: Duration,
-    wake: LogWake,
+    wake: RelayWakeup,
 }
 
 impl Relay {
     /// A relay for `ns` publishing up to `batch` events per round.
     #[must_use]
     pub fn new(pool: PgPool, js: jetstream::Context, ns: Namespace, batch: i64) -> Self {
-        Self { pool, js, ns, batch, idle_poll: Duration::from_millis(500), wake: LogWake::local() }
+        Self { pool, js, ns, batch, idle_poll: Duration::from_millis(500), wake: RelayWakeup::local() }
     }
 
     /// Also wakes on `wake`, which this process's commands signal after each commit (without it,
     /// only `NOTIFY cairn_events` and the idle poll wake the relay).
     #[must_use]
-    pub fn with_wake(mut self, wake: LogWake) -> Self {
+    pub fn with_wake(mut self, wake: RelayWakeup) -> Self {
         self.wake = wake;
         self
     }
@@ -127,7 +127,7 @@ impl Relay {
             }
             // Anything appended from here on wakes the waits below.
             woken.borrow_and_update();
-            let events = crate::log::read_after(conn, checkpoint, self.batch).await?;
+            let events = crate::reader::read_after(conn, checkpoint, self.batch).await?;
             if events.is_empty() {
                 // Committed events may be waiting behind an older transaction still running (the
                 // safe horizon): look again soon rather than waiting for the next NOTIFY.

@@ -1,0 +1,11 @@
+//! Operators' view of the consumers: each projection's checkpoint, lag and state, and the
+//! events each consumer (projection or worker) parked.
+//!
+//! - [`status`]: the figures, shared by the HTTP routes and `cairn projections`.
+//! - `routes`: `GET /api/v1/admin/projections` and `GET …/{name}/parked`.
+
+mod routes;
+pub mod status;
+
+pub use routes::routes;
+pub use status::{Consumers, ParkedRow, ProjectionStatus, WorkerStatus};
