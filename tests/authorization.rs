@@ -44,6 +44,9 @@ fn policy(method: &str, path: &str) -> Option<Policy> {
         ("POST", "/api/v1/roles") | ("PUT", "/api/v1/roles/{name}") => Permission("roles:manage"),
         ("POST", "/api/v1/users/{id}/deactivate" | "/api/v1/users/{id}/reactivate")
         | ("DELETE", "/api/v1/users/{id}" | "/api/v1/users/{id}/sessions") => Permission("users:write"),
+        ("GET", "/api/v1/admin/projections" | "/api/v1/admin/projections/{name}/parked")
+        | ("POST", "/api/v1/admin/projections/{name}/parked/{event_id}/retry")
+        | ("POST", "/api/v1/admin/projections/{name}/parked/{event_id}/skip") => Permission("projections:manage"),
         _ => return None,
     })
 }
@@ -119,6 +122,7 @@ async fn every_route_answers_each_role_as_its_declared_policy_says() {
         let url = path
             .replace("/users/me/sessions/{id}", &format!("/users/me/sessions/{}", uuid::Uuid::new_v4()))
             .replace("{id}", &target)
+            .replace("{event_id}", &uuid::Uuid::new_v4().to_string())
             .replace("{role}", "operator")
             .replace("{name}", "readonly")
             .replace("{provider}", "none-configured");

@@ -360,7 +360,8 @@ async fn fill_gap<P: Projection>(
     while at < to {
         let events = cairn_relay::reader::read_after(conn, at, 1000).await?;
         if events.is_empty() {
-            anyhow::bail!(cairn_platform::failure::transient(anyhow::anyhow!(
+            // The relay published past what this transaction sees: look again shortly.
+            return Err(cairn_platform::failure::transient(anyhow::anyhow!(
                 "gap after {at} up to {to} is not in the events table yet"
             )));
         }
