@@ -1,4 +1,5 @@
-//! JetStream wiring: namespaced names, the EVENTS stream and durable consumers.
+//! JetStream wiring: namespaced names, the EVENTS stream, durable consumers and the loop that
+//! feeds them, with parking of what a consumer cannot apply.
 
 use std::time::Duration;
 
@@ -161,6 +162,11 @@ pub trait EventBatchHandler: Send + Sync {
 /// up to `batch` ahead of the acknowledgements); a batch is whatever has arrived when the previous
 /// one is done, up to `batch`, so a quiet stream is applied one event at a time at once and a
 /// busy one in full batches.
+///
+/// Nothing is retried for ever because of one event: a batch refused for a reason of its own is
+/// applied one event at a time, and an event refused [`ATTEMPTS`] times is parked under `name` in
+/// `pool` ([`crate::parking`]); operators' retries and skips addressed to `name` are carried out
+/// here (unless the handler [parks itself](EventBatchHandler::parks_itself)).
 pub async fn consume<H: EventBatchHandler>(
     consumer: consumer::Consumer<consumer::pull::Config>,
     batch: usize,
