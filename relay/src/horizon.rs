@@ -61,15 +61,22 @@ pub(crate) enum Pending {
     HeldBack(Option<Holder>),
 }
 
-/// Called when a read past `checkpoint` returned nothing. One round trip, as the plain existence
-/// check it replaces: `pg_stat_activity` is only scanned when events are waiting.
+/// Called when a read past `checkpoint` returned nothing. One round trip; `pg_stat_activity` is
+/// only scanned when events are waiting.
+///
+/// The test for a waiting event is an ordered `LIMIT 1`, not `EXISTS`: the statement is prepared,
+/// and once Postgres switches it to a generic plan, `EXISTS` over the row comparison is planned
+/// as a sequential scan that reads the whole log whenever nothing is waiting (tens of ms per
+/// idle wake at 100k events, growing with the log); the ordered form always walks the
+/// `(transaction_id, global_position)` index.
 pub(crate) async fn pending(conn: &mut PgConnection, checkpoint: ConsistencyToken) -> sqlx::Result<Pending> {
     type Row = (bool, Option<i32>, Option<String>, Option<f64>, Option<String>, Option<String>);
     let (waiting, pid, application_name, age, state, query): Row = sqlx::query_as(
         "SELECT p.waiting, h.pid, h.application_name, \
                 extract(epoch FROM clock_timestamp() - h.xact_start)::float8, h.state, left(h.query, $3) \
-         FROM (SELECT EXISTS (SELECT 1 FROM events \
-                              WHERE (transaction_id, global_position) > ($1::text::xid8, $2)) AS waiting) p \
+         FROM (SELECT coalesce((SELECT true FROM events \
+                                WHERE (transaction_id, global_position) > ($1::text::xid8, $2) \
+                                ORDER BY transaction_id, global_position LIMIT 1), false) AS waiting) p \
          LEFT JOIN LATERAL (SELECT pid, application_name, xact_start, state, query FROM pg_stat_activity \
                             WHERE p.waiting AND backend_xid IS NOT NULL \
                             ORDER BY age(backend_xid) DESC LIMIT 1) h ON true",
@@ -89,6 +96,11 @@ pub(crate) async fn pending(conn: &mut PgConnection, checkpoint: ConsistencyToke
         state: state.unwrap_or_default(),
         query: query.unwrap_or_default(),
     })))
+}
+
+/// Whether to warn, held back for `held_for`, the last warning `since_warned` ago.
+fn warning_due(held_for: Duration, since_warned: Option<Duration>) -> bool {
+    held_for > WARN_AFTER && since_warned.is_none_or(|ago| ago >= WARN_EVERY)
 }
 
 /// Publishes the held-back state: watch, gauges, rate-limited warning.
@@ -112,7 +124,7 @@ impl HeldBackReport {
         metrics::gauge!("cairn_relay_held_back_pid").set(holder.as_ref().map_or(0.0, |h| f64::from(h.pid)));
         metrics::gauge!("cairn_relay_held_back_transaction_seconds")
             .set(holder.as_ref().map_or(0.0, |h| h.transaction_age.as_secs_f64()));
-        if held_for > WARN_AFTER && self.warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+        if warning_due(held_for, self.warned.map(|at| at.elapsed())) {
             self.warned = Some(Instant::now());
             match &holder {
                 Some(h) => tracing::warn!(
@@ -147,5 +159,19 @@ impl HeldBackReport {
 impl Drop for HeldBackReport {
     fn drop(&mut self) {
         self.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warns_only_after_a_second_held_back_and_at_most_every_ten_seconds() {
+        let ms = Duration::from_millis;
+        assert!(!warning_due(ms(900), None), "a short hold is normal under load");
+        assert!(warning_due(ms(1_100), None));
+        assert!(!warning_due(ms(30_000), Some(ms(9_000))));
+        assert!(warning_due(ms(30_000), Some(ms(10_000))));
     }
 }
