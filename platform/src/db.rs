@@ -15,7 +15,12 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 /// # Errors
 /// When Postgres cannot be reached or the database cannot be created.
 pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
-    let options = PgConnectOptions::from_str(url).with_context(|| "DATABASE_URL is not a valid Postgres URL")?;
+    let mut options = PgConnectOptions::from_str(url).with_context(|| "DATABASE_URL is not a valid Postgres URL")?;
+    // Named, so `pg_stat_activity` (and the relay's warning about what holds it back) says which
+    // process a backend serves; an `application_name` in the URL wins.
+    if options.get_application_name().is_none() {
+        options = options.application_name(&application_name());
+    }
     create_database_if_missing(&options).await?;
     PgPoolOptions::new()
         .max_connections(max_connections)
@@ -37,6 +42,30 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> anyhow::Res
     let pool = connect(url, max_connections).await?;
     MIGRATOR.run(&pool).await.context("database migration failed")?;
     Ok(pool)
+}
+
+/// `cairn <role> <pid>`: the role is the subcommand (`serve`, `relay`, …) when this is the `cairn`
+/// binary, otherwise the program's name; the OS pid tells processes of one role apart.
+#[must_use]
+pub fn application_name() -> String {
+    let mut args = std::env::args();
+    let program = args
+        .next()
+        .and_then(|p| std::path::Path::new(&p).file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    let role = match args.next() {
+        Some(command) if program == "cairn" && !command.starts_with('-') => command,
+        _ => program,
+    };
+    name_for(&role, std::process::id())
+}
+
+/// The application name of a process of `role` with OS pid `pid`: printable ASCII, within
+/// Postgres's 63 bytes (longer names are cut by the server, which would lose the pid).
+fn name_for(role: &str, pid: u32) -> String {
+    let role: String =
+        role.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).take(40).collect();
+    format!("cairn {role} {pid}")
 }
 
 async fn create_database_if_missing(options: &PgConnectOptions) -> anyhow::Result<()> {
@@ -87,6 +116,14 @@ mod url {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn application_names_carry_the_role_and_pid_within_postgres_limit() {
+        assert_eq!(super::name_for("relay", 4242), "cairn relay 4242");
+        let long = super::name_for(&"x".repeat(200), u32::MAX);
+        assert!(long.len() <= 63 && long.ends_with(&u32::MAX.to_string()), "{long}");
+        assert_eq!(super::name_for("r\u{e9}lay\n", 1), "cairn rlay 1");
+    }
+
     #[test]
     fn passwords_are_redacted() {
         assert_eq!(super::redact("postgres://u:secret@h:5432/d"), "postgres://u:REDACTED@h:5432/d");
