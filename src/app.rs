@@ -1,6 +1,7 @@
 //! Assembles the services into one process: `serve` runs them all on one port; split mode runs
 //! a subset. Tests build an [`Application`] on port 0 the same way.
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,6 +64,7 @@ pub struct Application {
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
     pool: PgPool,
+    shutdown_grace: Duration,
 }
 
 impl Application {
@@ -198,7 +200,8 @@ impl Application {
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
-        Ok(Self { listener, router, shutdown, tasks, pool })
+        let shutdown_grace = settings.shutdown_grace;
+        Ok(Self { listener, router, shutdown, tasks, pool, shutdown_grace })
     }
 
     /// The bound port.
@@ -219,7 +222,14 @@ impl Application {
         &self.pool
     }
 
-    /// Serves until the shutdown token is cancelled, then stops the background services.
+    /// Serves until the shutdown token is cancelled, then stops within the grace period
+    /// (`CAIRN_SHUTDOWN_GRACE_SECS`) whatever Postgres, NATS or an SMTP server do: the listener
+    /// stops accepting at once; in-flight requests and the background services get the grace
+    /// period to finish; whatever is left then is aborted, and the pool closed with a short bound.
+    ///
+    /// What an aborted task held is released for the next process: un-acked JetStream messages
+    /// are redelivered, and the relay's and the email worker's advisory locks go with their
+    /// connections, which are closed, not pooled, when their holders are dropped.
     ///
     /// # Errors
     /// When the server fails.
@@ -227,15 +237,54 @@ impl Application {
         let addr = self.listener.local_addr()?;
         tracing::info!(%addr, "listening");
         let shutdown = self.shutdown.clone();
-        let served = axum::serve(self.listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await;
+        let server = axum::serve(self.listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let mut server = tokio::spawn(server.into_future());
+        let mut served = tokio::select! {
+            joined = &mut server => Some(joined),
+            () = shutdown.cancelled() => None,
+        };
+        // The server may also have stopped on its own (an accept error): stop everything else too.
         shutdown.cancel();
-        while self.tasks.join_next().await.is_some() {}
-        self.pool.close().await;
-        served.map_err(Into::into)
+        let grace = self.shutdown_grace;
+        let deadline = tokio::time::Instant::now() + grace;
+        tracing::info!(grace_secs = grace.as_secs_f64(), "stopping");
+
+        if served.is_none() {
+            match tokio::time::timeout_at(deadline, &mut server).await {
+                Ok(joined) => served = Some(joined),
+                Err(_) => {
+                    tracing::warn!("requests still in flight after the grace period; aborting them");
+                    server.abort();
+                }
+            }
+        }
+        let drained =
+            tokio::time::timeout_at(deadline, async { while self.tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!(
+                tasks = self.tasks.len(),
+                "background tasks still running after the grace period; aborting them"
+            );
+            self.tasks.abort_all();
+            // Aborted tasks end at their next await point; this only collects them.
+            while self.tasks.join_next().await.is_some() {}
+        }
+        // Waits for connections still checked out (an aborted task's, being closed) to come back.
+        if tokio::time::timeout(POOL_CLOSE_TIMEOUT, self.pool.close()).await.is_err() {
+            tracing::warn!("the database pool did not close in time; exiting anyway");
+        }
+        tracing::info!("stopped");
+        match served {
+            Some(Ok(result)) => result.map_err(Into::into),
+            Some(Err(joined)) => Err(anyhow::anyhow!("the HTTP server task failed: {joined}")),
+            None => Ok(()),
+        }
     }
 }
+
+/// How long closing the database pool may take at shutdown, after the grace period.
+const POOL_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs projection `P` as its own durable consumer.
 fn spawn_projection<P: cairn_projector::Projection>(

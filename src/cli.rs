@@ -144,29 +144,55 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(settings: Settings, services: Services) -> anyhow::Result<()> {
+    let grace = settings.shutdown_grace;
     let app = Application::build(settings, services).await?;
     let token = app.shutdown_token();
-    tokio::spawn(stop_on_signal(token));
+    tokio::spawn(stop_on_signal(token, grace));
     app.run_until_stopped().await
 }
 
-async fn stop_on_signal(token: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// How long after the grace period a process that has still not exited is ended by force.
+const FORCED_EXIT_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Stops the process gracefully on SIGTERM or Ctrl-C. A second signal, or the grace period plus
+/// a margin without the process having exited, ends it at once: the graceful path is bounded
+/// already, and this is the backstop should some dependency hang where it cannot be aborted.
+async fn stop_on_signal(token: CancellationToken, grace: std::time::Duration) {
+    if !stop_signal().await {
+        return;
+    }
+    tracing::info!(grace_secs = grace.as_secs_f64(), "shutting down");
+    token.cancel();
+    tokio::select! {
+        received = stop_signal() => {
+            if !received {
+                return;
+            }
+            tracing::warn!("second stop signal; exiting now");
+        }
+        () = tokio::time::sleep(grace + FORCED_EXIT_MARGIN) => {
+            tracing::error!("still running long after the grace period; exiting now");
+        }
+    }
+    std::process::exit(1);
+}
+
+/// Waits for SIGTERM or Ctrl-C; false when no signal can be received at all.
+async fn stop_signal() -> bool {
     #[cfg(unix)]
     {
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        } else {
-            let _ = ctrl_c.await;
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+            return tokio::signal::ctrl_c().await.is_ok();
+        };
+        tokio::select! {
+            received = tokio::signal::ctrl_c() => received.is_ok(),
+            received = term.recv() => received.is_some(),
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down");
-    token.cancel();
+    {
+        tokio::signal::ctrl_c().await.is_ok()
+    }
 }
 
 async fn replay(settings: &Settings, projection: &str) -> anyhow::Result<()> {

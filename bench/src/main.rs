@@ -12,6 +12,10 @@ mod report;
 mod scenarios;
 mod seed;
 mod service;
+// The SMTP server the end-to-end tests stall the email worker with; one copy for both.
+#[allow(dead_code)]
+#[path = "../../tests/common/stalling_smtp.rs"]
+mod stalling_smtp;
 mod stats;
 
 use std::io::Write;
@@ -61,13 +65,24 @@ enum Scenario {
     Login,
     /// Idle and loaded resident memory.
     Memory,
+    /// The lag while the mail server stalls the email worker at DATA, beside a responsive one.
+    StalledSmtp,
     /// Every scenario, one after another.
     All,
 }
 
 impl Scenario {
-    const EACH: [Self; 8] =
-        [Self::Write, Self::WriteLong, Self::Lag, Self::Relay, Self::Rebuild, Self::Read, Self::Login, Self::Memory];
+    const EACH: [Self; 9] = [
+        Self::Write,
+        Self::WriteLong,
+        Self::Lag,
+        Self::Relay,
+        Self::Rebuild,
+        Self::Read,
+        Self::Login,
+        Self::Memory,
+        Self::StalledSmtp,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -79,6 +94,7 @@ impl Scenario {
             Self::Read => "read",
             Self::Login => "login",
             Self::Memory => "memory",
+            Self::StalledSmtp => "stalled-smtp",
             Self::All => "all",
         }
     }
@@ -93,6 +109,7 @@ impl Scenario {
             Self::Read => scenarios::read::run(ctx, env, out).await,
             Self::Login => scenarios::login::run(ctx, env, out).await,
             Self::Memory => scenarios::memory::run(ctx, env, out).await,
+            Self::StalledSmtp => scenarios::stalled_smtp::run(ctx, env, out).await,
             Self::All => anyhow::bail!("`all` is not a single scenario"),
         }
     }

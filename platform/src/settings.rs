@@ -63,6 +63,9 @@ pub struct Settings {
     pub projector_batch: usize,
     /// `CAIRN_REQUEST_TIMEOUT_SECS`.
     pub request_timeout: Duration,
+    /// `CAIRN_SHUTDOWN_GRACE_SECS`: on SIGTERM, how long in-flight requests and background work
+    /// may take to finish before what is left is aborted (default 10).
+    pub shutdown_grace: Duration,
     /// `CAIRN_SESSION_LIFETIME_SECS`: absolute session lifetime (default 7 days).
     pub session_lifetime: Duration,
     /// `CAIRN_SESSION_IDLE_SECS`: idle timeout between refreshes (default 24 hours).
@@ -314,6 +317,7 @@ impl Settings {
             relay_batch: i64::try_from(num("CAIRN_RELAY_BATCH", 1000)?)?.max(1),
             projector_batch: usize::try_from(num("CAIRN_PROJECTOR_BATCH", 500)?)?.max(1),
             request_timeout: Duration::from_secs(num("CAIRN_REQUEST_TIMEOUT_SECS", 30)?),
+            shutdown_grace: Duration::from_secs(num("CAIRN_SHUTDOWN_GRACE_SECS", 10)?),
             session_lifetime: Duration::from_secs(num("CAIRN_SESSION_LIFETIME_SECS", 7 * 86_400)?),
             session_idle: Duration::from_secs(num("CAIRN_SESSION_IDLE_SECS", 86_400)?),
             refresh_grace: Duration::from_secs(num("CAIRN_REFRESH_GRACE_SECS", 10)?),
@@ -387,6 +391,7 @@ mod tests {
         assert_eq!(s.nats_url, "nats://127.0.0.1:4222");
         assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(s.environment, Environment::Development);
+        assert_eq!(s.shutdown_grace, Duration::from_secs(10));
         Ok(())
     }
 

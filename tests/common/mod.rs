@@ -394,3 +394,38 @@ impl Drop for MailCatcher {
         let _ = self.child.wait();
     }
 }
+
+/// An SMTP server that can hold its answer to DATA (see the module).
+pub mod stalling_smtp;
+
+impl TestApp {
+    /// As [`TestApp::spawn_with`], with `extra` applied to the mail settings too (`SMTP_*`).
+    pub async fn spawn_with_mail(env: TestEnv, services: Services, extra: &[(&str, &str)]) -> Self {
+        quiet_logs();
+        let mut vars = env.vars();
+        for (k, v) in extra {
+            vars.insert((*k).to_owned(), (*v).to_owned());
+        }
+        let email = cairn_workers::EmailSettings::from_lookup(|k| vars.get(k).cloned()).unwrap();
+        let app = Application::build_with_email(env.settings(extra), Some(email), services).await.unwrap();
+        let address = format!("http://127.0.0.1:{}", app.port());
+        let shutdown = app.shutdown_token();
+        let pool = PgPool::connect(&env.database_url).await.unwrap();
+        let handle = tokio::spawn(app.run_until_stopped());
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        Self { env, address, client, pool, shutdown, handle: Some(handle) }
+    }
+}
+
+/// The first key of the email worker's per-event advisory locks (ASCII "mail"), as `pg_locks`
+/// shows it in `classid`.
+pub const MAIL_LOCK_CLASS: i64 = 0x6d61_696c;
+
+/// Waits until `condition` holds, polling every 20 ms, failing with `what` after `timeout`.
+pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < timeout, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -690,3 +690,68 @@ async fn the_durable_consumer_mails_events_published_on_nats() {
     js.delete_stream(ns.events_stream()).await.unwrap();
     db.drop().await;
 }
+
+/// Advisory locks of the worker's per-event claims ("mail" is their first key), in this database.
+async fn claims(db: &TestDb) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+          WHERE l.locktype = 'advisory' AND l.classid::bigint = 1835100524 AND d.datname = current_database()",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_send_that_times_out_or_is_abandoned_leaves_no_claim_and_no_open_transaction() {
+    // A server that accepts connections and never says a word.
+    let silent = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
+    let port = silent.local_addr().unwrap().port().to_string();
+    let db = TestDb::create().await;
+    let vars = |timeout: &'static str| {
+        let port = port.clone();
+        move |k: &str| match k {
+            "SMTP_HOST" => Some("127.0.0.1".to_owned()),
+            "SMTP_PORT" => Some(port.clone()),
+            "SMTP_TIMEOUT_SECS" => Some(timeout.to_owned()),
+            "CAIRN_PUBLIC_URL" => Some(PUBLIC_URL.to_owned()),
+            _ => None,
+        }
+    };
+    let registered = db.register(Uuid::new_v4(), "silent@example.com", "Sil").await;
+
+    // A send that times out fails the batch as transient, keeps no token and no claim.
+    let impatient = EmailWorker::new(db.pool.clone(), EmailSettings::from_lookup(vars("1")).unwrap()).unwrap();
+    let failed = impatient.handle(std::slice::from_ref(&registered)).await.unwrap_err();
+    assert!(cairn_platform::failure::is_transient(&failed), "{failed:#}");
+    assert_eq!(db.count("email_tokens").await, 0);
+    assert_eq!(claims(&db).await, 0);
+
+    // A send abandoned mid-way (the task aborted, as at shutdown): while it waits, its claim is
+    // held by a connection with no transaction; once aborted, the claim goes with the connection.
+    let patient = EmailWorker::new(db.pool.clone(), EmailSettings::from_lookup(vars("600")).unwrap()).unwrap();
+    let event = registered.clone();
+    let sending = tokio::spawn(async move { patient.handle(std::slice::from_ref(&event)).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while claims(&db).await == 0 {
+        assert!(Instant::now() < deadline, "the worker never claimed the event");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() \
+            AND (backend_xid IS NOT NULL OR state LIKE 'idle in transaction%')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(open, 0, "no transaction may be open while the mail is being sent");
+    sending.abort();
+    assert!(sending.await.unwrap_err().is_cancelled());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while claims(&db).await != 0 {
+        assert!(Instant::now() < deadline, "the abandoned claim was not released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(silent);
+    db.drop().await;
+}

@@ -87,11 +87,30 @@ fn parse_token(token: &str) -> Option<(i64, i64)> {
 pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<()> {
     let targets = Targets::seed(env, "target", TARGET_USERS, 1).await?;
     let running = Running::start(env, &[]).await?;
+    let measured = measure(ctx, env, &targets, &running, "", out).await;
+    running.service.stop().await?;
+    measured.map(|_| ())
+}
+
+/// Measures the lag on a running service over `targets` (seeded with [`Targets::seed`]) and adds
+/// its rows, their names prefixed by `label`, to `out`; returns the lag's summary. Leaves the
+/// service running.
+///
+/// # Errors
+/// When the probe fails or nothing was measured.
+pub async fn measure(
+    ctx: &Ctx,
+    env: &BenchEnv,
+    targets: &Targets,
+    running: &Running,
+    label: &str,
+    out: &mut Output,
+) -> anyhow::Result<Summary> {
     let probe_window = ctx.pick(
         Window { warmup: Duration::from_millis(500), measure: Duration::from_millis(1500) },
         Window { warmup: Duration::from_secs(2), measure: Duration::from_secs(5) },
     );
-    let probe = toggle_load(&running, &targets, 64, probe_window).await?;
+    let probe = toggle_load(running, targets, 64, probe_window).await?;
     probe.require_success("maximum-rate probe")?;
     let max_rate = probe.throughput();
     let rate = (max_rate / 2.0).max(1.0);
@@ -100,7 +119,7 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
         Window { warmup: Duration::from_secs(3), measure: Duration::from_secs(15) },
     );
     out.note(format!(
-        "maximum rate in this run: {max_rate:.0} commands/s (64 clients, {:.1} s); lag measured at {rate:.0} commands/s \
+        "{label}maximum rate in this run: {max_rate:.0} commands/s (64 clients, {:.1} s); lag measured at {rate:.0} commands/s \
          for {:.0} s; lag = command 2xx → answer of a read carrying its X-Consistency-Token",
         probe_window.measure.as_secs_f64(),
         window.measure.as_secs_f64()
@@ -162,7 +181,6 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
     stop_sampling.store(true, std::sync::atomic::Ordering::Relaxed);
     let checkpoints = sampler.await.context("the checkpoint sampler panicked")??;
     let memory = running.service.memory().ok();
-    running.service.stop().await?;
 
     let inconsistent = samples.iter().filter(|s| !s.consistent).count();
     let lags: Vec<Duration> = samples.iter().map(|s| s.lag).collect();
@@ -174,7 +192,7 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
     let met = lag.p99_ms <= 50.0 && inconsistent == 0;
     out.rows.push(
         Row::new(
-            format!("2xx → read model, at {rate:.0} commands/s"),
+            format!("{label}2xx → read model, at {rate:.0} commands/s"),
             Measure::rate(achieved, "commands/s", Some(lag)),
         )
         .errors(errors)
@@ -187,7 +205,7 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
     );
     out.rows.push(
         Row::new(
-            format!("command latency at {rate:.0} commands/s"),
+            format!("{label}command latency at {rate:.0} commands/s"),
             Measure::rate(achieved, "commands/s", Summary::of(&commands)),
         )
         .memory(memory),
@@ -202,20 +220,20 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
     {
         out.rows.push(
             Row::new(
-                format!("2xx → {name} (sampled every {} ms)", SAMPLE_EVERY.as_millis()),
+                format!("{label}2xx → {name} (sampled every {} ms)", SAMPLE_EVERY.as_millis()),
                 Measure::rate(achieved, "commands/s", Summary::of(stage)),
             )
             .memory(memory),
         );
     }
     if let Some(e) = &first_error {
-        out.note(format!("{errors} commands or reads failed; first: {e}"));
+        out.note(format!("{label}{errors} commands or reads failed; first: {e}"));
     }
     if inconsistent > 0 {
-        out.note(format!("{inconsistent} reads gave up waiting (meta.consistent = false)"));
+        out.note(format!("{label}{inconsistent} reads gave up waiting (meta.consistent = false)"));
     }
     if skipped > 0 {
-        out.note(format!("{skipped} ticks found every user busy and sent nothing"));
+        out.note(format!("{label}{skipped} ticks found every user busy and sent nothing"));
     }
-    Ok(())
+    Ok(lag)
 }

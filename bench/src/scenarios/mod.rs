@@ -7,6 +7,7 @@ pub mod memory;
 pub mod read;
 pub mod rebuild;
 pub mod relay;
+pub mod stalled_smtp;
 pub mod write;
 pub mod write_long;
 

@@ -279,18 +279,66 @@ async fn change_password(
     Ok(ApiResponse::ok(tokens_body(access, &state.auth, None)).consistency(token))
 }
 
-/// Consumes an emailed token of `purpose`, returning its user. Single use: the row is locked and
-/// marked used in `tx`, which the caller commits only once the command succeeded.
-async fn take_email_token(tx: &mut sqlx::PgConnection, token: &str, purpose: &str) -> Result<Uuid, ApiError> {
+/// An emailed token that was consumed: spent for good once the command it allowed succeeded, or
+/// given back with [`SpentEmailToken::give_back`] when that command failed.
+///
+/// No transaction is held from the token to the command: the command runs in transactions of its
+/// own (and may wait for a pool connection), and a transaction that holds a transaction id
+/// holds back the relay for the whole cluster. Single use is decided by the database: the token
+/// is consumed by one conditional `UPDATE`, which only one request can win.
+struct SpentEmailToken {
+    hash: String,
+    user_id: Uuid,
+    used_at: chrono::DateTime<Utc>,
+}
+
+impl SpentEmailToken {
+    /// Consumes an emailed token of `purpose`, unless it is unknown, expired or used already.
+    async fn take(pool: &sqlx::PgPool, token: &str, purpose: &str) -> Result<Self, ApiError> {
+        let hash = hash_token(token);
+        let row: Option<(Uuid, chrono::DateTime<Utc>)> = sqlx::query_as(
+            "UPDATE email_tokens SET used_at = clock_timestamp() \
+             WHERE token_hash = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > now() \
+             RETURNING user_id, used_at",
+        )
+        .bind(&hash)
+        .bind(purpose)
+        .fetch_optional(pool)
+        .await?;
+        let (user_id, used_at) = row.ok_or_else(invalid_email_token)?;
+        Ok(Self { hash, user_id, used_at })
+    }
+
+    /// Makes the token usable again after the command it allowed failed, so a failure never
+    /// burns it. Only this consumption is undone (matched by its time stamp). Best effort: if
+    /// Postgres is gone too, the user asks for a new link.
+    async fn give_back(self, pool: &sqlx::PgPool) {
+        let restored = sqlx::query("UPDATE email_tokens SET used_at = NULL WHERE token_hash = $1 AND used_at = $2")
+            .bind(&self.hash)
+            .bind(self.used_at)
+            .execute(pool)
+            .await;
+        if let Err(e) = restored {
+            tracing::warn!(user_id = %self.user_id, error = %e, "cannot give back an emailed token after a failed command");
+        }
+    }
+}
+
+/// The user an unspent, unexpired emailed token of `purpose` belongs to, without consuming it.
+async fn peek_email_token(pool: &sqlx::PgPool, token: &str, purpose: &str) -> Result<Uuid, ApiError> {
     let user: Option<Uuid> = sqlx::query_scalar(
-        "UPDATE email_tokens SET used_at = now() \
-         WHERE token_hash = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > now() RETURNING user_id",
+        "SELECT user_id FROM email_tokens \
+         WHERE token_hash = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > now()",
     )
     .bind(hash_token(token))
     .bind(purpose)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(pool)
     .await?;
-    user.ok_or_else(|| ApiError::field("token", "is invalid, expired or already used"))
+    user.ok_or_else(invalid_email_token)
+}
+
+fn invalid_email_token() -> ApiError {
+    ApiError::field("token", "is invalid, expired or already used")
 }
 
 /// `POST /api/v1/auth/verify-email` body.
@@ -308,15 +356,17 @@ async fn verify_email(
     ctx: RequestContext,
     ApiJson(body): ApiJson<VerifyEmailBody>,
 ) -> Result<ApiResponse<Value>, ApiError> {
-    let mut tx = state.pool.begin().await?;
-    let id = take_email_token(&mut tx, &body.token, "verify_email").await?;
+    let spent = SpentEmailToken::take(&state.pool, &body.token, "verify_email").await?;
+    let id = spent.user_id;
     let token = match state.users.execute(id, UserCommand::VerifyEmail, &ctx, Some(id)).await {
         Ok(token) => Some(token),
         // Verified already (an older link): the token is spent all the same.
         Err(ApiError::Conflict(_)) => None,
-        Err(e) => return Err(e),
+        Err(e) => {
+            spent.give_back(&state.pool).await;
+            return Err(e);
+        }
     };
-    tx.commit().await?;
     let answer = ApiResponse::ok(json!({ "user_id": id, "email_verified": true }));
     Ok(match token {
         Some(t) => answer.consistency(t),
@@ -400,13 +450,20 @@ async fn confirm_password_reset(
     ctx: RequestContext,
     ApiJson(body): ApiJson<ConfirmResetBody>,
 ) -> Result<ApiResponse<Value>, ApiError> {
-    let mut tx = state.pool.begin().await?;
-    let id = take_email_token(&mut tx, &body.token, "reset_password").await?;
+    // Checked, not consumed, while the password is checked and hashed (slow on purpose): a weak
+    // password leaves the token unspent, and no transaction waits on the hashing.
+    let id = peek_email_token(&state.pool, &body.token, "reset_password").await?;
     let user = state.users.load(id).await?;
-    // A weak password leaves the token unspent (the transaction rolls back).
     let password_hash = state.users.hash_new_password(body.new_password, &user, "new_password").await?;
-    let token = state.users.execute(id, UserCommand::ResetPassword { password_hash }, &ctx, Some(id)).await?;
-    tx.commit().await?;
+    // Consumed now; a request with the same token that got here first wins, this one is refused.
+    let spent = SpentEmailToken::take(&state.pool, &body.token, "reset_password").await?;
+    let token = match state.users.execute(id, UserCommand::ResetPassword { password_hash }, &ctx, Some(id)).await {
+        Ok(token) => token,
+        Err(e) => {
+            spent.give_back(&state.pool).await;
+            return Err(e);
+        }
+    };
     Ok(ApiResponse::ok(json!({ "user_id": id })).consistency(token))
 }
 

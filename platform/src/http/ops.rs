@@ -1,4 +1,10 @@
 //! `/health`, `/ready` and `/metrics`, served by every process.
+//!
+//! Readiness means "can take requests": Postgres answers. NATS is not required for that: commands
+//! append to Postgres and the relay publishes when NATS returns, so a process without NATS says
+//! it is ready but degraded, and the gauges `cairn_ready` and `cairn_nats_connected` show both.
+
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
@@ -9,6 +15,10 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use super::{ApiError, ApiResponse};
+
+/// How long `/ready` waits for Postgres: a probe must answer quickly even when the database
+/// (or the pool, every connection busy) does not.
+const POSTGRES_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What readiness depends on.
 #[derive(Clone)]
@@ -32,17 +42,31 @@ async fn health() -> ApiResponse<serde_json::Value> {
     ApiResponse::ok(json!({ "status": "ok" }))
 }
 
+/// 200 when Postgres answers within [`POSTGRES_PROBE_TIMEOUT`] (`degraded: true` when NATS is
+/// not connected), 503 `SERVICE_UNAVAILABLE` when it does not.
 async fn ready(State(state): State<OpsState>) -> Result<ApiResponse<serde_json::Value>, ApiError> {
-    let postgres = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.pool).await.is_ok();
-    let nats = state.nats.connection_state() == async_nats::connection::State::Connected;
-    if postgres && nats {
-        Ok(ApiResponse::ok(json!({ "status": "ready", "postgres": true, "nats": true })))
-    } else {
-        Err(ApiError::ServiceUnavailable(format!("not ready: postgres={postgres} nats={nats}")))
+    let probe = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.pool);
+    let postgres = matches!(tokio::time::timeout(POSTGRES_PROBE_TIMEOUT, probe).await, Ok(Ok(_)));
+    let nats = nats_connected(&state.nats);
+    metrics::gauge!("cairn_ready").set(if postgres { 1.0 } else { 0.0 });
+    if !postgres {
+        tracing::warn!(nats, "not ready: Postgres does not answer");
+        return Err(ApiError::ServiceUnavailable(format!("not ready: postgres=false nats={nats}")));
     }
+    let status = if nats { "ready" } else { "degraded" };
+    Ok(ApiResponse::ok(json!({ "status": status, "postgres": true, "nats": nats, "degraded": !nats })))
 }
 
-async fn metrics_text() -> impl IntoResponse {
+/// Whether the NATS client is connected now, kept in the `cairn_nats_connected` gauge too.
+fn nats_connected(client: &async_nats::Client) -> bool {
+    let connected = client.connection_state() == async_nats::connection::State::Connected;
+    metrics::gauge!("cairn_nats_connected").set(if connected { 1.0 } else { 0.0 });
+    connected
+}
+
+async fn metrics_text(State(state): State<OpsState>) -> impl IntoResponse {
+    // Costs nothing and keeps the gauge current for scrapers that never call /ready.
+    nats_connected(&state.nats);
     let handle = crate::telemetry::metrics_handle();
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render())
 }

@@ -1,7 +1,14 @@
 //! SMTP delivery with lettre over rustls: a pooled connection to the configured server, and the
-//! line between failures worth retrying (the server is down or refuses everything) and failures of
-//! one message that no retry will fix (the server rejects that recipient).
+//! line between failures worth retrying (the server is down, stalls or refuses everything) and
+//! failures of one message that no retry will fix (the server rejects that recipient).
+//!
+//! lettre's async transport bounds only the TCP connect with its timeout: a server that accepts
+//! and then stops answering (at the greeting, or at DATA) would hold a send for ever. So every
+//! exchange is bounded here as a whole by `SMTP_TIMEOUT_SECS`, and a send cut short replaces the
+//! connection pool, since the connection it was using is in the middle of a conversation and
+//! must never be handed out again.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -27,9 +34,12 @@ pub enum SendError {
 
 /// Sends mails through the configured SMTP server.
 pub struct Mailer {
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+    /// Replaced after a send was cut short; a clone is cheap (the pool is shared).
+    transport: Mutex<AsyncSmtpTransport<Tokio1Executor>>,
+    settings: EmailSettings,
     from: Mailbox,
     server: String,
+    timeout: Duration,
 }
 
 impl Mailer {
@@ -41,34 +51,12 @@ impl Mailer {
     pub fn new(settings: &EmailSettings) -> anyhow::Result<Self> {
         // lettre's pool spawns on the current runtime and would panic without one.
         tokio::runtime::Handle::try_current().context("the mailer must be created inside a Tokio runtime")?;
-        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(settings.host.as_str())
-            .port(settings.port)
-            .timeout(Some(settings.timeout))
-            // Idle connections are dropped well before typical server-side idle limits (about 5 minutes).
-            .pool_config(PoolConfig::new().max_size(4).idle_timeout(Duration::from_secs(60)));
-        if settings.tls != SmtpTls::None {
-            let mut params = TlsParameters::builder(settings.host.clone());
-            if let Some(path) = &settings.ca_file {
-                let pem =
-                    std::fs::read(path).with_context(|| format!("cannot read SMTP_TLS_CA_FILE {}", path.display()))?;
-                let certificate = Certificate::from_pem(&pem)
-                    .with_context(|| format!("SMTP_TLS_CA_FILE {} holds no PEM certificate", path.display()))?;
-                params = params.add_root_certificate(certificate);
-            }
-            let params = params.build_rustls().context("cannot set up TLS for SMTP")?;
-            // Required, never opportunistic: a server that stops offering STARTTLS is an attack, not a fallback.
-            builder = builder.tls(match settings.tls {
-                SmtpTls::Tls => Tls::Wrapper(params),
-                _ => Tls::Required(params),
-            });
-        }
-        if let (Some(username), Some(password)) = (&settings.username, &settings.password) {
-            builder = builder.credentials(Credentials::new(username.clone(), password.expose().to_owned()));
-        }
         Ok(Self {
-            transport: builder.build(),
+            transport: Mutex::new(transport(settings)?),
+            settings: settings.clone(),
             from: settings.from.clone(),
             server: format!("{}:{}", settings.host, settings.port),
+            timeout: settings.timeout,
         })
     }
 
@@ -83,10 +71,30 @@ impl Mailer {
     /// # Errors
     /// When it does not.
     pub async fn check(&self) -> anyhow::Result<()> {
-        match self.transport.test_connection().await {
-            Ok(true) => Ok(()),
-            Ok(false) => anyhow::bail!("SMTP server {} does not answer", self.server),
-            Err(e) => Err(anyhow::Error::new(e).context(format!("SMTP server {} is unusable", self.server))),
+        let transport = self.current()?;
+        match tokio::time::timeout(self.timeout, transport.test_connection()).await {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => anyhow::bail!("SMTP server {} does not answer", self.server),
+            Ok(Err(e)) => Err(anyhow::Error::new(e).context(format!("SMTP server {} is unusable", self.server))),
+            Err(_) => {
+                self.replace_transport();
+                anyhow::bail!("SMTP server {} did not answer within {:?}", self.server, self.timeout)
+            }
+        }
+    }
+
+    /// The transport to use now.
+    fn current(&self) -> anyhow::Result<AsyncSmtpTransport<Tokio1Executor>> {
+        self.transport.lock().map(|t| t.clone()).map_err(|_| anyhow::anyhow!("the SMTP transport lock is poisoned"))
+    }
+
+    /// Drops the connection pool (and with it the connection of a send that was cut short) for a
+    /// fresh one. The settings were usable once, so building again only fails if they stopped being.
+    fn replace_transport(&self) {
+        match (transport(&self.settings), self.transport.lock()) {
+            (Ok(fresh), Ok(mut current)) => *current = fresh,
+            (Err(e), _) => tracing::error!(error = %format!("{e:#}"), "cannot rebuild the SMTP transport"),
+            (_, Err(_)) => tracing::error!("the SMTP transport lock is poisoned"),
         }
     }
 
@@ -106,12 +114,50 @@ impl Mailer {
             .raw_header(HeaderValue::new(HeaderName::new_from_ascii_str("Auto-Submitted"), "auto-generated".to_owned()))
             .multipart(MultiPart::alternative_plain_html(mail.text.clone(), mail.html.clone()))
             .map_err(|e| SendError::Rejected(format!("cannot build the message: {e}")))?;
-        match self.transport.send(message).await {
-            Ok(_) => Ok(()),
-            Err(e) if rejects_this_message(&e, address) => Err(SendError::Rejected(format!("{e}"))),
-            Err(e) => Err(SendError::Failed(anyhow::Error::new(e).context(format!("SMTP server {}", self.server)))),
+        let transport = self.current().map_err(SendError::Failed)?;
+        match tokio::time::timeout(self.timeout, transport.send(message)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if rejects_this_message(&e, address) => Err(SendError::Rejected(format!("{e}"))),
+            Ok(Err(e)) => Err(SendError::Failed(anyhow::Error::new(e).context(format!("SMTP server {}", self.server)))),
+            Err(_) => {
+                self.replace_transport();
+                Err(SendError::Failed(anyhow::anyhow!(
+                    "SMTP server {} did not finish taking the message within {:?}",
+                    self.server,
+                    self.timeout
+                )))
+            }
         }
     }
+}
+
+/// A pooled transport to the server `settings` name.
+fn transport(settings: &EmailSettings) -> anyhow::Result<AsyncSmtpTransport<Tokio1Executor>> {
+    let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(settings.host.as_str())
+        .port(settings.port)
+        .timeout(Some(settings.timeout))
+        // Idle connections are dropped well before typical server-side idle limits (about 5 minutes).
+        .pool_config(PoolConfig::new().max_size(4).idle_timeout(Duration::from_secs(60)));
+    if settings.tls != SmtpTls::None {
+        let mut params = TlsParameters::builder(settings.host.clone());
+        if let Some(path) = &settings.ca_file {
+            let pem =
+                std::fs::read(path).with_context(|| format!("cannot read SMTP_TLS_CA_FILE {}", path.display()))?;
+            let certificate = Certificate::from_pem(&pem)
+                .with_context(|| format!("SMTP_TLS_CA_FILE {} holds no PEM certificate", path.display()))?;
+            params = params.add_root_certificate(certificate);
+        }
+        let params = params.build_rustls().context("cannot set up TLS for SMTP")?;
+        // Required, never opportunistic: a server that stops offering STARTTLS is an attack, not a fallback.
+        builder = builder.tls(match settings.tls {
+            SmtpTls::Tls => Tls::Wrapper(params),
+            _ => Tls::Required(params),
+        });
+    }
+    if let (Some(username), Some(password)) = (&settings.username, &settings.password) {
+        builder = builder.credentials(Credentials::new(username.clone(), password.expose().to_owned()));
+    }
+    Ok(builder.build())
 }
 
 /// Whether an SMTP failure is about this one message rather than the server or our configuration.

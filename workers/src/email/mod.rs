@@ -6,7 +6,9 @@
 //! - [`templates`]: subject, plain-text and HTML body of every mail.
 //! - `mailer`: delivery through lettre over rustls.
 //! - `worker`: the consumer and its exactly-once bookkeeping.
+//! - `claim`: the per-event lock that keeps two worker processes from mailing one event.
 
+mod claim;
 mod mailer;
 pub mod settings;
 pub mod templates;

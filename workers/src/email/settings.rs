@@ -89,7 +89,8 @@ pub struct EmailSettings {
     pub from: Mailbox,
     /// `CAIRN_PUBLIC_URL`: where the frontend serves `/verify-email` and `/reset-password`; no trailing `/`.
     pub public_url: String,
-    /// `SMTP_TIMEOUT_SECS`: limit on connecting and on each SMTP command.
+    /// `SMTP_TIMEOUT_SECS`: limit on connecting, and on one message's whole exchange (from the
+    /// greeting to the server's acceptance); a send past it is cut short and retried later.
     pub timeout: Duration,
 }
 

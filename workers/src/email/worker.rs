@@ -1,20 +1,26 @@
 //! The email worker: a durable consumer on EVENTS that mails users about their account (welcome
 //! and verification, resend, password reset, verified, password changed), idempotent by event id.
 //!
-//! Per event, in one Postgres transaction that holds an advisory lock on the event id:
+//! Per event, holding a claim on the event id (see `claim`: a session-level advisory lock):
 //! 1. a row in `email_deliveries` means the mail went out: skip;
 //! 2. for a link mail, a fresh token is stored hashed in `email_tokens`, keyed by the event id
-//!    (an earlier token for the same event is replaced);
-//! 3. the mail is sent;
-//! 4. the delivery is recorded and the transaction commits.
+//!    (an earlier token for the same event is replaced), in a statement of its own;
+//! 3. the mail is sent, with no transaction open;
+//! 4. the delivery is recorded, in a statement of its own.
 //!
-//! Delivery is exactly-once except in one window: a crash (or a lost commit) after the SMTP server
-//! accepted the mail and before the commit. The event is then redelivered and mailed again, with a
-//! new token, and only the newest link works. Mail cannot do better: SMTP has no transaction to join.
+//! No transaction stays open across the SMTP exchange: a transaction that holds a transaction id
+//! holds back the relay's horizon for the whole cluster, so one slow SMTP server would delay the
+//! publication of every event. A mail that fails or is refused takes its token back with it.
 //!
-//! The lock matters with several worker processes: a batch that keeps failing (SMTP down) outlives
+//! Delivery is exactly-once except in one window: a crash (or a lost write) after the SMTP server
+//! accepted the mail and before the delivery row is stored. The event is then redelivered and
+//! mailed again, with a new token, and only the newest link works. Mail cannot do better: SMTP
+//! has no transaction to join.
+//!
+//! The claim matters with several worker processes: a batch that keeps failing (SMTP down) outlives
 //! JetStream's ack wait and is handed to a second process too; when the server returns, both
-//! retry the same events, and the lock makes the second one find the first one's delivery row.
+//! retry the same events, and the claim makes the second one wait, then find the first one's
+//! delivery row.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,12 +28,14 @@ use std::time::Duration;
 use anyhow::Context;
 use async_nats::jetstream;
 use cairn_platform::envelope::EventEnvelope;
+use cairn_platform::failure::transient;
 use cairn_platform::nats::{self, EventBatchHandler, Namespace};
 use cairn_platform::secrets::{hash_token, random_token};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::claim::EventClaim;
 use super::mailer::{Mailer, SendError};
 use super::settings::EmailSettings;
 use super::templates::{self, Mail, PasswordChange};
@@ -41,9 +49,9 @@ pub const VERIFY_EMAIL_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// How long a password-reset link works.
 pub const RESET_PASSWORD_TTL: Duration = Duration::from_secs(30 * 60);
 
-/// First key of the two-key advisory locks this worker takes, so they never meet other locks
-/// (the single-key form the relay uses lives in a different key space anyway). ASCII "mail".
-const LOCK_CLASS: i32 = 0x6d61_696c;
+/// How much longer than one SMTP timeout a worker waits for another that holds an event's claim,
+/// before it gives up for now (the batch is retried).
+const CLAIM_PATIENCE_MARGIN: Duration = Duration::from_secs(5);
 
 /// Sends the account mails.
 #[derive(Clone)]
@@ -150,7 +158,7 @@ impl EmailWorker {
         Ok(())
     }
 
-    /// Mails what `event` asks for, unless that was done already.
+    /// Mails what `event` asks for, unless that was done already, holding the event's claim.
     async fn deliver(&self, event: &EventEnvelope, kind: Kind) -> anyhow::Result<()> {
         let Ok(user_id) = Uuid::parse_str(&event.aggregate_id) else {
             // Cannot happen for events the command side wrote; retrying would not change it.
@@ -161,20 +169,31 @@ impl EmailWorker {
             );
             return Ok(());
         };
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
-            .bind(LOCK_CLASS)
-            .bind(lock_key(event.event_id))
-            .execute(&mut *tx)
-            .await?;
+        // Another worker holding the claim is in its own send, which lasts at most a few SMTP timeouts.
+        let patience = self.settings.timeout + CLAIM_PATIENCE_MARGIN;
+        let mut claim = EventClaim::take(&self.pool, event.event_id, patience).await?;
+        let outcome = self.deliver_claimed(claim.conn(), event, kind, user_id).await;
+        claim.release(event.event_id).await;
+        outcome
+    }
+
+    /// The body of [`Self::deliver`]: every statement on `conn` is its own transaction, so none
+    /// is open while the mail is sent.
+    async fn deliver_claimed(
+        &self,
+        conn: &mut PgConnection,
+        event: &EventEnvelope,
+        kind: Kind,
+        user_id: Uuid,
+    ) -> anyhow::Result<()> {
         let sent: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM email_deliveries WHERE event_id = $1)")
             .bind(event.event_id)
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut *conn)
             .await?;
         if sent {
             return Ok(());
         }
-        let Some(recipient) = recipient(&mut tx, event, kind).await? else {
+        let Some(recipient) = recipient(conn, event, kind).await? else {
             // Every User stream starts with UserRegistered; without it there is nobody to mail, ever.
             tracing::error!(
                 event_id = %event.event_id,
@@ -184,16 +203,22 @@ impl EmailWorker {
             return Ok(());
         };
 
+        // Stored (hashed) before the mail goes out, so the link works as soon as it arrives.
         let token = match kind.token() {
-            Some((purpose, ttl)) => Some(issue_token(&mut tx, event.event_id, user_id, purpose, ttl).await?),
+            Some((purpose, ttl)) => Some(issue_token(conn, event.event_id, user_id, purpose, ttl).await?),
             None => None,
         };
         let mail = self.render(kind, event, &recipient, token.as_deref());
-        match self.mailer.send(&recipient.display_name, &recipient.email, &mail).await {
+        let sent = self.mailer.send(&recipient.display_name, &recipient.email, &mail).await;
+        if sent.is_err() && token.is_some() {
+            // The mail did not go out (as far as we know): its link must not work.
+            withdraw_token(conn, event.event_id).await;
+        }
+        match sent {
             Ok(()) => {}
             Err(SendError::Rejected(reason)) => {
-                // Dropped (the transaction rolls back, so no token of it survives): retrying could
-                // never succeed and would hold up every mail behind it. The user can ask again.
+                // Dropped: retrying could never succeed and would hold up every mail behind it.
+                // The user can ask again.
                 metrics::counter!("cairn_emails_rejected_total", "kind" => kind.as_str()).increment(1);
                 tracing::error!(
                     event_id = %event.event_id,
@@ -203,7 +228,8 @@ impl EmailWorker {
                 );
                 return Ok(());
             }
-            Err(SendError::Failed(e)) => return Err(e),
+            // The server is down, slow or refusing everything: nothing about this event; retried.
+            Err(SendError::Failed(e)) => return Err(transient(e)),
         }
         sqlx::query(
             "INSERT INTO email_deliveries (event_id, kind, recipient) VALUES ($1, $2, $3) \
@@ -212,9 +238,9 @@ impl EmailWorker {
         .bind(event.event_id)
         .bind(kind.as_str())
         .bind(&recipient.email)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await.context("mail sent but its delivery not recorded; it will be sent again")?;
+        .execute(&mut *conn)
+        .await
+        .context("mail sent but its delivery not recorded; it will be sent again")?;
         metrics::counter!("cairn_emails_sent_total", "kind" => kind.as_str()).increment(1);
         tracing::info!(event_id = %event.event_id, kind = kind.as_str(), "mail sent");
         Ok(())
@@ -259,7 +285,7 @@ impl EventBatchHandler for EmailWorker {
 /// Stores a fresh token for `event_id`'s mail, replacing one an earlier, unfinished attempt
 /// stored, and returns the token itself (only its hash is kept).
 async fn issue_token(
-    tx: &mut Transaction<'_, Postgres>,
+    conn: &mut PgConnection,
     event_id: Uuid,
     user_id: Uuid,
     purpose: &str,
@@ -278,19 +304,24 @@ async fn issue_token(
     .bind(purpose)
     .bind(event_id)
     .bind(ttl)
-    .execute(&mut **tx)
+    .execute(&mut *conn)
     .await?;
     Ok(token)
+}
+
+/// Deletes the token stored for `event_id`'s mail after the mail failed. Best effort: a token
+/// left behind is one nobody received, and the next attempt replaces it.
+async fn withdraw_token(conn: &mut PgConnection, event_id: Uuid) {
+    if let Err(e) = sqlx::query("DELETE FROM email_tokens WHERE event_id = $1").bind(event_id).execute(&mut *conn).await
+    {
+        tracing::warn!(%event_id, error = %e, "cannot withdraw the token of a mail that was not sent");
+    }
 }
 
 /// The address and name to mail. `UserRegistered` carries both; for later events they come from
 /// the events table (the `users` read model may lag behind this worker), with the newest display
 /// name before the event.
-async fn recipient(
-    tx: &mut Transaction<'_, Postgres>,
-    event: &EventEnvelope,
-    kind: Kind,
-) -> anyhow::Result<Option<Recipient>> {
+async fn recipient(conn: &mut PgConnection, event: &EventEnvelope, kind: Kind) -> anyhow::Result<Option<Recipient>> {
     if kind == Kind::Welcome {
         let body = event.body();
         let field = |name: &str| body.get(name).and_then(serde_json::Value::as_str).map(str::to_owned);
@@ -310,15 +341,9 @@ async fn recipient(
     )
     .bind(&event.aggregate_id)
     .bind(event.sequence)
-    .fetch_optional(&mut **tx)
+    .fetch_optional(&mut *conn)
     .await?;
     Ok(row.and_then(|(email, registered_name, changed_name)| {
         Some(Recipient { email: email?, display_name: changed_name.or(registered_name).unwrap_or_default() })
     }))
-}
-
-/// Second key of the event's advisory lock. Two events sharing it only wait for each other.
-fn lock_key(event_id: Uuid) -> i32 {
-    let b = event_id.as_bytes();
-    i32::from_be_bytes([b[12], b[13], b[14], b[15]])
 }
