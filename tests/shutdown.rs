@@ -110,8 +110,9 @@ async fn sigterm_stops_serve_within_the_grace_period_while_a_mail_send_hangs() {
     let mut next = Serve::start(&env, &settings);
     next.wait_ready(&client).await;
 
-    // Then the unacknowledged event is redelivered to it (after JetStream's ack wait) and mailed once.
-    wait_until("the held mail is sent by the next process", Duration::from_secs(90), || !smtp.accepted().is_empty())
+    // Then the event, handed back (NAK) by the stopping process, is redelivered to it at once,
+    // well inside JetStream's 30 s ack wait, and mailed once.
+    wait_until("the held mail is sent by the next process", Duration::from_secs(20), || !smtp.accepted().is_empty())
         .await;
     wait_count(&pool, "SELECT count(*) FROM email_deliveries", 1, Duration::from_secs(10)).await;
     let accepted = smtp.accepted();

@@ -257,7 +257,20 @@ async fn consume_stream<H: EventBatchHandler>(
         if !events.is_empty() {
             let started = std::time::Instant::now();
             let pending = applicable.last().and_then(|m| m.info().ok().map(|i| i.pending));
-            handler.apply(&events, pending == Some(0), shutdown).await;
+            // On shutdown the work in hand is dropped (a transaction rolls back, a mail claim's
+            // connection closes) and the messages are handed back at once, so the next process
+            // takes them without waiting out the ack wait; handlers are idempotent, so one that
+            // had committed is skipped on redelivery.
+            let finished = tokio::select! {
+                () = handler.apply(&events, pending == Some(0), shutdown) => !shutdown.is_cancelled(),
+                () = shutdown.cancelled() => false,
+            };
+            if !finished {
+                for message in &applicable {
+                    let _ = message.ack_with(jetstream::AckKind::Nak(None)).await;
+                }
+                return Ok(());
+            }
             tracing::debug!(
                 consumer = name,
                 events = events.len(),
@@ -265,9 +278,6 @@ async fn consume_stream<H: EventBatchHandler>(
                 took_us = started.elapsed().as_micros() as u64,
                 "applied"
             );
-            if shutdown.is_cancelled() {
-                return Ok(()); // not acknowledged: delivered again, and skipped if it was applied
-            }
             for message in &applicable {
                 if let Err(e) = message.ack().await {
                     // The batch is committed; a lost ack means redelivery, which the handler skips.
