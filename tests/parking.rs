@@ -95,6 +95,15 @@ async fn a_bad_event_is_parked_the_projection_moves_on_and_operators_retry_or_sk
     assert_eq!(rows[0]["event_type"], "DisplayNameChanged");
     assert!(rows[0]["error"].as_str().unwrap().contains("invalid type"), "{}", rows[0]["error"]);
 
+    // The operator's command line shows the same.
+    let overview = app.env.command(&["projections"]).output().unwrap();
+    let text = String::from_utf8_lossy(&overview.stdout);
+    assert!(overview.status.success(), "{}", String::from_utf8_lossy(&overview.stderr));
+    let users_line = text.lines().find(|l| l.starts_with("users ")).unwrap_or_default();
+    assert!(users_line.contains("live") && users_line.trim_end().ends_with('1'), "{text}");
+    let listed = app.env.command(&["projections", "--parked", "users"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&bad.to_string()), "{listed:?}");
+
     // A retry that fails again leaves it parked, with one more attempt.
     let path = format!("/api/v1/admin/projections/users/parked/{bad}");
     let retry = app.post(&format!("{path}/retry"), Some(&admin), json!({})).await;
