@@ -57,7 +57,7 @@ async fn a_mail_server_stalled_at_data_holds_back_no_event() {
     // Given a mail server that holds DATA for 10 s, and a worker willing to wait 30 s for it.
     let env = TestEnv::new();
     let smtp = StallingSmtp::start(env.smtp_port, Duration::from_secs(10)).await.unwrap();
-    let app = TestApp::spawn_with_mail(env, Services::all(), &[("SMTP_TIMEOUT_SECS", "30")]).await;
+    let app = TestApp::spawn_with(env, Services::all(), &[("SMTP_TIMEOUT_SECS", "30")]).await;
     let (_, admin) = app.admin_token().await;
     // The administrator's welcome mail is the first one the worker gets stuck in.
     wait_until("the worker sends the first mail", Duration::from_secs(20), || smtp.stalled_now() == 1).await;

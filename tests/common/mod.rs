@@ -134,9 +134,14 @@ impl TestApp {
         Self::spawn_with(TestEnv::new(), Services::all(), &[]).await
     }
 
+    /// Builds and serves an application on `env` with `extra` settings (the mail settings,
+    /// `SMTP_*`, included).
     pub async fn spawn_with(env: TestEnv, services: Services, extra: &[(&str, &str)]) -> Self {
         quiet_logs();
-        let vars = env.vars();
+        let mut vars = env.vars();
+        for (k, v) in extra {
+            vars.insert((*k).to_owned(), (*v).to_owned());
+        }
         let email = cairn_workers::EmailSettings::from_lookup(|k| vars.get(k).cloned()).unwrap();
         let app = Application::build_with_email(env.settings(extra), Some(email), services).await.unwrap();
         let address = format!("http://127.0.0.1:{}", app.port());
@@ -397,25 +402,6 @@ impl Drop for MailCatcher {
 
 /// An SMTP server that can hold its answer to DATA (see the module).
 pub mod stalling_smtp;
-
-impl TestApp {
-    /// As [`TestApp::spawn_with`], with `extra` applied to the mail settings too (`SMTP_*`).
-    pub async fn spawn_with_mail(env: TestEnv, services: Services, extra: &[(&str, &str)]) -> Self {
-        quiet_logs();
-        let mut vars = env.vars();
-        for (k, v) in extra {
-            vars.insert((*k).to_owned(), (*v).to_owned());
-        }
-        let email = cairn_workers::EmailSettings::from_lookup(|k| vars.get(k).cloned()).unwrap();
-        let app = Application::build_with_email(env.settings(extra), Some(email), services).await.unwrap();
-        let address = format!("http://127.0.0.1:{}", app.port());
-        let shutdown = app.shutdown_token();
-        let pool = PgPool::connect(&env.database_url).await.unwrap();
-        let handle = tokio::spawn(app.run_until_stopped());
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
-        Self { env, address, client, pool, shutdown, handle: Some(handle) }
-    }
-}
 
 /// The first key of the email worker's per-event advisory locks (ASCII "mail"), as `pg_locks`
 /// shows it in `classid`.
