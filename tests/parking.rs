@@ -7,7 +7,7 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use cairn::Services;
@@ -282,16 +282,12 @@ async fn a_worker_parks_what_it_can_never_apply_and_retries_what_will_pass() {
     for name in ["a", "poison", "flaky", "b"] {
         ids.push(append_raw(&pool, "Probe", name, "Probed", "1", json!({})).await);
     }
-    let started = Instant::now();
-    loop {
-        let applied = probe.applied.lock().unwrap().clone();
-        if ["a", "flaky", "b"].iter().all(|n| applied.iter().any(|a| a == n)) {
-            assert!(!applied.iter().any(|a| a == "poison"));
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "applied only {applied:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_until("a, flaky and b applied", Duration::from_secs(20), || {
+        let applied = probe.applied.lock().unwrap();
+        ["a", "flaky", "b"].iter().all(|n| applied.iter().any(|a| a == n))
+    })
+    .await;
+    assert!(!probe.applied.lock().unwrap().iter().any(|a| a == "poison"));
     wait_parked(&pool, "probe", ids[1]).await;
     // Everything else was applied (observed above), and only the poison was parked.
     let parked: Vec<Uuid> = sqlx::query_scalar("SELECT event_id FROM parked_events WHERE consumer = 'probe'")

@@ -225,18 +225,24 @@ async fn a_transaction_that_commits_late_with_a_lower_position_is_not_skipped() 
     s.env.cleanup().await;
 }
 
+/// Appends `n` events, lets a relay publish them, stops it and resets its checkpoint: as if it
+/// had crashed after publishing but before storing the checkpoint. Returns a connection to append more.
+async fn publish_then_crash_before_the_checkpoint(s: &Setup, n: u64) -> PgConnection {
+    let relay = s.start_relay();
+    let mut conn = PgConnection::connect(&s.env.database_url).await.unwrap();
+    for i in 0..n {
+        append(&mut conn, &format!("e{i}")).await;
+    }
+    s.wait_stream_len(n).await;
+    relay.stop().await;
+    sqlx::query("UPDATE relay_checkpoints SET last_tx = '0', last_pos = 0").execute(&s.pool).await.unwrap();
+    conn
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_relay_restarted_behind_its_checkpoint_publishes_nothing_twice() {
     let s = setup().await;
-    let relay = s.start_relay();
-    let mut conn = PgConnection::connect(&s.env.database_url).await.unwrap();
-    for i in 0..20 {
-        append(&mut conn, &format!("e{i}")).await;
-    }
-    s.wait_stream_len(20).await;
-    relay.stop().await;
-    // As if it crashed after publishing but before storing its checkpoint.
-    sqlx::query("UPDATE relay_checkpoints SET last_tx = '0', last_pos = 0").execute(&s.pool).await.unwrap();
+    let mut conn = publish_then_crash_before_the_checkpoint(&s, 20).await;
     let relay = s.start_relay();
     let after = append(&mut conn, "after").await;
     s.wait_checkpoint(after).await;
@@ -250,15 +256,7 @@ async fn a_relay_restarted_behind_its_checkpoint_publishes_nothing_twice() {
 async fn a_relay_restarted_behind_its_checkpoint_after_the_duplicate_window_appends_nothing_twice() {
     let window = Duration::from_secs(1);
     let s = setup_with(TestEnv::new(), Some(window)).await;
-    let relay = s.start_relay();
-    let mut conn = PgConnection::connect(&s.env.database_url).await.unwrap();
-    for i in 0..20 {
-        append(&mut conn, &format!("e{i}")).await;
-    }
-    s.wait_stream_len(20).await;
-    relay.stop().await;
-    // As if it crashed after publishing but before storing its checkpoint.
-    sqlx::query("UPDATE relay_checkpoints SET last_tx = '0', last_pos = 0").execute(&s.pool).await.unwrap();
+    let mut conn = publish_then_crash_before_the_checkpoint(&s, 20).await;
     // The stream forgets message ids once they are older than its duplicate window: waiting past
     // the window is the condition under test (a re-send would now be stored again), not a guess.
     tokio::time::sleep(window + Duration::from_millis(500)).await;

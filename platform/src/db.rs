@@ -95,6 +95,18 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> anyhow::Resul
     Ok(())
 }
 
+/// The advisory-lock key of `label` (`cairn-relay:<ns>`, `cairn-projection:<name>`…): FNV-1a,
+/// stable across processes and versions, unlike std's hasher, so every process agrees on it.
+#[must_use]
+pub fn advisory_key(label: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in label.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    i64::from_ne_bytes(hash.to_ne_bytes())
+}
+
 /// The URL with any password replaced, for messages.
 #[must_use]
 pub fn redact(url: &str) -> String {

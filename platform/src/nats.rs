@@ -176,7 +176,7 @@ pub async fn consume<H: EventBatchHandler>(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let handler = Parking { handler, name, pool };
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new();
     while !shutdown.is_cancelled() {
         let pulled = consumer
             .stream()
@@ -195,11 +195,9 @@ pub async fn consume<H: EventBatchHandler>(
             }
             Err(e) => tracing::warn!(consumer = name, error = %e, "pull failed; retrying"),
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(backoff) => {}
+        if !backoff.wait(&shutdown).await {
+            return;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

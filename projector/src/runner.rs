@@ -282,21 +282,11 @@ async fn decide<P: Projection>(
     Ok(())
 }
 
-/// First key of the projections' advisory locks (ASCII "proj"), apart from every other lock.
-const LOCK_CLASS: i32 = 0x7072_6f6a;
-
 /// Serialises the writers of projection `name` (live batches, a rebuild's final swap) for the
 /// rest of the transaction. An advisory lock, not a row lock: it takes no transaction id.
 async fn lock_projection(conn: &mut PgConnection, name: &str) -> sqlx::Result<()> {
-    // FNV-1a: stable across processes and versions, unlike std's hasher.
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in name.bytes() {
-        hash ^= u32::from(byte);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
-        .bind(LOCK_CLASS)
-        .bind(i32::from_ne_bytes(hash.to_ne_bytes()))
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(cairn_platform::db::advisory_key(&format!("cairn-projection:{name}")))
         .execute(conn)
         .await?;
     Ok(())

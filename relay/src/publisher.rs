@@ -113,13 +113,7 @@ impl Relay {
 
     /// The advisory-lock key of this namespace's relay.
     fn lock_key(&self) -> i64 {
-        // FNV-1a: stable across processes and versions, unlike std's hasher.
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in format!("cairn-relay:{}", self.ns.as_str()).bytes() {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-        i64::from_ne_bytes(hash.to_ne_bytes())
+        cairn_platform::db::advisory_key(&format!("cairn-relay:{}", self.ns.as_str()))
     }
 
     async fn run_once(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
