@@ -95,7 +95,22 @@ async fn request_envelope(State(edge): State<EdgeState>, mut req: Request, next:
     let status = response.status();
 
     if let Some(body) = response.extensions_mut().remove::<ErrorBody>() {
+        // The envelope replaces the body; headers the handler set (a cookie it clears) stay.
+        let mut kept = std::mem::take(response.headers_mut());
+        kept.remove(header::CONTENT_TYPE);
+        kept.remove(header::CONTENT_LENGTH);
         response = render_error(status, body, &request_id, &span);
+        for name in response.headers().keys() {
+            kept.remove(name);
+        }
+        // A name comes once, before all of its values.
+        let mut current = None;
+        for (name, value) in kept {
+            current = name.or(current);
+            if let Some(name) = &current {
+                response.headers_mut().append(name.clone(), value);
+            }
+        }
     } else if status.is_client_error() || status.is_server_error() {
         response = render_error(status, ApiError::body_for_status(status), &request_id, &span);
     }
