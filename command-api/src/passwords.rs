@@ -179,12 +179,14 @@ impl Passwords {
             .map_err(|e| anyhow::anyhow!("password hashing failed: {e}"))
     }
 
-    /// Verifies `password` against `hash`; with no hash (unknown account) it verifies against a
-    /// dummy hash so the answer takes as long either way.
+    /// Verifies `password` against `hash`; with no hash (unknown account) or an empty one (an
+    /// account whose password was removed) it verifies against a dummy hash and answers `false`,
+    /// so the answer takes as long either way.
     ///
     /// # Errors
     /// When the blocking pool fails.
     pub async fn verify(&self, password: String, hash: Option<String>) -> anyhow::Result<bool> {
+        let hash = hash.filter(|h| !h.is_empty());
         let known = hash.is_some();
         let hash = match hash {
             Some(h) => h,

@@ -50,7 +50,8 @@ pub struct User {
     pub email: String,
     /// The display name.
     pub display_name: String,
-    /// The argon2id PHC string of the password.
+    /// The argon2id PHC string of the password; empty when the account has none (its password
+    /// was removed when a provider was linked), so no password signs it in.
     pub password_hash: String,
     /// Roles held.
     pub roles: BTreeSet<String>,
@@ -150,6 +151,14 @@ pub enum UserCommand {
         /// Why.
         reason: SessionsEndedReason,
     },
+    /// A provider vouched for the account's address at sign-in. An address never verified
+    /// until now may have been registered by someone else (pre-hijacking): its password is
+    /// removed and every session ends before the address counts as verified. An account already
+    /// verified keeps its password and sessions, and nothing is recorded.
+    LinkProvider {
+        /// The provider's name, as configured.
+        provider: String,
+    },
     /// A sign-in with the wrong password.
     RecordLoginFailure {
         /// When.
@@ -229,6 +238,15 @@ pub enum UserEvent {
         /// The session version from now on.
         session_version: u64,
     },
+    /// The password was removed: a provider vouched for an address nobody had verified, so
+    /// whoever set the password never proved they own it. No password signs the account in
+    /// until a reset sets one.
+    PasswordRemoved {
+        /// The provider that vouched for the address.
+        provider: String,
+        /// The session version from now on.
+        session_version: u64,
+    },
     /// Every session was ended.
     SessionsEnded {
         /// The session version from now on.
@@ -264,6 +282,7 @@ impl UserEvent {
             | Self::UserDeleted { session_version }
             | Self::PasswordChanged { session_version, .. }
             | Self::PasswordReset { session_version, .. }
+            | Self::PasswordRemoved { session_version, .. }
             | Self::SessionsEnded { session_version, .. } => Some(*session_version),
             _ => None,
         }
@@ -285,6 +304,7 @@ impl DomainEvent for UserEvent {
             Self::PasswordResetRequested { .. } => "PasswordResetRequested",
             Self::PasswordChanged { .. } => "PasswordChanged",
             Self::PasswordReset { .. } => "PasswordReset",
+            Self::PasswordRemoved { .. } => "PasswordRemoved",
             Self::SessionsEnded { .. } => "SessionsEnded",
             Self::LoginFailed { .. } => "LoginFailed",
             Self::AccountLocked { .. } => "AccountLocked",
@@ -446,6 +466,16 @@ impl User {
                 // A reset also clears any lock: the owner proved control of the mailbox.
                 UserEvent::PasswordReset { password_hash, session_version: next_version }
             }
+            UserCommand::LinkProvider { provider } => {
+                self.ensure_active()?;
+                if self.email_verified {
+                    return Ok(vec![]);
+                }
+                return Ok(vec![
+                    UserEvent::PasswordRemoved { provider, session_version: next_version },
+                    UserEvent::EmailVerified {},
+                ]);
+            }
             UserCommand::EndAllSessions { reason } => {
                 UserEvent::SessionsEnded { session_version: next_version, reason }
             }
@@ -511,6 +541,7 @@ impl Aggregate for User {
             | UserEvent::SessionsEnded { .. } => {}
             UserEvent::EmailVerified {} => self.email_verified = true,
             UserEvent::PasswordChanged { password_hash, .. } => self.password_hash = password_hash,
+            UserEvent::PasswordRemoved { .. } => self.password_hash.clear(),
             UserEvent::PasswordReset { password_hash, .. } => {
                 self.password_hash = password_hash;
                 self.failed_logins = 0;
@@ -773,12 +804,38 @@ mod tests {
             UserEvent::PasswordReset { password_hash: "h".into(), session_version: 1 },
             UserEvent::SessionsEnded { session_version: 1, reason: SessionsEndedReason::LogoutAll },
             UserEvent::RoleRevoked { role: "user".into(), session_version: 1 },
+            UserEvent::PasswordRemoved { provider: "google".into(), session_version: 1 },
         ] {
             UserTest::with(())
                 .given(vec![registered(), UserEvent::RoleGranted { role: "user2".into() }, ended])
                 .when(UserCommand::DeactivateUser)
                 .then_expect_events(vec![UserEvent::UserDeactivated { session_version: 2 }]);
         }
+    }
+
+    #[test]
+    fn linking_a_provider_to_an_unverified_address_removes_the_password_and_ends_sessions() {
+        let link = || UserCommand::LinkProvider { provider: "google".into() };
+        UserTest::with(())
+            .given(vec![registered(), UserEvent::RoleRevoked { role: "user".into(), session_version: 1 }])
+            .when(link())
+            .then_expect_events(vec![
+                UserEvent::PasswordRemoved { provider: "google".into(), session_version: 2 },
+                UserEvent::EmailVerified {},
+            ]);
+        UserTest::with(())
+            .given(vec![registered(), UserEvent::EmailVerified {}])
+            .when(link())
+            .then_expect_events(vec![]);
+        UserTest::with(())
+            .given(vec![registered(), UserEvent::UserDeactivated { session_version: 1 }])
+            .when(link())
+            .then_expect_error(UserError::NotActive);
+        let mut user = User::default();
+        user.apply(registered());
+        user.apply(UserEvent::PasswordRemoved { provider: "google".into(), session_version: 1 });
+        assert!(user.password_hash.is_empty());
+        assert_eq!(user.session_version, 1);
     }
 
     #[test]

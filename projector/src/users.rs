@@ -71,6 +71,7 @@ impl UserRow {
             UserEvent::EmailVerified {} => self.email_verified = true,
             UserEvent::PasswordChanged { session_version, .. }
             | UserEvent::PasswordReset { session_version, .. }
+            | UserEvent::PasswordRemoved { session_version, .. }
             | UserEvent::SessionsEnded { session_version, .. } => raise(&mut self.session_version, session_version)?,
             // A second registration of the same id changes nothing (it cannot happen: the event
             // store's sequence forbids it); sign-in bookkeeping and mail requests change nothing

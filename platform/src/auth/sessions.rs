@@ -28,8 +28,15 @@ use crate::nats::Namespace;
 pub const SESSION_MAP: &str = "session_map";
 
 /// The user events that end sessions, with the new version in their payload.
-const SESSION_EVENTS: &[&str] =
-    &["RoleRevoked", "UserDeactivated", "UserDeleted", "PasswordChanged", "PasswordReset", "SessionsEnded"];
+const SESSION_EVENTS: &[&str] = &[
+    "RoleRevoked",
+    "UserDeactivated",
+    "UserDeleted",
+    "PasswordChanged",
+    "PasswordReset",
+    "PasswordRemoved",
+    "SessionsEnded",
+];
 
 #[derive(Debug, Default)]
 struct State {
