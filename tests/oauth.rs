@@ -128,18 +128,72 @@ async fn spawn_with_provider() -> (TestApp, Provider) {
     (TestApp::spawn_with(TestEnv::new(), Services::all(), &extra).await, provider)
 }
 
+/// A sign-in as the client sees it once the provider sent the user back.
+struct Flow {
+    code: String,
+    state: String,
+    /// `name=value` of the cookie `start` set (browser sign-ins).
+    cookie: Option<String>,
+}
+
+/// The `cairn_oauth` cookie a reply sets, whole (`name=value; attributes`).
+fn set_oauth_cookie(reply: &common::Reply) -> Option<String> {
+    reply
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("cairn_oauth="))
+        .map(str::to_owned)
+}
+
 /// The browser's part: follow the authorize URL and read `code` and `state` off the redirect.
-async fn authorize_as(app: &TestApp, provider: &Provider, user: NextUser) -> (String, String) {
-    *provider.next.lock().unwrap() = user;
-    let started = app.post("/api/v1/auth/oauth/local/start", None, json!({})).await;
-    assert_eq!(started.status, StatusCode::OK, "{:?}", started.body);
-    let url = started.data()["authorize_url"].as_str().unwrap();
+async fn follow(url: &str) -> (String, String) {
     let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
     let redirect = browser.get(url).send().await.unwrap();
     let location = reqwest::Url::parse(redirect.headers()["location"].to_str().unwrap()).unwrap();
     assert!(location.as_str().starts_with("http://localhost:5173/oauth/callback"));
     let pairs: HashMap<String, String> = location.query_pairs().into_owned().collect();
     (pairs["code"].clone(), pairs["state"].clone())
+}
+
+/// Starts a sign-in with `body` on `path` and follows it as `user`.
+async fn authorize_at(app: &TestApp, path: &str, provider: Option<(&Provider, NextUser)>, body: Value) -> Flow {
+    if let Some((provider, user)) = provider {
+        *provider.next.lock().unwrap() = user;
+    }
+    let started = app.post(path, None, body).await;
+    assert_eq!(started.status, StatusCode::OK, "{:?}", started.body);
+    let cookie = set_oauth_cookie(&started).map(|c| c.split(';').next().unwrap().to_owned());
+    let (code, state) = follow(started.data()["authorize_url"].as_str().unwrap()).await;
+    assert_eq!(state, started.data()["state"]);
+    Flow { code, state, cookie }
+}
+
+/// A browser's sign-in as `user`: the start sets the cookie.
+async fn authorize_as(app: &TestApp, provider: &Provider, user: NextUser) -> Flow {
+    let flow = authorize_at(app, "/api/v1/auth/oauth/local/start", Some((provider, user)), json!({})).await;
+    assert!(flow.cookie.is_some(), "a browser's start sets the sign-in cookie");
+    flow
+}
+
+/// Posts `flow`'s code and state (plus `extra` fields) to the callback, with `cookie` if any.
+async fn callback_with(
+    app: &TestApp,
+    provider: &str,
+    flow: &Flow,
+    cookie: Option<&str>,
+    extra: Value,
+) -> common::Reply {
+    let mut body = json!({ "code": flow.code, "state": flow.state });
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    let headers: Vec<(&str, &str)> = cookie.map(|c| vec![("cookie", c)]).unwrap_or_default();
+    app.request("POST", &format!("/api/v1/auth/oauth/{provider}/callback"), None, Some(body), &headers).await
+}
+
+/// The callback from the browser that started `flow`.
+async fn callback(app: &TestApp, flow: &Flow) -> common::Reply {
+    callback_with(app, "local", flow, flow.cookie.as_deref(), json!({})).await
 }
 
 fn user(email: &str) -> NextUser {
@@ -150,26 +204,263 @@ fn user(email: &str) -> NextUser {
 async fn a_new_address_opens_a_verified_account_and_a_known_one_is_linked() {
     let (app, provider) = spawn_with_provider().await;
 
-    let (code, state) = authorize_as(&app, &provider, user("newcomer@example.com")).await;
-    let signed_in = app.post("/api/v1/auth/oauth/local/callback", None, json!({ "code": code, "state": state })).await;
+    let flow = authorize_as(&app, &provider, user("newcomer@example.com")).await;
+    let signed_in = callback(&app, &flow).await;
     assert_eq!(signed_in.status, StatusCode::OK, "{:?}", signed_in.body);
     assert_eq!(signed_in.data()["user"]["email"], "newcomer@example.com");
     assert_eq!(signed_in.data()["user"]["email_verified"], true);
     let access = signed_in.data()["access_token"].as_str().unwrap();
     assert_eq!(app.get("/api/v1/roles", Some(access)).await.status, StatusCode::OK);
+    let removed: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'PasswordRemoved'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(removed, 0, "an account the sign-in opened has no password to remove");
 
     // The state was spent: replaying the callback fails.
-    let replay = app.post("/api/v1/auth/oauth/local/callback", None, json!({ "code": code, "state": state })).await;
+    let replay = callback(&app, &flow).await;
     assert_eq!((replay.status, replay.code()), (StatusCode::BAD_REQUEST, "VALIDATION_FAILED"));
 
-    // An account registered with a password is linked by its verified email.
+    // A known address is linked to its account, by its verified email.
     let existing = app.register_ok("linked@example.com").await;
-    let (code, state) = authorize_as(&app, &provider, user("Linked@Example.com")).await;
-    let linked = app.post("/api/v1/auth/oauth/local/callback", None, json!({ "code": code, "state": state })).await;
+    let flow = authorize_as(&app, &provider, user("Linked@Example.com")).await;
+    let linked = callback(&app, &flow).await;
     assert_eq!(linked.status, StatusCode::OK, "{:?}", linked.body);
     assert_eq!(linked.data()["user"]["id"], existing.to_string());
     assert_eq!(linked.data()["user"]["email_verified"], true, "the provider vouched for the address");
-    app.login("linked@example.com").await; // the password still works
+    app.stop().await;
+}
+
+/// Marks `id`'s address verified through the API, with an emailed token planted as the mail
+/// worker would have stored it.
+async fn verify_email(app: &TestApp, id: uuid::Uuid) {
+    let token = format!("planted-{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(
+        "INSERT INTO email_tokens (token_hash, user_id, purpose, event_id, expires_at) \
+         VALUES ($1, $2, 'verify_email', $3, now() + interval '1 hour')",
+    )
+    .bind(cairn_platform::secrets::hash_token(&token))
+    .bind(id)
+    .bind(uuid::Uuid::new_v4())
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let verified = app.post("/api/v1/auth/verify-email", None, json!({ "token": token })).await;
+    assert_eq!(verified.status, StatusCode::OK, "{:?}", verified.body);
+}
+
+/// Signs in with the password, the refresh token in the body: (access, refresh).
+async fn password_session(app: &TestApp, email: &str) -> (String, String) {
+    let body = json!({ "email": email, "password": common::PASSWORD, "refresh_token_in_body": true });
+    let reply = app.post("/api/v1/auth/login", None, body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    (
+        reply.data()["access_token"].as_str().unwrap().to_owned(),
+        reply.data()["refresh_token"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn refresh(app: &TestApp, refresh_token: &str) -> common::Reply {
+    app.post("/api/v1/auth/refresh", None, json!({ "refresh_token": refresh_token })).await
+}
+
+async fn events_of(app: &TestApp, id: uuid::Uuid) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT event_type FROM events WHERE aggregate_type = 'User' AND aggregate_id = $1 ORDER BY sequence",
+    )
+    .bind(id.to_string())
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn linking_an_address_nobody_verified_removes_the_password_and_ends_every_session() {
+    // Given a squatter who registered the victim's address with their own password, never
+    // verified it, and holds a session.
+    let (app, provider) = spawn_with_provider().await;
+    let id = app.register_ok("victim@example.com").await;
+    let (squatter_access, squatter_refresh) = password_session(&app, "victim@example.com").await;
+    assert_eq!(app.get("/api/v1/roles", Some(&squatter_access)).await.status, StatusCode::OK);
+
+    // When the victim signs in through a provider vouching for the address.
+    let flow = authorize_as(&app, &provider, user("victim@example.com")).await;
+    let victim = callback(&app, &flow).await;
+    assert_eq!(victim.status, StatusCode::OK, "{:?}", victim.body);
+    assert_eq!(victim.data()["user"]["id"], id.to_string());
+    assert_eq!(victim.data()["user"]["email_verified"], true);
+
+    // Then the squatter's access token is refused at once, their refresh token too, and their
+    // password is refused exactly as a wrong one is.
+    let me = app.get("/api/v1/roles", Some(&squatter_access)).await;
+    assert_eq!((me.status, me.code()), (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"), "{:?}", me.body);
+    let refreshed = refresh(&app, &squatter_refresh).await;
+    assert_eq!(refreshed.status, StatusCode::UNAUTHORIZED, "{:?}", refreshed.body);
+    let with_password = app
+        .post("/api/v1/auth/login", None, json!({ "email": "victim@example.com", "password": common::PASSWORD }))
+        .await;
+    let wrong = app
+        .post(
+            "/api/v1/auth/login",
+            None,
+            json!({ "email": "victim@example.com", "password": "not the password at all" }),
+        )
+        .await;
+    assert_eq!(with_password.status, StatusCode::UNAUTHORIZED, "{:?}", with_password.body);
+    assert_eq!(
+        (with_password.status, &with_password.body["error"]["message"]),
+        (wrong.status, &wrong.body["error"]["message"])
+    );
+    assert_eq!(with_password.code(), wrong.code());
+
+    // The victim's own session works, and the log says what happened, in order.
+    let access = victim.data()["access_token"].as_str().unwrap();
+    assert_eq!(app.get("/api/v1/roles", Some(access)).await.status, StatusCode::OK);
+    let events = events_of(&app, id).await;
+    let removed = events.iter().position(|e| e == "PasswordRemoved").expect("PasswordRemoved in the log");
+    assert_eq!(events[removed + 1], "EmailVerified", "{events:?}");
+    let provider_name: String = sqlx::query_scalar(
+        "SELECT payload -> 'PasswordRemoved' ->> 'provider' FROM events WHERE event_type = 'PasswordRemoved'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(provider_name, "local");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn linking_a_verified_address_keeps_the_password_and_the_sessions() {
+    // Given an account whose owner verified the address, signed in with the password.
+    let (app, provider) = spawn_with_provider().await;
+    let id = app.register_ok("owner@example.com").await;
+    verify_email(&app, id).await;
+    let (access, refresh_token) = password_session(&app, "owner@example.com").await;
+
+    // When the owner also signs in through a provider.
+    let flow = authorize_as(&app, &provider, user("owner@example.com")).await;
+    let linked = callback(&app, &flow).await;
+    assert_eq!(linked.status, StatusCode::OK, "{:?}", linked.body);
+    assert_eq!(linked.data()["user"]["id"], id.to_string());
+
+    // Then the password session goes on and the password still signs in.
+    assert_eq!(app.get("/api/v1/roles", Some(&access)).await.status, StatusCode::OK);
+    let refreshed = refresh(&app, &refresh_token).await;
+    assert_eq!(refreshed.status, StatusCode::OK, "{:?}", refreshed.body);
+    app.login("owner@example.com").await;
+    assert!(!events_of(&app, id).await.iter().any(|e| e == "PasswordRemoved"));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_browser_sign_in_works_only_in_the_browser_that_started_it() {
+    let (app, provider) = spawn_with_provider().await;
+
+    // The start sets a short-lived, HttpOnly, Lax cookie on the auth path.
+    *provider.next.lock().unwrap() = user("attacker@example.com");
+    let started = app.post("/api/v1/auth/oauth/local/start", None, json!({})).await;
+    assert_eq!(started.data()["mode"], "browser");
+    let set = set_oauth_cookie(&started).expect("the start sets the sign-in cookie");
+    for part in ["HttpOnly", "SameSite=Lax", "Secure", "Path=/api/v1/auth", "Max-Age=600"] {
+        assert!(set.contains(part), "{part} missing from {set}");
+    }
+    let value = set.split(';').next().unwrap().trim_start_matches("cairn_oauth=");
+    assert!(!value.contains(started.data()["state"].as_str().unwrap()), "the cookie holds a hash, not the state");
+    let (code, state) = follow(started.data()["authorize_url"].as_str().unwrap()).await;
+    let attacker = Flow { code, state, cookie: Some(format!("cairn_oauth={value}")) };
+
+    // The attacker's {code, state} in a victim's browser without the cookie is refused…
+    let no_cookie = callback_with(&app, "local", &attacker, None, json!({})).await;
+    assert_eq!(
+        (no_cookie.status, no_cookie.code()),
+        (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
+        "{:?}",
+        no_cookie.body
+    );
+    assert!(no_cookie.body["error"]["message"].as_str().unwrap().contains("another browser"));
+    // … and in a victim's browser holding its own sign-in's cookie.
+    let victims = authorize_as(&app, &provider, user("victim@example.com")).await;
+    let other_cookie = callback_with(&app, "local", &attacker, victims.cookie.as_deref(), json!({})).await;
+    assert_eq!(other_cookie.status, StatusCode::UNAUTHORIZED, "{:?}", other_cookie.body);
+    assert!(set_oauth_cookie(&other_cookie).is_some_and(|c| c.contains("Max-Age=0")), "the callback clears the cookie");
+    // … and with a made-up verifier instead of the cookie.
+    let verifier = callback_with(&app, "local", &attacker, None, json!({ "code_verifier": "v".repeat(43) })).await;
+    assert_eq!(verifier.status, StatusCode::UNAUTHORIZED, "{:?}", verifier.body);
+    let accounts: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'UserRegistered'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(accounts, 0, "no refused callback signed anyone in");
+
+    // The browsers that started them sign in, each as its own user, and the cookie is cleared.
+    let own = callback(&app, &attacker).await;
+    assert_eq!(own.status, StatusCode::OK, "refused attempts do not spend the state: {:?}", own.body);
+    assert_eq!(own.data()["user"]["email"], "attacker@example.com");
+    assert!(set_oauth_cookie(&own).is_some_and(|c| c.contains("Max-Age=0")), "the callback clears the cookie");
+    let victim = callback(&app, &victims).await;
+    assert_eq!(victim.status, StatusCode::OK, "{:?}", victim.body);
+    assert_eq!(victim.data()["user"]["email"], "victim@example.com");
+    app.stop().await;
+}
+
+fn pkce() -> (String, String) {
+    let verifier = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()));
+    (verifier, challenge)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_native_sign_in_needs_the_verifier_of_its_own_challenge() {
+    let (app, provider) = spawn_with_provider().await;
+    let start = "/api/v1/auth/oauth/local/start";
+
+    // A native start forwards the client's challenge and sets no cookie.
+    let (verifier, challenge) = pkce();
+    *provider.next.lock().unwrap() = user("native@example.com");
+    let body = json!({ "code_challenge": challenge, "code_challenge_method": "S256" });
+    let started = app.post(start, None, body.clone()).await;
+    assert_eq!(started.status, StatusCode::OK, "{:?}", started.body);
+    assert_eq!(started.data()["mode"], "native");
+    assert!(set_oauth_cookie(&started).is_none());
+    let url = reqwest::Url::parse(started.data()["authorize_url"].as_str().unwrap()).unwrap();
+    let sent: HashMap<String, String> = url.query_pairs().into_owned().collect();
+    assert_eq!(sent["code_challenge"], challenge);
+    let (code, state) = follow(url.as_str()).await;
+    let flow = Flow { code, state, cookie: None };
+
+    // Without the verifier, or with another one (an attacker's {code, state} in a victim's
+    // app), it is refused and the state is not spent.
+    let missing = callback_with(&app, "local", &flow, None, json!({})).await;
+    assert_eq!((missing.status, missing.code()), (StatusCode::BAD_REQUEST, "VALIDATION_FAILED"), "{:?}", missing.body);
+    assert!(missing.body["error"]["details"]["code_verifier"].is_string(), "{:?}", missing.body);
+    let (other, _) = pkce();
+    let wrong = callback_with(&app, "local", &flow, None, json!({ "code_verifier": other })).await;
+    assert_eq!((wrong.status, wrong.code()), (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"), "{:?}", wrong.body);
+    let browser = authorize_as(&app, &provider, user("someone@example.com")).await;
+    let in_a_browser = callback_with(&app, "local", &flow, browser.cookie.as_deref(), json!({})).await;
+    assert_eq!(in_a_browser.status, StatusCode::BAD_REQUEST, "{:?}", in_a_browser.body);
+
+    // With its own verifier the app signs in.
+    let extra = json!({ "code_verifier": verifier, "refresh_token_in_body": true });
+    let signed_in = callback_with(&app, "local", &flow, None, extra).await;
+    assert_eq!(signed_in.status, StatusCode::OK, "{:?}", signed_in.body);
+    assert_eq!(signed_in.data()["user"]["email"], "native@example.com");
+    assert!(signed_in.data()["refresh_token"].is_string());
+
+    // Malformed starts and verifiers are refused with the field named.
+    for (body, field) in [
+        (json!({ "code_challenge": challenge, "code_challenge_method": "plain" }), "code_challenge_method"),
+        (json!({ "code_challenge": challenge }), "code_challenge_method"),
+        (json!({ "code_challenge_method": "S256" }), "code_challenge"),
+        (json!({ "code_challenge": "short", "code_challenge_method": "S256" }), "code_challenge"),
+    ] {
+        let refused = app.post(start, None, body.clone()).await;
+        assert_eq!((refused.status, refused.code()), (StatusCode::BAD_REQUEST, "VALIDATION_FAILED"), "{body}");
+        assert!(refused.body["error"]["details"][field].is_string(), "{body}: {:?}", refused.body);
+    }
+    let short = callback_with(&app, "local", &flow, None, json!({ "code_verifier": "short" })).await;
+    assert!(short.body["error"]["details"]["code_verifier"].is_string(), "{:?}", short.body);
     app.stop().await;
 }
 
@@ -177,18 +468,17 @@ async fn a_new_address_opens_a_verified_account_and_a_known_one_is_linked() {
 async fn wrong_nonce_unverified_email_and_unknown_state_are_refused() {
     let (app, provider) = spawn_with_provider().await;
 
-    let (code, state) =
-        authorize_as(&app, &provider, NextUser { wrong_nonce: true, ..user("nonce@example.com") }).await;
-    let injected = app.post("/api/v1/auth/oauth/local/callback", None, json!({ "code": code, "state": state })).await;
+    let flow = authorize_as(&app, &provider, NextUser { wrong_nonce: true, ..user("nonce@example.com") }).await;
+    let injected = callback(&app, &flow).await;
     assert_eq!(injected.status, StatusCode::UNAUTHORIZED, "{:?}", injected.body);
 
-    let (code, state) =
-        authorize_as(&app, &provider, NextUser { verified: false, ..user("unverified@example.com") }).await;
-    let unverified = app.post("/api/v1/auth/oauth/local/callback", None, json!({ "code": code, "state": state })).await;
+    let flow = authorize_as(&app, &provider, NextUser { verified: false, ..user("unverified@example.com") }).await;
+    let unverified = callback(&app, &flow).await;
     assert_eq!(unverified.status, StatusCode::FORBIDDEN, "{:?}", unverified.body);
 
-    let (code, _) = authorize_as(&app, &provider, user("forged@example.com")).await;
-    let forged = app.post("/api/v1/auth/oauth/local/callback", None, json!({ "code": code, "state": "made-up" })).await;
+    let flow = authorize_as(&app, &provider, user("forged@example.com")).await;
+    let forged = Flow { state: "made-up".to_owned(), ..flow };
+    let forged = callback(&app, &forged).await;
     assert_eq!(forged.status, StatusCode::BAD_REQUEST);
 
     let unknown = app.post("/api/v1/auth/oauth/nowhere/start", None, json!({})).await;
@@ -261,15 +551,8 @@ async fn a_github_style_provider_signs_in_with_the_primary_verified_address() {
     ];
     let extra: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let app = TestApp::spawn_with(TestEnv::new(), Services::all(), &extra).await;
-    let started = app.post("/api/v1/auth/oauth/gh/start", None, json!({})).await;
-    let url = started.data()["authorize_url"].as_str().unwrap();
-    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
-    let redirect = browser.get(url).send().await.unwrap();
-    let location = reqwest::Url::parse(redirect.headers()["location"].to_str().unwrap()).unwrap();
-    let pairs: HashMap<String, String> = location.query_pairs().into_owned().collect();
-    let signed_in = app
-        .post("/api/v1/auth/oauth/gh/callback", None, json!({ "code": pairs["code"], "state": pairs["state"] }))
-        .await;
+    let flow = authorize_at(&app, "/api/v1/auth/oauth/gh/start", None, json!({})).await;
+    let signed_in = callback_with(&app, "gh", &flow, flow.cookie.as_deref(), json!({})).await;
     assert_eq!(signed_in.status, StatusCode::OK, "{:?}", signed_in.body);
     assert_eq!(signed_in.data()["user"]["email"], "octo@example.com");
     assert_eq!(signed_in.data()["user"]["display_name"], "Octo Cat");

@@ -6,6 +6,6 @@ mod routes;
 mod sessions;
 
 pub use cookies::RefreshCookie;
-pub(crate) use routes::complete_sign_in;
 pub use routes::routes;
+pub(crate) use routes::{complete_sign_in, with_cookie};
 pub use sessions::{Refreshed, SessionService};

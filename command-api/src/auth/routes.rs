@@ -38,7 +38,7 @@ pub fn routes() -> OpenApiRouter<CommandState> {
 }
 
 /// Adds `Set-Cookie` to an answer.
-fn with_cookie(response: impl IntoResponse, cookie: Option<HeaderValue>) -> Response {
+pub(crate) fn with_cookie(response: impl IntoResponse, cookie: Option<HeaderValue>) -> Response {
     let mut response = response.into_response();
     if let Some(cookie) = cookie {
         response.headers_mut().append(header::SET_COOKIE, cookie);
