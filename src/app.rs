@@ -147,11 +147,11 @@ impl Application {
                 api = api.merge(cairn_command_api::router(state));
             }
             if services.query_api {
-                let projections = cairn_projector::PROJECTIONS
+                let watchers = cairn_projector::PROJECTIONS
                     .iter()
-                    .map(|name| CheckpointWatcher::spawn(pool.clone(), name, shutdown.clone()))
+                    .map(|name| (*name, CheckpointWatcher::spawn(pool.clone(), name, shutdown.clone())))
                     .collect();
-                let consistency = Consistency { projections, max_wait: settings.consistency_wait };
+                let consistency = Consistency::new(pool.clone(), watchers, settings.consistency_wait);
                 let consumers = cairn_query_api::admin::Consumers {
                     projections: Arc::new(cairn_projector::PROJECTIONS.to_vec()),
                     workers: Arc::new(cairn_workers::PARKING_CONSUMERS.to_vec()),

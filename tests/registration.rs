@@ -93,3 +93,59 @@ async fn registration_refuses_bad_input_naming_each_field() {
     assert_eq!(events, 0, "a refused command must write nothing");
     app.stop().await;
 }
+
+/// Registers `email` with `display_name`.
+async fn register_as(app: &TestApp, email: &str, display_name: &str) -> common::Reply {
+    app.post(
+        "/api/v1/auth/register",
+        None,
+        serde_json::json!({ "email": email, "password": common::PASSWORD, "display_name": display_name }),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn look_alike_identities_are_one_account_or_refused() {
+    let app = TestApp::spawn().await;
+    let victim = app.register_ok("victim@x.com").await;
+
+    // Full-width letters are the same address: a duplicate like any other ...
+    let full_width = "\u{FF56}\u{FF49}\u{FF43}\u{FF54}\u{FF49}\u{FF4D}@\u{FF58}.\u{FF43}\u{FF4F}\u{FF4D}";
+    let reply = register_as(&app, full_width, "Victim").await;
+    assert_eq!((reply.status, reply.code()), (StatusCode::CONFLICT, "CONFLICT"), "{:?}", reply.body);
+    // ... and signing in with them finds the real account.
+    let reply = app
+        .post("/api/v1/auth/login", None, serde_json::json!({ "email": full_width, "password": common::PASSWORD }))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert_eq!(reply.data()["user"]["id"].as_str().map(str::to_owned), Some(victim.to_string()), "{:?}", reply.body);
+
+    // Invisible and direction-changing characters are refused, naming the field.
+    for email in ["vic\u{200B}tim@x.com", "\u{FEFF}victim@x.com", "victim@x.com\u{202E}", "vic\u{2066}tim@x.com"] {
+        let reply = register_as(&app, email, "Victim").await;
+        assert_eq!((reply.status, reply.code()), (StatusCode::BAD_REQUEST, "VALIDATION_FAILED"), "{email:?}");
+        assert!(reply.body["error"]["details"]["email"].is_string(), "{email:?}: {:?}", reply.body);
+    }
+    for name in ["Ada\u{202E}nimda", "\u{200F}Ada", "A\u{200D}da"] {
+        let reply = register_as(&app, "other@x.com", name).await;
+        assert_eq!((reply.status, reply.code()), (StatusCode::BAD_REQUEST, "VALIDATION_FAILED"), "{name:?}");
+        assert!(reply.body["error"]["details"]["display_name"].is_string(), "{name:?}: {:?}", reply.body);
+    }
+    // Renaming oneself follows the same rule.
+    let token = app.login("victim@x.com").await;
+    let reply = app
+        .request("PATCH", "/api/v1/users/me", Some(&token), Some(serde_json::json!({ "display_name": "x\u{202E}y" })), &[])
+        .await;
+    assert_eq!((reply.status, reply.code()), (StatusCode::BAD_REQUEST, "VALIDATION_FAILED"), "{:?}", reply.body);
+    assert!(reply.body["error"]["details"]["display_name"].is_string(), "{:?}", reply.body);
+
+    // Exactly one account holds the address, stored in its plain form.
+    let stored: Vec<String> = sqlx::query_scalar(
+        "SELECT payload -> 'UserRegistered' ->> 'email' FROM events WHERE event_type = 'UserRegistered'",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, vec!["victim@x.com".to_owned()]);
+    app.stop().await;
+}

@@ -1,26 +1,65 @@
 //! Value types that parse rather than validate: once built, a value is known to be valid.
 
 use serde::{Deserialize, Serialize};
+use unicode_normalization::UnicodeNormalization;
+use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 
 /// Why a value was refused; the message is safe to show to the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct ValueError(pub String);
 
-/// An email address, trimmed and lower-cased, so one mailbox is one account whatever its case.
+/// Whether `c` is invisible or changes the direction of the text around it: every format
+/// character (general category Cf: zero-width spaces and joiners, the byte-order mark, word
+/// joiners, bidirectional marks, embeddings, overrides and isolates, …), and the Hangul fillers
+/// and the combining grapheme joiner, which draw nothing either. Such characters make two strings
+/// that look the same compare different, so identities refuse them.
+#[must_use]
+pub fn is_invisible(c: char) -> bool {
+    c.general_category() == GeneralCategory::Format
+        || matches!(c, '\u{034F}' | '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}')
+}
+
+/// Raw input longer than this many bytes is refused before it is normalised (NFKC can expand a
+/// string, and nothing this long is a valid email or name).
+const MAX_RAW_BYTES: usize = 1024;
+
+/// `raw` in Unicode normalisation form NFKC, trimmed: compatibility variants (full-width letters,
+/// ligatures, the ideographic space, …) become the characters they stand for, so look-alikes
+/// compare equal.
+fn nfkc_trimmed(raw: &str) -> String {
+    let normalised: String = raw.nfkc().collect();
+    normalised.trim().to_owned()
+}
+
+/// An email address in NFKC, trimmed and lower-cased, so one mailbox is one account whatever its
+/// case or its width (`ＡＤＡ@ｅｘａｍｐｌｅ.ｃｏｍ` is `ada@example.com`). Invisible and
+/// direction-changing characters ([`is_invisible`]) are refused rather than removed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Email(String);
 
 impl Email {
-    /// Parses an address: one `@`, a non-empty local part, a dotted domain, at most 254 bytes.
+    /// Parses an address: one `@`, a non-empty local part, a dotted domain, at most 254 bytes,
+    /// after normalisation; no spaces, control, invisible or direction-changing characters.
     ///
     /// # Errors
     /// A [`ValueError`] saying what is wrong.
     pub fn parse(raw: &str) -> Result<Self, ValueError> {
-        let email = raw.trim().to_lowercase();
+        if raw.len() > MAX_RAW_BYTES {
+            return Err(ValueError("email is longer than 254 characters".into()));
+        }
+        if raw.chars().any(is_invisible) {
+            return Err(ValueError("email must not contain invisible or direction-changing characters".into()));
+        }
+        // Lower-casing can leave a string that is not in NFKC (a dotted capital I becomes `i` and
+        // a combining dot), so it is normalised again.
+        let email: String = nfkc_trimmed(raw).to_lowercase().nfkc().collect();
         if email.is_empty() {
             return Err(ValueError("email is required".into()));
+        }
+        if email.chars().any(is_invisible) {
+            return Err(ValueError("email must not contain invisible or direction-changing characters".into()));
         }
         if email.len() > 254 {
             return Err(ValueError("email is longer than 254 characters".into()));
@@ -50,7 +89,8 @@ impl Email {
     }
 }
 
-/// A display name: 1 to 100 characters after trimming, no control characters.
+/// A display name in NFKC: 1 to 100 characters after trimming, no control, invisible or
+/// direction-changing characters (a right-to-left override would make a name read as another).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct DisplayName(String);
@@ -59,9 +99,16 @@ impl DisplayName {
     /// Parses a display name.
     ///
     /// # Errors
-    /// A [`ValueError`] when empty, too long or holding control characters.
+    /// A [`ValueError`] when empty, too long or holding control, invisible or direction-changing
+    /// characters.
     pub fn parse(raw: &str) -> Result<Self, ValueError> {
-        let name = raw.trim();
+        if raw.len() > MAX_RAW_BYTES {
+            return Err(ValueError("display_name is longer than 100 characters".into()));
+        }
+        if raw.chars().any(is_invisible) {
+            return Err(ValueError("display_name must not contain invisible or direction-changing characters".into()));
+        }
+        let name = nfkc_trimmed(raw);
         if name.is_empty() {
             return Err(ValueError("display_name is required".into()));
         }
@@ -71,10 +118,13 @@ impl DisplayName {
         if name.chars().any(char::is_control) {
             return Err(ValueError("display_name must not contain control characters".into()));
         }
-        Ok(Self(name.to_owned()))
+        if name.chars().any(is_invisible) {
+            return Err(ValueError("display_name must not contain invisible or direction-changing characters".into()));
+        }
+        Ok(Self(name))
     }
 
-    /// The name as given, trimmed.
+    /// The name, normalised and trimmed.
     #[must_use]
     pub fn as_str(&self) -> &str {
         &self.0
@@ -132,6 +182,55 @@ mod tests {
         ] {
             assert!(Email::parse(bad).is_err(), "{bad} was accepted");
         }
+    }
+
+    #[test]
+    fn full_width_and_compatibility_forms_are_the_plain_address() {
+        let plain = Email::parse("victim@x.com").map(|e| e.0);
+        assert_eq!(plain, Ok("victim@x.com".into()));
+        for look_alike in [
+            "\u{FF56}\u{FF49}\u{FF43}\u{FF54}\u{FF49}\u{FF4D}@\u{FF58}.\u{FF43}\u{FF4F}\u{FF4D}", // ｖｉｃｔｉｍ@ｘ.ｃｏｍ
+            "\u{FF36}ICTIM@X.COM",                                                             // full-width capital V
+            "victim\u{FF20}x\u{FF0E}com",                                                     // full-width @ and .
+            "\u{3000}victim@x.com\u{3000}",                                                   // ideographic spaces
+        ] {
+            assert_eq!(Email::parse(look_alike).map(|e| e.0), plain, "{look_alike:?}");
+        }
+        // Ligatures decompose: `ﬁ` is `fi`.
+        assert_eq!(Email::parse("\u{FB01}nn@x.com").map(|e| e.0), Ok("finn@x.com".into()));
+    }
+
+    #[test]
+    fn invisible_and_bidi_characters_are_refused_in_emails() {
+        for c in [
+            '\u{200B}', '\u{200C}', '\u{200D}', '\u{200E}', '\u{200F}', '\u{202A}', '\u{202B}', '\u{202C}',
+            '\u{202D}', '\u{202E}', '\u{2060}', '\u{2061}', '\u{2062}', '\u{2063}', '\u{2064}', '\u{2066}',
+            '\u{2067}', '\u{2068}', '\u{2069}', '\u{FEFF}', '\u{00AD}', '\u{061C}', '\u{180E}', '\u{E0041}',
+        ] {
+            for bad in [format!("vic{c}tim@x.com"), format!("{c}victim@x.com"), format!("victim@x.com{c}")] {
+                let refused = Email::parse(&bad);
+                assert_eq!(
+                    refused,
+                    Err(ValueError("email must not contain invisible or direction-changing characters".into())),
+                    "{bad:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn display_names_are_normalised_and_refuse_invisible_and_bidi_characters() {
+        assert_eq!(DisplayName::parse("\u{FF21}da").map(|d| d.0), Ok("Ada".into()));
+        for bad in ["Ada\u{202E}nimda", "\u{200F}Ada", "A\u{200B}da", "\u{FEFF}Ada", "Ada\u{2066}x\u{2069}", "\u{3164}"] {
+            assert_eq!(
+                DisplayName::parse(bad),
+                Err(ValueError("display_name must not contain invisible or direction-changing characters".into())),
+                "{bad:?}"
+            );
+        }
+        // Right-to-left scripts themselves are welcome.
+        assert!(DisplayName::parse("\u{05E9}\u{05DC}\u{05D5}\u{05DD}").is_ok());
+        assert!(DisplayName::parse("\u{0645}\u{0631}\u{064A}\u{0645}").is_ok());
     }
 
     #[test]

@@ -41,6 +41,47 @@ pub async fn read<'e>(executor: impl sqlx::PgExecutor<'e>, name: &str) -> sqlx::
     }))
 }
 
+/// The position of the newest committed event in the log (zero while it is empty): the furthest
+/// any consistency token can name. One step down the `(transaction_id, global_position)` index.
+///
+/// # Errors
+/// When the query fails.
+pub async fn log_head<'e>(executor: impl sqlx::PgExecutor<'e>) -> sqlx::Result<ConsistencyToken> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT transaction_id::text::bigint, global_position FROM events \
+         ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+    )
+    .fetch_optional(executor)
+    .await?;
+    Ok(row.map_or_else(ConsistencyToken::default, |(tx, pos)| ConsistencyToken {
+        tx: u64::try_from(tx).unwrap_or_default(),
+        pos,
+    }))
+}
+
+/// Lag is counted exactly up to this many events, and reported as this beyond.
+pub const LAG_COUNT_CAP: i64 = 1_000_000;
+
+/// How many committed events lie past `after`, up to the log's head, counted up to
+/// [`LAG_COUNT_CAP`]: the lag of a consumer whose checkpoint is `after`.
+///
+/// # Errors
+/// When the query fails.
+pub async fn events_after<'e>(executor: impl sqlx::PgExecutor<'e>, after: ConsistencyToken) -> sqlx::Result<i64> {
+    // The ORDER BY keeps the count's generic plan (a prepared statement's) on the
+    // (transaction_id, global_position) index instead of a scan of the whole log.
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM events \
+           WHERE (transaction_id, global_position) > ($1::text::xid8, $2) \
+           ORDER BY transaction_id, global_position LIMIT $3) pending",
+    )
+    .bind(after.tx.to_string())
+    .bind(after.pos)
+    .bind(LAG_COUNT_CAP)
+    .fetch_one(executor)
+    .await
+}
+
 /// Follows one projection's checkpoint: woken by NOTIFY, with a slow poll as the fallback.
 /// Reads that carry a consistency token wait on it instead of polling the database themselves.
 #[derive(Clone)]

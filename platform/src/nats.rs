@@ -152,6 +152,13 @@ pub trait EventBatchHandler: Send + Sync {
     fn parks_itself(&self) -> bool {
         false
     }
+
+    /// The name of the checkpoint (in `projection_checkpoints`) the handler stores with what it
+    /// applies, if it keeps one (projections do). The consumer's lag is counted from it;
+    /// otherwise from the position of the last event this consumer loop applied.
+    fn checkpoint(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// Pulls batches from `consumer` and hands them to `handler`; acknowledges only after the
@@ -175,7 +182,19 @@ pub async fn consume<H: EventBatchHandler>(
     pool: sqlx::PgPool,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    let handler = Parking { handler, name, pool };
+    let checkpoint = handler.checkpoint();
+    let handler = Parking { handler, name, pool, applied: std::sync::Arc::default() };
+    // The lag gauge is measured on its own, so it keeps telling the truth while this loop waits
+    // (NATS away, a batch retried, a projection held back).
+    let sampling = shutdown.child_token();
+    let _stop_sampling = sampling.clone().drop_guard();
+    tokio::spawn(sample_lag(
+        handler.pool.clone(),
+        name,
+        checkpoint,
+        std::sync::Arc::clone(&handler.applied),
+        sampling,
+    ));
     let mut backoff = Backoff::new();
     while !shutdown.is_cancelled() {
         let pulled = consumer
@@ -252,7 +271,9 @@ async fn consume_stream<H: EventBatchHandler>(
                 }
             }
         }
-        if !events.is_empty() {
+        if let Some(first) = events.first() {
+            // Until this loop has applied something, the consumer stands just before what it was handed.
+            handler.note_applied(first.previous(), false);
             let started = std::time::Instant::now();
             let pending = applicable.last().and_then(|m| m.info().ok().map(|i| i.pending));
             // On shutdown the work in hand is dropped (a transaction rolls back, a mail claim's
@@ -282,10 +303,10 @@ async fn consume_stream<H: EventBatchHandler>(
                     tracing::warn!(consumer = name, error = %e, "ack failed");
                 }
             }
-            metrics::counter!("cairn_consumer_events_total", "consumer" => name).increment(events.len() as u64);
-            if let Some(pending) = pending {
-                metrics::gauge!("cairn_consumer_lag_events", "consumer" => name).set(pending as f64);
+            if let Some(last) = events.last() {
+                handler.note_applied(last.position(), true);
             }
+            metrics::counter!("cairn_consumer_events_total", "consumer" => name).increment(events.len() as u64);
         }
         if let Some(e) = broken {
             return Err(e);
@@ -301,12 +322,60 @@ struct Parking<H> {
     handler: H,
     name: &'static str,
     pool: sqlx::PgPool,
+    /// The position of the last event this loop applied (see [`Parking::note_applied`]).
+    applied: std::sync::Arc<std::sync::Mutex<Option<crate::envelope::ConsistencyToken>>>,
+}
+
+/// How often each consumer's lag gauge (`cairn_consumer_lag_events`) is measured.
+pub const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// Sets `cairn_consumer_lag_events{consumer = name}` every [`LAG_SAMPLE_EVERY`] until `stop`: the
+/// committed events in the log past the consumer's checkpoint (`checkpoint`, or else the
+/// position in `applied`), counted up to [`crate::checkpoint::LAG_COUNT_CAP`]. It reads only
+/// Postgres, so events the relay has not published yet (NATS away) count too.
+async fn sample_lag(
+    pool: sqlx::PgPool,
+    name: &'static str,
+    checkpoint: Option<&'static str>,
+    applied: std::sync::Arc<std::sync::Mutex<Option<crate::envelope::ConsistencyToken>>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let at = match checkpoint {
+            Some(checkpoint) => crate::checkpoint::read(&pool, checkpoint).await.map(Some),
+            None => Ok(*applied.lock().unwrap_or_else(std::sync::PoisonError::into_inner)),
+        };
+        let lag = match at {
+            Ok(Some(at)) => crate::checkpoint::events_after(&pool, at).await.map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        match lag {
+            Ok(Some(lag)) => metrics::gauge!("cairn_consumer_lag_events", "consumer" => name).set(lag as f64),
+            // Nothing delivered to this worker yet: its position is not known.
+            Ok(None) => {}
+            Err(e) => tracing::debug!(consumer = name, error = %e, "cannot measure the consumer's lag"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(LAG_SAMPLE_EVERY) => {}
+        }
+    }
 }
 
 /// How often one event is tried, for a reason of its own, before it is parked.
 const ATTEMPTS: u32 = 3;
 
 impl<H: EventBatchHandler> Parking<H> {
+    /// Records that the consumer has applied everything up to `at`: always when `applied`, and
+    /// only as a first estimate (nothing recorded yet) otherwise.
+    fn note_applied(&self, at: crate::envelope::ConsistencyToken, applied: bool) {
+        let mut position = self.applied.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if applied || position.is_none() {
+            *position = Some(at);
+        }
+    }
+
     /// Applies `events` until done or `shutdown`: never handed back (NAK), which would let later
     /// messages overtake them. The handler is idempotent, so a retry after a partial failure is safe.
     async fn apply(

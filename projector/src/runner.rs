@@ -101,6 +101,10 @@ impl<P: Projection> EventBatchHandler for Checkpointed<P> {
     fn parks_itself(&self) -> bool {
         true
     }
+
+    fn checkpoint(&self) -> Option<&'static str> {
+        Some(P::NAME)
+    }
 }
 
 impl<P: Projection> Checkpointed<P> {

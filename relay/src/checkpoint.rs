@@ -25,6 +25,23 @@ pub async fn load(conn: &mut PgConnection, name: &str) -> sqlx::Result<Consisten
     Ok(ConsistencyToken { tx: u64::try_from(tx).unwrap_or_default(), pos })
 }
 
+/// Reads the checkpoint of namespace `name` without creating it (zero before the first relay
+/// ran), on any connection: for measuring, not for publishing.
+///
+/// # Errors
+/// When the query fails.
+pub async fn read<'e>(executor: impl sqlx::PgExecutor<'e>, name: &str) -> sqlx::Result<ConsistencyToken> {
+    let row: Option<(i64, i64)> =
+        sqlx::query_as("SELECT last_tx::text::bigint, last_pos FROM relay_checkpoints WHERE name = $1")
+            .bind(name)
+            .fetch_optional(executor)
+            .await?;
+    Ok(row.map_or_else(ConsistencyToken::default, |(tx, pos)| ConsistencyToken {
+        tx: u64::try_from(tx).unwrap_or_default(),
+        pos,
+    }))
+}
+
 /// Stores `at` as the checkpoint of namespace `name`.
 ///
 /// # Errors

@@ -94,7 +94,11 @@ impl Relay {
     }
 
     /// Runs until `shutdown`: waits for the lock, then publishes; on any failure starts over.
+    /// Meanwhile it measures the relay's lag, whether it publishes or not.
     pub async fn run(self, shutdown: CancellationToken) {
+        let sampling = shutdown.child_token();
+        let _stop_sampling = sampling.clone().drop_guard();
+        tokio::spawn(sample_lag(self.pool.clone(), self.ns.as_str().to_owned(), sampling));
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
             match self.run_once(&shutdown).await {
@@ -176,7 +180,6 @@ impl Relay {
                 }
                 report.clear();
                 held_back_rounds = 0;
-                metrics::gauge!("cairn_relay_lag_events").set(0.0);
                 tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),
                     n = listener.recv() => { n?; }
@@ -214,12 +217,6 @@ impl Relay {
             checkpoint = last;
             metrics::counter!("cairn_relay_published_total").increment(events.len() as u64);
             metrics::gauge!("cairn_relay_checkpoint_position").set(last.pos as f64);
-            if events.len() as i64 == self.batch {
-                let newest: Option<i64> =
-                    sqlx::query_scalar("SELECT max(global_position) FROM events").fetch_one(&mut *conn).await?;
-                metrics::gauge!("cairn_relay_lag_events")
-                    .set(newest.unwrap_or(0).saturating_sub(last.pos).max(0) as f64);
-            }
         }
     }
 
@@ -331,5 +328,28 @@ impl Relay {
             return Err(e).context("JetStream did not acknowledge a publish");
         }
         Ok(Some(last))
+    }
+}
+
+/// How often the relay's lag gauge (`cairn_relay_lag_events`) is measured.
+pub const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// Sets `cairn_relay_lag_events` every [`LAG_SAMPLE_EVERY`] until `stop`: the committed events
+/// past the stored checkpoint of namespace `ns`, counted up to
+/// [`cairn_platform::checkpoint::LAG_COUNT_CAP`]. Measured apart from publishing, so the gauge
+/// keeps counting while NATS is away or the relay stands by.
+async fn sample_lag(pool: PgPool, ns: String, stop: CancellationToken) {
+    loop {
+        match checkpoint::read(&pool, &ns).await {
+            Ok(at) => match cairn_platform::checkpoint::events_after(&pool, at).await {
+                Ok(lag) => metrics::gauge!("cairn_relay_lag_events").set(lag as f64),
+                Err(e) => tracing::debug!(error = %e, "cannot measure the relay's lag"),
+            },
+            Err(e) => tracing::debug!(error = %e, "cannot read the relay's checkpoint"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(LAG_SAMPLE_EVERY) => {}
+        }
     }
 }

@@ -11,7 +11,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::status::{self, Consumers, ParkedRow};
-use crate::consistency::ReadConsistency;
+use crate::consistency::{ConsistencyRequest, ReadModel};
 use crate::QueryState;
 
 /// The operator read routes.
@@ -28,9 +28,11 @@ async fn list_projections(
     State(pool): State<PgPool>,
     State(consumers): State<Consumers>,
     caller: Caller,
-    consistency: ReadConsistency,
+    consistency: ConsistencyRequest,
 ) -> Result<ApiResponse<serde_json::Value>, ApiError> {
     caller.require("projections:manage")?;
+    // Operators look here when a projection is stuck: say whether the token is applied, never wait.
+    let consistency = consistency.now(&ReadModel::ALL).await?;
     let projections = status::projections(&pool, &consumers.projections).await?;
     let workers = status::workers(&pool, &consumers.workers).await?;
     Ok(consistency.annotate(ApiResponse::ok(json!({ "projections": projections, "workers": workers }))))
@@ -59,7 +61,7 @@ async fn list_parked(
     State(pool): State<PgPool>,
     State(consumers): State<Consumers>,
     caller: Caller,
-    consistency: ReadConsistency,
+    consistency: ConsistencyRequest,
     ApiPath(name): ApiPath<String>,
     ApiQuery(query): ApiQuery<ParkedQuery>,
 ) -> Result<ApiResponse<Vec<ParkedRow>>, ApiError> {
@@ -80,6 +82,11 @@ async fn list_parked(
                 .map_err(|_| ApiError::field("cursor", "is not a cursor from meta.next_cursor"))?,
         ),
         None => None,
+    };
+    // A projection records what it parks with its checkpoint; a worker has no checkpoint to wait on.
+    let consistency = match ReadModel::of_projection(&name) {
+        Some(model) => consistency.wait(&[model]).await?,
+        None => consistency.unchecked().await?,
     };
     let (rows, more) = status::parked(&pool, &name, status, after, limit).await?;
     let next = if more { rows.last().map(|r| r.position.clone()) } else { None };

@@ -27,8 +27,7 @@ impl Consumers {
     }
 }
 
-/// Lag is counted exactly up to this many events, and reported as this beyond.
-pub const LAG_COUNT_CAP: i64 = 1_000_000;
+pub use cairn_platform::checkpoint::LAG_COUNT_CAP;
 
 /// How long a projection may stay behind without moving before it is called stalled.
 pub const STALLED_AFTER_SECS: i64 = 30;

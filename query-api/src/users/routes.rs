@@ -11,7 +11,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::store::{self, Cursor, UserFilter, UserRow};
-use crate::consistency::ReadConsistency;
+use crate::consistency::{ConsistencyRequest, ReadModel};
 use crate::QueryState;
 
 /// The users read routes.
@@ -32,8 +32,9 @@ pub fn routes() -> OpenApiRouter<QueryState> {
 async fn me(
     State(pool): State<PgPool>,
     caller: Caller,
-    consistency: ReadConsistency,
+    consistency: ConsistencyRequest,
 ) -> Result<ApiResponse<serde_json::Value>, ApiError> {
+    let consistency = consistency.wait(&[ReadModel::Users]).await?;
     let user = store::find(&pool, caller.id()).await?.ok_or_else(|| ApiError::NotFound("user not found".to_owned()))?;
     let mut view = serde_json::to_value(&user).map_err(anyhow::Error::from)?;
     view["permissions"] = json!(caller.claims.perms);
@@ -63,7 +64,7 @@ struct ListQuery {
 async fn list_users(
     State(pool): State<PgPool>,
     caller: Caller,
-    consistency: ReadConsistency,
+    consistency: ConsistencyRequest,
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<ApiResponse<Vec<UserRow>>, ApiError> {
     caller.require("users:read")?;
@@ -82,6 +83,7 @@ async fn list_users(
         ),
         None => None,
     };
+    let consistency = consistency.wait(&[ReadModel::Users]).await?;
     let filter = UserFilter { q: query.q.filter(|q| !q.is_empty()), role: query.role, status: query.status };
     let (items, next) = store::list(&pool, &filter, after, limit).await?;
     let page = Page { items, next_cursor: next.map(|c| c.encode()) };
@@ -98,9 +100,10 @@ async fn get_user(
     State(pool): State<PgPool>,
     caller: Caller,
     ApiPath(id): ApiPath<Uuid>,
-    consistency: ReadConsistency,
+    consistency: ConsistencyRequest,
 ) -> Result<ApiResponse<UserRow>, ApiError> {
     caller.require_self_or(id, "users:read")?;
+    let consistency = consistency.wait(&[ReadModel::Users]).await?;
     let user = store::find(&pool, id).await?.ok_or_else(|| ApiError::NotFound("user not found".to_owned()))?;
     Ok(consistency.annotate(ApiResponse::ok(user)))
 }
@@ -112,8 +115,9 @@ async fn get_user(
 async fn list_roles(
     State(pool): State<PgPool>,
     _caller: Caller,
-    consistency: ReadConsistency,
+    consistency: ConsistencyRequest,
 ) -> Result<ApiResponse<serde_json::Value>, ApiError> {
+    let consistency = consistency.wait(&[ReadModel::Roles]).await?;
     let roles: Vec<(String, Vec<String>)> =
         sqlx::query_as("SELECT name, permissions FROM roles ORDER BY name").fetch_all(&pool).await?;
     let roles: Vec<serde_json::Value> =
@@ -139,8 +143,10 @@ struct SessionRow {
 async fn my_sessions(
     State(pool): State<PgPool>,
     caller: Caller,
-    consistency: ReadConsistency,
+    consistency: ConsistencyRequest,
 ) -> Result<ApiResponse<serde_json::Value>, ApiError> {
+    // Sessions, filtered by the session version in users.
+    let consistency = consistency.wait(&[ReadModel::Sessions, ReadModel::Users]).await?;
     // Sessions superseded by a later sign-out everywhere, password change or reset are over too.
     let rows: Vec<SessionRow> = sqlx::query_as(
         "SELECT s.id, s.device, s.ip, s.created_at, s.last_used_at, s.expires_at FROM sessions s \
