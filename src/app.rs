@@ -126,7 +126,8 @@ impl Application {
                 &settings.token_issuer,
                 &settings.token_audience,
                 settings.access_token_ttl,
-            );
+            )
+            .with_clock(settings.clock.clone());
             // A key added by `cairn admin rotate-key` reaches running processes within a minute.
             tokens.spawn_reload(
                 settings.keys_dir.clone(),
@@ -144,6 +145,7 @@ impl Application {
                     UserCommands::new(pool.clone(), Passwords::new(settings.hash_concurrency), sessions, wake.clone());
                 users.roles().seed().await.map_err(|e| anyhow::anyhow!("cannot define the seeded roles: {e}"))?;
                 let state = CommandState::new(pool.clone(), &settings, auth.clone(), users)?;
+                tasks.spawn(state.guard.clone().sweep_until(shutdown.clone()));
                 api = api.merge(cairn_command_api::router(state));
             }
             if services.query_api {

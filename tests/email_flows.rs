@@ -106,3 +106,45 @@ async fn a_password_reset_sets_the_new_password_and_ends_every_session() {
     assert!(mail.messages().iter().all(|(to, _, _)| to != "ghost@example.com"));
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reset_link_dies_when_a_newer_one_is_asked_for_or_the_password_changes() {
+    let app = TestApp::spawn().await;
+    let mail = MailCatcher::start(app.env.smtp_port);
+    app.register_ok("twice@example.com").await;
+    let ask = || app.post("/api/v1/auth/password-reset", None, json!({ "email": "twice@example.com" }));
+    let confirm = |token: String, password: &'static str| {
+        app.post("/api/v1/auth/password-reset/confirm", None, json!({ "token": token, "new_password": password }))
+    };
+    assert_eq!(ask().await.status, StatusCode::ACCEPTED);
+    let first = mail.token_for("twice@example.com", "reset-password", 1).await;
+    assert_eq!(ask().await.status, StatusCode::ACCEPTED);
+    let mailed = [
+        mail.token_for("twice@example.com", "reset-password", 2).await,
+        mail.token_for("twice@example.com", "reset-password", 1).await,
+    ];
+    let second = mailed.into_iter().find(|t| *t != first).unwrap();
+
+    // The older link is refused once a newer one was asked for.
+    let stale = confirm(first, "a brand new passphrase number one").await;
+    assert_eq!((stale.status, stale.code()), (StatusCode::BAD_REQUEST, "VALIDATION_FAILED"), "{:?}", stale.body);
+    assert!(stale.body["error"]["details"]["token"].is_string(), "{:?}", stale.body);
+
+    // The owner changes the password: the outstanding link is refused too.
+    let access = app.login("twice@example.com").await;
+    let new_password = "the owner's own new passphrase 7";
+    let changed = app
+        .post(
+            "/api/v1/auth/password",
+            Some(&access),
+            json!({ "current_password": PASSWORD, "new_password": new_password }),
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::OK, "{:?}", changed.body);
+    let outstanding = confirm(second, "a brand new passphrase number two").await;
+    assert_eq!(outstanding.status, StatusCode::BAD_REQUEST, "{:?}", outstanding.body);
+    let owner =
+        app.post("/api/v1/auth/login", None, json!({ "email": "twice@example.com", "password": new_password })).await;
+    assert_eq!(owner.status, StatusCode::OK, "the owner's password stands");
+    app.stop().await;
+}

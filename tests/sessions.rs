@@ -128,24 +128,30 @@ async fn browsers_get_an_http_only_strict_cookie_used_only_from_allowed_origins(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_end_at_their_absolute_lifetime_and_after_idling() {
-    let lifetime = app_with(&[("CAIRN_SESSION_LIFETIME_SECS", "2"), ("CAIRN_REFRESH_GRACE_SECS", "0")]).await;
-    lifetime.register_ok("short@example.com").await;
-    let (_, token) = native_login(&lifetime, "short@example.com", PASSWORD).await;
-    let token = refresh_token(&refresh(&lifetime, &token).await);
-    tokio::time::sleep(Duration::from_millis(2200)).await;
-    let expired = refresh(&lifetime, &token).await;
-    assert_eq!(expired.status, StatusCode::UNAUTHORIZED);
-    assert!(expired.body["error"]["message"].as_str().unwrap().contains("expired"));
-    lifetime.stop().await;
+    // Two hours at most, one hour between refreshes; time moves on the application's clock.
+    let app = app_with(&[("CAIRN_SESSION_LIFETIME_SECS", "7200"), ("CAIRN_SESSION_IDLE_SECS", "3600")]).await;
+    app.register_ok("short@example.com").await;
+    let (_, mut lasting) = native_login(&app, "short@example.com", PASSWORD).await;
+    for _ in 0..2 {
+        app.clock.advance(Duration::from_secs(50 * 60));
+        let refreshed = refresh(&app, &lasting).await;
+        assert_eq!(refreshed.status, StatusCode::OK, "refreshed within the idle limit: {:?}", refreshed.body);
+        lasting = refresh_token(&refreshed);
+    }
+    let (access, idling) = native_login(&app, "short@example.com", PASSWORD).await;
+    assert_eq!(authed(&app, &access).await, StatusCode::OK);
 
-    let idle = app_with(&[("CAIRN_SESSION_IDLE_SECS", "1")]).await;
-    idle.register_ok("idle@example.com").await;
-    let (_, token) = native_login(&idle, "idle@example.com", PASSWORD).await;
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    let idled = refresh(&idle, &token).await;
-    assert_eq!(idled.status, StatusCode::UNAUTHORIZED);
-    assert!(idled.body["error"]["message"].as_str().unwrap().contains("idle"));
-    idle.stop().await;
+    app.clock.advance(Duration::from_secs(61 * 60));
+    let expired = refresh(&app, &lasting).await;
+    assert_eq!(expired.status, StatusCode::UNAUTHORIZED, "{:?}", expired.body);
+    assert!(expired.body["error"]["message"].as_str().unwrap().contains("expired"), "{:?}", expired.body);
+    let idled = refresh(&app, &idling).await;
+    assert_eq!(idled.status, StatusCode::UNAUTHORIZED, "{:?}", idled.body);
+    assert!(idled.body["error"]["message"].as_str().unwrap().contains("idle"), "{:?}", idled.body);
+    let old_access = app.get("/api/v1/roles", Some(&access)).await;
+    assert_eq!(old_access.status, StatusCode::UNAUTHORIZED, "a 15-minute access token is over an hour later");
+    assert!(old_access.body["error"]["message"].as_str().unwrap().contains("expired"), "{:?}", old_access.body);
+    app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -256,7 +262,7 @@ async fn deactivation_and_an_administrator_end_every_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failed_sign_ins_lock_the_account_for_a_while_and_the_lock_ends() {
-    let app = app_with(&[("CAIRN_LOCKOUT_THRESHOLD", "3"), ("CAIRN_LOCKOUT_BASE_SECS", "1")]).await;
+    let app = app_with(&[("CAIRN_LOCKOUT_THRESHOLD", "3"), ("CAIRN_LOCKOUT_BASE_SECS", "60")]).await;
     app.register_ok("locked@example.com").await;
     let attempt = |password: &'static str| {
         app.post("/api/v1/auth/login", None, json!({ "email": "locked@example.com", "password": password }))
@@ -265,12 +271,13 @@ async fn failed_sign_ins_lock_the_account_for_a_while_and_the_lock_ends() {
     assert_eq!(attempt("wrong password two").await.status, StatusCode::UNAUTHORIZED);
     let locked = attempt("wrong password three").await;
     assert_eq!((locked.status, locked.code()), (StatusCode::LOCKED, "ACCOUNT_LOCKED"));
-    assert!(locked.body["error"]["details"]["retry_after_s"].as_u64().is_some_and(|s| (1..=1).contains(&s)));
+    assert!(locked.body["error"]["details"]["retry_after_s"].as_u64().is_some_and(|s| (58..=60).contains(&s)));
     assert!(locked.headers.contains_key("retry-after"));
-    // Even the right password waits for the lock.
-    let still = attempt(PASSWORD).await;
-    assert_eq!(still.status, StatusCode::LOCKED);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Even the right password waits for the lock, to its last second.
+    assert_eq!(attempt(PASSWORD).await.status, StatusCode::LOCKED);
+    app.clock.advance(Duration::from_secs(58));
+    assert_eq!(attempt(PASSWORD).await.status, StatusCode::LOCKED);
+    app.clock.advance(Duration::from_secs(3));
     assert_eq!(attempt(PASSWORD).await.status, StatusCode::OK, "a lock is never permanent");
     let kinds: Vec<String> = sqlx::query_scalar(
         "SELECT event_type FROM events WHERE aggregate_type = 'User' AND event_type IN ('AccountLocked', 'AccountUnlocked', 'LoginSucceeded') ORDER BY global_position",
@@ -279,6 +286,111 @@ async fn failed_sign_ins_lock_the_account_for_a_while_and_the_lock_ends() {
     .await
     .unwrap();
     assert_eq!(kinds, ["AccountLocked", "AccountUnlocked", "LoginSucceeded"]);
+    app.stop().await;
+}
+
+/// Sends `n` sign-ins for `email` with `password` at once; their statuses.
+async fn sign_in_burst(app: &TestApp, email: &str, password: &str, n: usize) -> Vec<StatusCode> {
+    let mut attempts = Vec::new();
+    for _ in 0..n {
+        let (client, url) = (app.client.clone(), format!("{}/api/v1/auth/login", app.address));
+        let body = json!({ "email": email, "password": password });
+        attempts.push(tokio::spawn(async move { client.post(url).json(&body).send().await.unwrap().status() }));
+    }
+    let mut statuses = Vec::new();
+    for attempt in attempts {
+        statuses.push(attempt.await.unwrap());
+    }
+    statuses
+}
+
+async fn count_events(app: &TestApp, user: uuid::Uuid, event_type: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE event_type = $2 AND (aggregate_id = $1 \
+            OR (aggregate_type = 'Session' AND payload -> event_type ->> 'user_id' = $1))",
+    )
+    .bind(user.to_string())
+    .bind(event_type)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_guesses_at_once_get_five_checked_and_the_lock_holds_for_the_right_password() {
+    let app = TestApp::spawn().await;
+    let id = app.register_ok("target@example.com").await;
+
+    let statuses = sign_in_burst(&app, "target@example.com", "not the password at all", 100).await;
+    assert!(
+        statuses.iter().all(|s| [StatusCode::UNAUTHORIZED, StatusCode::LOCKED].contains(s)),
+        "only 401 and 423 (no 409, no 5xx): {statuses:?}"
+    );
+    // Each guess whose password was checked is a LoginFailed on the account: the threshold's worth.
+    assert_eq!(count_events(&app, id, "LoginFailed").await, 5, "guesses evaluated");
+    assert_eq!(count_events(&app, id, "AccountLocked").await, 1);
+    assert_eq!(statuses.iter().filter(|s| **s == StatusCode::UNAUTHORIZED).count(), 4, "{statuses:?}");
+
+    // The right password during the lock: refused, and no session starts.
+    let right = app.post("/api/v1/auth/login", None, json!({ "email": "target@example.com", "password": PASSWORD })).await;
+    assert_eq!((right.status, right.code()), (StatusCode::LOCKED, "ACCOUNT_LOCKED"), "{:?}", right.body);
+    assert_eq!(count_events(&app, id, "SessionStarted").await, 0);
+    assert_eq!(count_events(&app, id, "LoginFailed").await, 5, "nothing is checked during the lock");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unknown_address_is_locked_and_answered_exactly_like_an_account() {
+    let app = TestApp::spawn().await;
+    app.register_ok("known@example.com").await;
+    let mut answers = Vec::new();
+    for email in ["known@example.com", "nobody@example.com"] {
+        let mut statuses = Vec::new();
+        for _ in 0..5 {
+            let reply = app.post("/api/v1/auth/login", None, json!({ "email": email, "password": "a wrong guess" })).await;
+            statuses.push(reply.status);
+        }
+        let locked = app.post("/api/v1/auth/login", None, json!({ "email": email, "password": PASSWORD })).await;
+        let mut error = locked.body["error"].clone();
+        error["request_id"] = json!(null);
+        answers.push((statuses, locked.status, error, locked.headers.get("retry-after").cloned()));
+    }
+    let (known, unknown) = (&answers[0], &answers[1]);
+    assert_eq!(known.0, [401, 401, 401, 401, 423].map(|s| StatusCode::from_u16(s).unwrap()));
+    assert_eq!(unknown.0, known.0, "the same statuses");
+    assert_eq!(known.1, StatusCode::LOCKED);
+    assert_eq!((unknown.1, &unknown.2), (known.1, &known.2), "the same status and body");
+    assert_eq!(unknown.3, known.3, "the same Retry-After");
+    assert_eq!(known.2["code"], "ACCOUNT_LOCKED");
+    // Another spelling of the same address shares its lock.
+    let shouted = app.post("/api/v1/auth/login", None, json!({ "email": "NOBODY@Example.com", "password": "x" })).await;
+    assert_eq!(shouted.status, StatusCode::LOCKED);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_guard_forgets_quiet_addresses_and_a_forgotten_lock_is_over() {
+    let app = TestApp::spawn().await;
+    for i in 0..5 {
+        let email = format!("stranger-{i}@example.com");
+        for _ in 0..5 {
+            app.post("/api/v1/auth/login", None, json!({ "email": email, "password": "a wrong guess" })).await;
+        }
+    }
+    let rows = || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM login_guards").fetch_one(&app.pool).await.unwrap() };
+    assert_eq!(rows().await, 5);
+    let guard = cairn_command_api::LoginGuard::new(
+        app.pool.clone(),
+        app.clock.clone(),
+        cairn_domain::LockoutPolicy::default(),
+        Duration::from_secs(60),
+    );
+    assert_eq!(guard.sweep().await.unwrap(), 0, "nothing is forgotten while it matters");
+    app.clock.advance(cairn_command_api::auth::guard::MEMORY + Duration::from_secs(60));
+    assert_eq!(guard.sweep().await.unwrap(), 5);
+    assert_eq!(rows().await, 0);
+    let again = app.post("/api/v1/auth/login", None, json!({ "email": "stranger-0@example.com", "password": "x" })).await;
+    assert_eq!(again.status, StatusCode::UNAUTHORIZED);
     app.stop().await;
 }
 
@@ -363,5 +475,42 @@ async fn a_change_to_a_role_reaches_its_holders_next_tokens() {
     let roles =
         app.request("GET", "/api/v1/roles", Some(&admin), None, &[("X-Consistency-Token", &defined.token())]).await;
     assert!(roles.data().as_array().unwrap().iter().any(|r| r["name"] == "moderator"));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_role_that_loses_a_permission_takes_it_from_tokens_already_issued() {
+    let app = TestApp::spawn().await;
+    let (_, admin) = app.admin_token().await;
+    let id = app.register_ok("moderator@example.com").await;
+    let permissions = json!({ "name": "moderator", "permissions": ["users:read", "projections:manage"] });
+    let defined = app.post("/api/v1/roles", Some(&admin), permissions).await;
+    assert_eq!(defined.status, StatusCode::CREATED, "{:?}", defined.body);
+    let granted = app.post(&format!("/api/v1/users/{id}/roles"), Some(&admin), json!({ "role": "moderator" })).await;
+    assert_eq!(granted.status, StatusCode::OK, "{:?}", granted.body);
+    let token = app.login("moderator@example.com").await;
+    assert_eq!(app.get("/api/v1/users", Some(&token)).await.status, StatusCode::OK);
+    assert_eq!(app.get("/api/v1/admin/projections", Some(&token)).await.status, StatusCode::OK);
+
+    let shrunk = app
+        .request(
+            "PUT",
+            "/api/v1/roles/moderator",
+            Some(&admin),
+            Some(json!({ "permissions": ["projections:manage"] })),
+            &[],
+        )
+        .await;
+    assert_eq!(shrunk.status, StatusCode::OK, "{:?}", shrunk.body);
+
+    // At once, with the same token: the removed permission is gone, the rest still works.
+    let refused = app.get("/api/v1/users", Some(&token)).await;
+    assert_eq!((refused.status, refused.code()), (StatusCode::FORBIDDEN, "FORBIDDEN"), "{:?}", refused.body);
+    assert_eq!(app.get("/api/v1/admin/projections", Some(&token)).await.status, StatusCode::OK);
+    let own = app
+        .request("PATCH", "/api/v1/users/me", Some(&token), Some(json!({ "display_name": "Mod" })), &[])
+        .await;
+    assert_eq!(own.status, StatusCode::OK, "the user role's permissions are untouched: {:?}", own.body);
+    assert_eq!(app.get("/api/v1/users", Some(&admin)).await.status, StatusCode::OK, "admin is fixed");
     app.stop().await;
 }

@@ -79,6 +79,41 @@ where
             .execute_with_metadata(id, command, ctx.command_metadata(actor.as_deref()))
             .await
             .map_err(map_error)?;
+        self.committed(id, ctx).await
+    }
+
+    /// As [`Self::execute`], but a lost race (another command appended to the aggregate first)
+    /// is decided again on the new state, up to `attempts` times in all: for commands that
+    /// record what already happened elsewhere, which must not fail because they came second.
+    ///
+    /// # Errors
+    /// As [`Self::execute`]; CONFLICT only after `attempts` lost races.
+    pub async fn execute_retrying(
+        &self,
+        id: &str,
+        command: A::Command,
+        ctx: &RequestContext,
+        actor: Option<Uuid>,
+        attempts: u32,
+    ) -> Result<ConsistencyToken, ApiError>
+    where
+        A::Command: Clone,
+    {
+        let actor = actor.map(|a| a.to_string());
+        let mut attempt = 1;
+        loop {
+            let metadata = ctx.command_metadata(actor.as_deref());
+            match self.cqrs.execute_with_metadata(id, command.clone(), metadata).await {
+                Ok(()) => return self.committed(id, ctx).await,
+                Err(AggregateError::AggregateConflict) if attempt < attempts => attempt += 1,
+                Err(e) => return Err(map_error(e)),
+            }
+        }
+    }
+
+    /// After a command on `id` committed: wakes the relay, counts, feeds the session map, and
+    /// answers with the consistency token of the newest event.
+    async fn committed(&self, id: &str, ctx: &RequestContext) -> Result<ConsistencyToken, ApiError> {
         self.wake.appended();
         metrics::counter!("cairn_commands_total", "aggregate" => A::TYPE).increment(1);
         let recent = cairn_relay::reader::last_events_of(&self.pool, A::TYPE, id, 3).await?;

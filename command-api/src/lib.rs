@@ -24,12 +24,13 @@ use std::sync::Arc;
 use axum::extract::FromRef;
 use cairn_domain::{LockoutPolicy, SessionPolicy};
 use cairn_platform::auth::AuthState;
+use cairn_platform::clock::SharedClock;
 use cairn_platform::http::limits::Limiter;
 use cairn_platform::settings::{RateLimit, Settings};
 use sqlx::PgPool;
 use utoipa_axum::router::OpenApiRouter;
 
-pub use auth::{RefreshCookie, SessionService};
+pub use auth::{LoginGuard, RefreshCookie, SessionService};
 pub use roles::RoleCatalog;
 pub use users::UserCommands;
 
@@ -57,9 +58,11 @@ pub struct CommandState {
     /// Absolute session lifetime, for the cookie's Max-Age.
     #[from_ref(skip)]
     pub sessions_lifetime_secs: i64,
-    /// When failed sign-ins lock an account.
+    /// Which sign-in attempts get their password checked (the lockout).
+    pub guard: LoginGuard,
+    /// Where time comes from.
     #[from_ref(skip)]
-    pub lockout: LockoutPolicy,
+    pub clock: SharedClock,
 }
 
 impl CommandState {
@@ -75,7 +78,25 @@ impl CommandState {
         };
         let mail_rate = RateLimit { count: 3, period: std::time::Duration::from_secs(3600) };
         Ok(Self {
-            sessions: SessionService::new(pool.clone(), auth.sessions.clone(), users.wake().clone(), policy),
+            sessions: SessionService::new(
+                pool.clone(),
+                auth.sessions.clone(),
+                users.wake().clone(),
+                policy,
+                settings.clock.clone(),
+            ),
+            guard: LoginGuard::new(
+                pool.clone(),
+                settings.clock.clone(),
+                LockoutPolicy {
+                    threshold: settings.lockout_threshold,
+                    base_secs: i64::try_from(settings.lockout_base.as_secs()).unwrap_or(60),
+                    max_secs: i64::try_from(settings.lockout_max.as_secs()).unwrap_or(900),
+                },
+                // An admitted guess counts for longer than any request can take.
+                settings.request_timeout + std::time::Duration::from_secs(30),
+            ),
+            clock: settings.clock.clone(),
             roles: users.roles().clone(),
             parked: admin::ParkedEvents::new(pool.clone(), auth.sessions.clone(), users.wake().clone()),
             users,
@@ -85,11 +106,6 @@ impl CommandState {
             pool,
             mail_requests: Arc::new(Limiter::new(mail_rate).ok_or_else(|| anyhow::anyhow!("mail request limit"))?),
             sessions_lifetime_secs: i64::try_from(settings.session_lifetime.as_secs()).unwrap_or(i64::MAX),
-            lockout: LockoutPolicy {
-                threshold: settings.lockout_threshold,
-                base_secs: i64::try_from(settings.lockout_base.as_secs()).unwrap_or(60),
-                max_secs: i64::try_from(settings.lockout_max.as_secs()).unwrap_or(900),
-            },
         })
     }
 }

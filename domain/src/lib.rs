@@ -21,5 +21,5 @@ pub mod values;
 pub use parked::{parked_event_id, ParkedEvent, ParkedEventCommand, ParkedEventError, ParkedEventEvent};
 pub use role::{Role, RoleCommand, RoleError, RoleEvent};
 pub use session::{RefreshOutcome, RevokeReason, Session, SessionCommand, SessionError, SessionEvent, SessionPolicy};
-pub use user::{LockoutPolicy, SessionsEndedReason, User, UserCommand, UserError, UserEvent, UserStatus};
+pub use user::{AccountLock, LockoutPolicy, SessionsEndedReason, User, UserCommand, UserError, UserEvent, UserStatus};
 pub use values::{DisplayName, Email, RoleName, ValueError};

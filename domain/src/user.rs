@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
@@ -85,6 +85,40 @@ impl Default for LockoutPolicy {
     }
 }
 
+impl LockoutPolicy {
+    /// The length in seconds of the `level`-th lock in a row (from 1): the base, doubling, never
+    /// past the maximum.
+    #[must_use]
+    pub fn lock_secs(&self, level: u32) -> i64 {
+        let doublings = level.saturating_sub(1).min(40);
+        self.base_secs.saturating_mul(1_i64 << doublings).min(self.max_secs).max(1)
+    }
+
+    /// The length of each lock in a row, from the first to the first one at the maximum; every
+    /// later lock is as long as the last.
+    #[must_use]
+    pub fn lock_lengths(&self) -> Vec<i64> {
+        let mut lengths = Vec::new();
+        for level in 1..=41 {
+            let secs = self.lock_secs(level);
+            lengths.push(secs);
+            if secs >= self.max_secs {
+                break;
+            }
+        }
+        lengths
+    }
+}
+
+/// A lock the sign-in guard imposed after the last guess it allowed was wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccountLock {
+    /// End of the lock.
+    pub until: DateTime<Utc>,
+    /// Which lock in a row this is.
+    pub level: u32,
+}
+
 /// Why a user's sessions were all ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -159,12 +193,13 @@ pub enum UserCommand {
         /// The provider's name, as configured.
         provider: String,
     },
-    /// A sign-in with the wrong password.
+    /// A sign-in with the wrong password, as the sign-in guard counted it. The guard (in the
+    /// database, keyed by email) decides; the account's events record what it decided.
     RecordLoginFailure {
-        /// When.
-        at: DateTime<Utc>,
-        /// The lock rules.
-        policy: LockoutPolicy,
+        /// Wrong guesses in a row, this one included.
+        failures: u32,
+        /// The lock this guess started, if it was the last one allowed.
+        lock: Option<AccountLock>,
     },
     /// A successful sign-in: clears the failure count.
     RecordLoginSuccess,
@@ -273,6 +308,11 @@ pub enum UserEvent {
 }
 
 impl UserEvent {
+    /// The events after which a password-reset link mailed earlier no longer works: a newer link
+    /// was asked for, or the password changed (by its owner, by a reset, or by linking a provider).
+    pub const ENDS_RESET_LINKS: &'static [&'static str] =
+        &["PasswordResetRequested", "PasswordChanged", "PasswordReset", "PasswordRemoved"];
+
     /// The session version this event sets, if it ends sessions.
     #[must_use]
     pub fn session_version(&self) -> Option<u64> {
@@ -374,13 +414,11 @@ impl User {
         }
     }
 
-    fn login_failed(&self, at: DateTime<Utc>, policy: LockoutPolicy) -> Vec<UserEvent> {
-        let failures = self.failed_logins + 1;
+    fn login_failed(&self, failures: u32, lock: Option<AccountLock>) -> Vec<UserEvent> {
         let mut events = vec![UserEvent::LoginFailed { failures }];
-        if failures >= policy.threshold {
-            let level = self.lock_level + 1;
-            let secs = policy.base_secs.saturating_mul(1 << (level - 1).min(20)).min(policy.max_secs);
-            events.push(UserEvent::AccountLocked { until: at + Duration::seconds(secs), level });
+        // Recorded once, however often it is reported.
+        if let Some(lock) = lock.filter(|lock| self.locked_until != Some(lock.until)) {
+            events.push(UserEvent::AccountLocked { until: lock.until, level: lock.level });
         }
         events
     }
@@ -479,7 +517,7 @@ impl User {
             UserCommand::EndAllSessions { reason } => {
                 UserEvent::SessionsEnded { session_version: next_version, reason }
             }
-            UserCommand::RecordLoginFailure { at, policy } => return Ok(self.login_failed(at, policy)),
+            UserCommand::RecordLoginFailure { failures, lock } => return Ok(self.login_failed(failures, lock)),
             UserCommand::RecordLoginSuccess => {
                 if self.failed_logins == 0 && self.lock_level == 0 {
                     return Ok(vec![]);
@@ -731,29 +769,32 @@ mod tests {
     }
 
     #[test]
-    fn the_fifth_failure_locks_for_a_minute_and_locks_double_up_to_fifteen_minutes() {
-        let failures: Vec<UserEvent> = (1..=4).map(|failures| UserEvent::LoginFailed { failures }).collect();
+    fn locks_last_a_minute_and_double_up_to_fifteen_minutes() {
+        let policy = LockoutPolicy::default();
+        assert_eq!(policy.lock_lengths(), [60, 120, 240, 480, 900]);
+        assert_eq!((policy.lock_secs(1), policy.lock_secs(6), policy.lock_secs(1000)), (60, 900, 900));
+        let odd = LockoutPolicy { threshold: 3, base_secs: 7, max_secs: 20 };
+        assert_eq!(odd.lock_lengths(), [7, 14, 20]);
+    }
+
+    #[test]
+    fn a_failure_records_the_lock_the_guard_imposed_once() {
+        let lock = AccountLock { until: at(60), level: 1 };
         UserTest::with(())
-            .given([vec![registered()], failures.clone()].concat())
-            .when(UserCommand::RecordLoginFailure { at: at(0), policy: LockoutPolicy::default() })
+            .given(vec![registered(), UserEvent::LoginFailed { failures: 4 }])
+            .when(UserCommand::RecordLoginFailure { failures: 5, lock: Some(lock) })
             .then_expect_events(vec![
                 UserEvent::LoginFailed { failures: 5 },
                 UserEvent::AccountLocked { until: at(60), level: 1 },
             ]);
-        let mut history = vec![registered()];
-        for level in 1..=5 {
-            history.extend(failures.clone());
-            history.push(UserEvent::LoginFailed { failures: 5 });
-            history.push(UserEvent::AccountLocked { until: at(0), level });
-            history.push(UserEvent::AccountUnlocked {});
-        }
         UserTest::with(())
-            .given([history, failures].concat())
-            .when(UserCommand::RecordLoginFailure { at: at(0), policy: LockoutPolicy::default() })
-            .then_expect_events(vec![
-                UserEvent::LoginFailed { failures: 5 },
-                UserEvent::AccountLocked { until: at(LockoutPolicy::default().max_secs), level: 6 },
-            ]);
+            .given(vec![registered(), UserEvent::AccountLocked { until: at(60), level: 1 }])
+            .when(UserCommand::RecordLoginFailure { failures: 5, lock: Some(lock) })
+            .then_expect_events(vec![UserEvent::LoginFailed { failures: 5 }]);
+        UserTest::with(())
+            .given(vec![registered()])
+            .when(UserCommand::RecordLoginFailure { failures: 1, lock: None })
+            .then_expect_events(vec![UserEvent::LoginFailed { failures: 1 }]);
     }
 
     #[test]

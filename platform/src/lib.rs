@@ -1,6 +1,7 @@
 //! Infrastructure shared by every cairn service.
 //!
 //! - [`settings`]: configuration from the environment.
+//! - [`clock`]: the time every time-dependent rule reads, injectable for tests.
 //! - [`telemetry`]: tracing and the Prometheus recorder.
 //! - [`db`]: the Postgres pool, database creation and migrations.
 //! - [`nats`]: namespaced JetStream names, the EVENTS stream and its consumers.
@@ -14,6 +15,7 @@
 
 pub mod auth;
 pub mod checkpoint;
+pub mod clock;
 pub mod db;
 pub mod envelope;
 pub mod failure;

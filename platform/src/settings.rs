@@ -101,6 +101,8 @@ pub struct Settings {
     /// `CAIRN_OAUTH_REDIRECT_URI`: the frontend page providers send the user back to
     /// (default `<CAIRN_PUBLIC_URL>/oauth/callback`).
     pub oauth_redirect_uri: String,
+    /// Where time comes from: the system clock, except in tests (never read from the environment).
+    pub clock: crate::clock::SharedClock,
 }
 
 /// How a provider proves who the user is.
@@ -363,6 +365,7 @@ impl Settings {
             oauth_redirect_uri: lookup("CAIRN_OAUTH_REDIRECT_URI").filter(|v| !v.is_empty()).unwrap_or_else(|| {
                 format!("{}/oauth/callback", get("CAIRN_PUBLIC_URL", "http://localhost:8080").trim_end_matches('/'))
             }),
+            clock: crate::clock::system(),
         })
     }
 

@@ -5,9 +5,11 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cairn::{Application, Services};
+use cairn_platform::clock::TestClock;
 use cairn_platform::Settings;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -107,6 +109,8 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub pool: PgPool,
     pub shutdown: CancellationToken,
+    /// The application's clock: tests move time forward with `clock.advance(…)` instead of sleeping.
+    pub clock: Arc<TestClock>,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
@@ -143,13 +147,16 @@ impl TestApp {
             vars.insert((*k).to_owned(), (*v).to_owned());
         }
         let email = cairn_workers::EmailSettings::from_lookup(|k| vars.get(k).cloned()).unwrap();
-        let app = Application::build_with_email(env.settings(extra), Some(email), services).await.unwrap();
+        let clock = TestClock::new();
+        let mut settings = env.settings(extra);
+        settings.clock = clock.clone();
+        let app = Application::build_with_email(settings, Some(email), services).await.unwrap();
         let address = format!("http://127.0.0.1:{}", app.port());
         let shutdown = app.shutdown_token();
         let pool = PgPool::connect(&env.database_url).await.unwrap();
         let handle = tokio::spawn(app.run_until_stopped());
         let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
-        Self { env, address, client, pool, shutdown, handle: Some(handle) }
+        Self { env, address, client, pool, shutdown, clock, handle: Some(handle) }
     }
 
     pub async fn stop(mut self) {

@@ -4,7 +4,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use cairn_domain::{Email, RevokeReason, SessionsEndedReason, User, UserCommand, UserStatus};
+use cairn_domain::{Email, RevokeReason, SessionsEndedReason, User, UserCommand, UserEvent, UserStatus};
 use cairn_platform::auth::{AuthState, Caller};
 use cairn_platform::http::{ApiError, ApiJson, ApiPath, ApiResponse, RequestContext};
 use cairn_platform::secrets::hash_token;
@@ -16,8 +16,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
+use super::guard::Admission;
 use super::sessions::access_token;
-use super::{RefreshCookie, SessionService};
+use super::{LoginGuard, RefreshCookie, SessionService};
 use crate::users::UserCommands;
 use crate::CommandState;
 
@@ -66,7 +67,8 @@ pub struct LoginBody {
 }
 
 /// Signs in: an access token, and a refresh token in an HttpOnly cookie (or the body for native
-/// clients). Five failures lock the account, for a minute doubling up to 15.
+/// clients). Five wrong passwords for one address lock it, for a minute doubling up to 15; an
+/// address nobody registered is answered and locked the same way.
 #[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginBody,
     responses((status = 200, description = "access_token, token_type, expires_in, user; refresh cookie"),
               (status = 401, description = "wrong email or password, or account not active"),
@@ -77,51 +79,75 @@ async fn login(
     ApiJson(body): ApiJson<LoginBody>,
 ) -> Result<Response, ApiError> {
     let refused = || ApiError::Unauthenticated("invalid email or password".to_owned());
+    // Decided by the database before anything else: a locked address, known or not, is refused
+    // here, with nothing looked up and nothing hashed.
+    let reservation = match state.guard.admit(&LoginGuard::key(&body.email)).await? {
+        Admission::Granted(reservation) => reservation,
+        Admission::Refused { retry_after_s } => return Err(ApiError::AccountLocked { retry_after_s }),
+    };
     let users = &state.users;
     let id = match Email::parse(&body.email) {
         Ok(email) => users.find_id_by_email(&email).await?,
         Err(_) => None,
     };
-    let mut user = match id {
+    let user = match id {
         Some(id) => Some((id, users.load(id).await?)),
         None => None,
     };
-    let now = Utc::now();
-    if let Some((id, account)) = &user {
-        if let Some(secs) = account.locked_for(now) {
-            return Err(ApiError::AccountLocked { retry_after_s: u64::try_from(secs).unwrap_or(1) });
-        }
-        if account.locked_until.is_some() {
-            // The lock ran out: its end is an event too.
-            match users.execute(*id, UserCommand::UnlockAccount { at: now }, &ctx, Some(*id)).await {
-                Ok(_) | Err(ApiError::Conflict(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
     let hash = user.as_ref().map(|(_, u)| u.password_hash.clone());
     // Unknown accounts are checked against a dummy hash: the answer takes as long either way.
     let matches = users.passwords().verify(body.password, hash).await?;
-    let Some((id, _)) = user.as_ref().map(|(id, u)| (*id, u.clone())) else { return Err(refused()) };
     if !matches {
-        users.execute(id, UserCommand::RecordLoginFailure { at: now, policy: state.lockout }, &ctx, Some(id)).await?;
-        let after = users.load(id).await?;
-        return Err(match after.locked_for(now) {
-            Some(secs) => ApiError::AccountLocked { retry_after_s: u64::try_from(secs).unwrap_or(1) },
+        let failure = reservation.wrong().await?;
+        if let Some((id, account)) = &user {
+            let command = UserCommand::RecordLoginFailure { failures: failure.failures, lock: failure.lock };
+            record_sign_in(&state, *id, account, command, &ctx).await;
+        }
+        return Err(match failure.lock {
+            Some(lock) => ApiError::AccountLocked {
+                retry_after_s: u64::try_from((lock.until - state.clock.now()).num_seconds()).unwrap_or(0).max(1),
+            },
             None => refused(),
         });
     }
-    match user.as_ref().map(|(_, u)| u.status) {
-        Some(UserStatus::Active) => {}
-        Some(UserStatus::Deactivated) => return Err(ApiError::Unauthenticated("account is deactivated".to_owned())),
+    // Right, but a lock that began while it was checked still holds.
+    if let Some(retry_after_s) = reservation.right().await? {
+        return Err(ApiError::AccountLocked { retry_after_s });
+    }
+    let Some((id, account)) = user else { return Err(refused()) };
+    match account.status {
+        UserStatus::Active => {}
+        UserStatus::Deactivated => return Err(ApiError::Unauthenticated("account is deactivated".to_owned())),
         _ => return Err(refused()),
     }
-    users.execute(id, UserCommand::RecordLoginSuccess, &ctx, Some(id)).await?;
-    let account = match user.take() {
-        Some((_, account)) => account,
-        None => return Err(refused()),
-    };
+    record_sign_in(&state, id, &account, UserCommand::RecordLoginSuccess, &ctx).await;
     complete_sign_in(&state, id, &account, &ctx, body.refresh_token_in_body).await
+}
+
+/// How many times an audit event of a sign-in is tried when other commands on the account got
+/// there first: the guard lets at most the lockout threshold's worth of them race.
+const AUDIT_ATTEMPTS: u32 = 10;
+
+/// Records on the account what the guard decided (LoginFailed, AccountLocked, LoginSucceeded),
+/// after an AccountUnlocked when the lock it last recorded has run out. The guard, not these
+/// events, decides who may sign in: they are the audit trail, so a sign-in never fails because
+/// one could not be written; a lost race is retried, anything else is logged.
+async fn record_sign_in(state: &CommandState, id: Uuid, account: &User, command: UserCommand, ctx: &RequestContext) {
+    let now = state.clock.now();
+    let mut commands = Vec::with_capacity(2);
+    if account.locked_until.is_some_and(|until| until <= now) {
+        commands.push(UserCommand::UnlockAccount { at: now });
+    }
+    commands.push(command);
+    for command in commands {
+        let recorded = state.users.execute_retrying(id, command, ctx, Some(id), AUDIT_ATTEMPTS).await;
+        match recorded {
+            Ok(_) => {}
+            // Refused on the account's own state: recorded already by a request that came first.
+            Err(e @ ApiError::Conflict(_)) => tracing::debug!(user_id = %id, error = %e, "sign-in recorded already"),
+            Err(e) => tracing::warn!(user_id = %id, error = %e, "sign-in not recorded on the account"),
+        }
+    }
 }
 
 /// Starts a session for a user who proved who they are, and answers with the tokens: the refresh
@@ -293,16 +319,19 @@ struct SpentEmailToken {
 }
 
 impl SpentEmailToken {
-    /// Consumes an emailed token of `purpose`, unless it is unknown, expired or used already.
+    /// Consumes an emailed token of `purpose`, unless it is unknown, expired, used already or
+    /// superseded.
     async fn take(pool: &sqlx::PgPool, token: &str, purpose: &str) -> Result<Self, ApiError> {
         let hash = hash_token(token);
-        let row: Option<(Uuid, chrono::DateTime<Utc>)> = sqlx::query_as(
-            "UPDATE email_tokens SET used_at = clock_timestamp() \
-             WHERE token_hash = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > now() \
-             RETURNING user_id, used_at",
-        )
+        let row: Option<(Uuid, chrono::DateTime<Utc>)> = sqlx::query_as(&format!(
+            "UPDATE email_tokens t SET used_at = clock_timestamp() \
+             WHERE t.token_hash = $1 AND t.purpose = $2 AND t.used_at IS NULL AND t.expires_at > now() \
+               AND {NOT_SUPERSEDED} \
+             RETURNING t.user_id, t.used_at"
+        ))
         .bind(&hash)
         .bind(purpose)
+        .bind(superseded_by(purpose))
         .fetch_optional(pool)
         .await?;
         let (user_id, used_at) = row.ok_or_else(invalid_email_token)?;
@@ -324,17 +353,37 @@ impl SpentEmailToken {
     }
 }
 
-/// The user an unspent, unexpired emailed token of `purpose` belongs to, without consuming it.
+/// The user an unspent, unexpired, current emailed token of `purpose` belongs to, without
+/// consuming it.
 async fn peek_email_token(pool: &sqlx::PgPool, token: &str, purpose: &str) -> Result<Uuid, ApiError> {
-    let user: Option<Uuid> = sqlx::query_scalar(
-        "SELECT user_id FROM email_tokens \
-         WHERE token_hash = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > now()",
-    )
+    let user: Option<Uuid> = sqlx::query_scalar(&format!(
+        "SELECT t.user_id FROM email_tokens t \
+         WHERE t.token_hash = $1 AND t.purpose = $2 AND t.used_at IS NULL AND t.expires_at > now() \
+           AND {NOT_SUPERSEDED}"
+    ))
     .bind(hash_token(token))
     .bind(purpose)
+    .bind(superseded_by(purpose))
     .fetch_optional(pool)
     .await?;
     user.ok_or_else(invalid_email_token)
+}
+
+/// A token `t` is current while its account's stream holds none of the events `$3` after the
+/// event that asked for the mail: decided from the log, in the statement that reads or spends
+/// the token, so a link mailed earlier dies the moment a newer one is asked for or the password
+/// changes, whether or not the newer mail has gone out yet.
+const NOT_SUPERSEDED: &str = "NOT EXISTS (SELECT 1 FROM events asked JOIN events later \
+       ON later.aggregate_type = asked.aggregate_type AND later.aggregate_id = asked.aggregate_id \
+      AND later.sequence > asked.sequence \
+    WHERE asked.event_id = t.event_id AND later.event_type = ANY($3))";
+
+/// The events that end a token of `purpose`.
+fn superseded_by(purpose: &str) -> &'static [&'static str] {
+    match purpose {
+        "reset_password" => UserEvent::ENDS_RESET_LINKS,
+        _ => &[],
+    }
 }
 
 fn invalid_email_token() -> ApiError {

@@ -3,11 +3,11 @@
 
 use cairn_domain::{RefreshOutcome, RevokeReason, Session, SessionCommand, SessionPolicy, User, UserStatus};
 use cairn_platform::auth::{SessionVersions, TokenIssuer, TokenSubject};
+use cairn_platform::clock::SharedClock;
 use cairn_platform::envelope::ConsistencyToken;
 use cairn_platform::http::{ApiError, RequestContext};
 use cairn_platform::secrets::{hash_token, random_token};
 use cairn_relay::RelayWakeup;
-use chrono::Utc;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -35,6 +35,7 @@ pub struct Refreshed {
 pub struct SessionService {
     executor: Executor<Session>,
     policy: SessionPolicy,
+    clock: SharedClock,
 }
 
 fn split_token(token: &str) -> Option<(Uuid, &str)> {
@@ -46,10 +47,16 @@ fn split_token(token: &str) -> Option<(Uuid, &str)> {
 }
 
 impl SessionService {
-    /// A service over `pool` with `policy`.
+    /// A service over `pool` with `policy`, judging lifetimes by `clock`.
     #[must_use]
-    pub fn new(pool: PgPool, sessions: SessionVersions, wake: RelayWakeup, policy: SessionPolicy) -> Self {
-        Self { executor: Executor::new(pool, sessions, wake), policy }
+    pub fn new(
+        pool: PgPool,
+        sessions: SessionVersions,
+        wake: RelayWakeup,
+        policy: SessionPolicy,
+        clock: SharedClock,
+    ) -> Self {
+        Self { executor: Executor::new(pool, sessions, wake), policy, clock }
     }
 
     /// Starts a session for `user_id` and returns its id and first refresh token (`<sid>.<secret>`).
@@ -68,7 +75,7 @@ impl SessionService {
             user_id,
             session_version: user.session_version,
             refresh_hash: hash_token(&secret),
-            at: Utc::now(),
+            at: self.clock.now(),
             lifetime: self.policy.absolute,
             device: ctx.user_agent.clone(),
             ip: ctx.client_ip.clone(),
@@ -100,7 +107,7 @@ impl SessionService {
             if user.status != UserStatus::Active {
                 return Err(ApiError::Unauthenticated("account is not active".to_owned()));
             }
-            let now = Utc::now();
+            let now = self.clock.now();
             let remaining_secs = session.expires_at.map_or(0, |e| (e - now).num_seconds());
             let outcome = session.refresh_outcome(&presented_hash, now, user.session_version, self.policy);
             let next_secret = random_token()?;

@@ -127,6 +127,22 @@ impl UserCommands {
         self.executor.execute(&id.to_string(), command, ctx, actor).await
     }
 
+    /// Runs `command` on user `id`, deciding it again on the new state when another command
+    /// appended first, up to `attempts` times in all.
+    ///
+    /// # Errors
+    /// As [`Self::execute`].
+    pub async fn execute_retrying(
+        &self,
+        id: Uuid,
+        command: UserCommand,
+        ctx: &RequestContext,
+        actor: Option<Uuid>,
+        attempts: u32,
+    ) -> Result<ConsistencyToken, ApiError> {
+        self.executor.execute_retrying(&id.to_string(), command, ctx, actor, attempts).await
+    }
+
     /// The id of the account registered with `email`, read from the event store's email index.
     ///
     /// # Errors

@@ -23,7 +23,8 @@ pub struct AuthState {
     pub verified_email_for: Arc<Vec<String>>,
 }
 
-/// A caller with a valid, current access token. Permissions come from the token, never the database.
+/// A caller with a valid, current access token. Permissions come from the token, never the
+/// database, less any a role has lost since (the in-memory role map, fed by the stream).
 #[derive(Debug, Clone)]
 pub struct Caller {
     /// The verified claims.
@@ -94,10 +95,12 @@ fn authenticate(parts: &Parts, auth: &AuthState) -> Result<Option<Caller>, ApiEr
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::Unauthenticated("expected 'Authorization: Bearer <token>'".into()))?;
-    let claims = auth.tokens.verify(token).map_err(|e| ApiError::Unauthenticated(e.0))?;
+    let mut claims = auth.tokens.verify(token).map_err(|e| ApiError::Unauthenticated(e.0))?;
     if !auth.sessions.is_current(claims.sub, claims.sv, claims.sid) {
         return Err(ApiError::Unauthenticated("session has ended; sign in again".into()));
     }
+    // A permission taken from a role since the token was issued is gone at once.
+    claims.perms = auth.sessions.still_granted(&claims.roles, std::mem::take(&mut claims.perms));
     if let Some(limits) = &auth.user_limits {
         limits.check(&claims.sub)?;
     }

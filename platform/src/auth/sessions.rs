@@ -5,6 +5,9 @@
 //!   user's current version is refused (deactivation, sign-out everywhere, password change…).
 //! - session id → revoked. A signed-out session's access tokens are refused until they would
 //!   have expired anyway.
+//! - role → the permissions it grants now. A token keeps only the permissions one of its roles
+//!   still grants, so a role whose permissions shrink takes them from tokens already issued at
+//!   once (a role that grows reaches its holders' next tokens).
 //!
 //! Fed from the event stream. Session-ending events carry the new version, so applying them is
 //! `max` and order does not matter. At start the follower subscribes first and then loads from
@@ -38,11 +41,16 @@ const SESSION_EVENTS: &[&str] = &[
     "SessionsEnded",
 ];
 
+/// The role events that set a role's permissions, with all of them in their payload.
+const ROLE_EVENTS: &[&str] = &["RoleDefined", "RolePermissionsChanged"];
+
 #[derive(Debug, Default)]
 struct State {
     versions: HashMap<Uuid, u64>,
     /// Revoked session → when its last access token expires at the latest.
     revoked: HashMap<Uuid, DateTime<Utc>>,
+    /// Role → (sequence of the event that set them, its permissions now).
+    roles: HashMap<String, (i64, Vec<String>)>,
 }
 
 /// Which sessions are over. Cheap to clone.
@@ -98,7 +106,33 @@ impl SessionVersions {
         })
     }
 
-    /// Applies one event from the stream, if it ends sessions.
+    /// Records that `role`'s permissions are `permissions` as of its event number `sequence`
+    /// (older news is ignored, so events may arrive in any order).
+    pub fn observe_role(&self, role: &str, sequence: i64, permissions: Vec<String>) {
+        if let Ok(mut state) = self.inner.write() {
+            match state.roles.get(role) {
+                Some((known, _)) if *known >= sequence => {}
+                _ => {
+                    state.roles.insert(role.to_owned(), (sequence, permissions));
+                }
+            }
+        }
+    }
+
+    /// Of `perms` (what a token says its `roles` granted when it was issued), those one of the
+    /// roles still grants. A role this process has not heard of yet keeps what the token says.
+    #[must_use]
+    pub fn still_granted(&self, roles: &[String], perms: Vec<String>) -> Vec<String> {
+        let Ok(state) = self.inner.read() else { return perms };
+        perms
+            .into_iter()
+            .filter(|perm| {
+                roles.iter().any(|role| state.roles.get(role).is_none_or(|(_, granted)| granted.contains(perm)))
+            })
+            .collect()
+    }
+
+    /// Applies one event from the stream, if it ends sessions or changes a role.
     pub fn apply(&self, event: &EventEnvelope) {
         if let Err(e) = self.try_apply(event) {
             tracing::error!(event_id = %event.event_id, error = %format!("{e:#}"), "session-ending event unreadable");
@@ -123,6 +157,16 @@ impl SessionVersions {
             ("Session", "SessionRevoked") => {
                 let sid: Uuid = event.aggregate_id.parse()?;
                 self.revoke_session(sid, event.recorded_at);
+            }
+            ("Role", kind) if ROLE_EVENTS.contains(&kind) => {
+                let permissions: Vec<String> = event
+                    .body()
+                    .get("permissions")
+                    .cloned()
+                    .map(serde_json::from_value)
+                    .transpose()?
+                    .ok_or_else(|| anyhow::anyhow!("{kind} has no readable permissions"))?;
+                self.observe_role(&event.aggregate_id, event.sequence, permissions);
             }
             _ => {}
         }
@@ -159,7 +203,7 @@ impl SessionVersions {
         }
     }
 
-    /// Loads versions and recent revocations from the events table.
+    /// Loads versions, recent revocations and role permissions from the events table.
     ///
     /// # Errors
     /// When the query fails.
@@ -192,6 +236,21 @@ impl SessionVersions {
                 self.revoke_session(sid, at);
             }
         }
+        // Each role's newest definition; one whose permissions cannot be read is left out (the
+        // stream parks it), and its holders' tokens keep what they say until it is fixed.
+        let roles: Vec<(String, i64, serde_json::Value)> = sqlx::query_as(
+            "SELECT DISTINCT ON (aggregate_id) aggregate_id, sequence, payload -> event_type -> 'permissions' \
+             FROM events WHERE aggregate_type = 'Role' AND event_type = ANY($1) \
+             ORDER BY aggregate_id, sequence DESC",
+        )
+        .bind(ROLE_EVENTS)
+        .fetch_all(pool)
+        .await?;
+        for (role, sequence, permissions) in roles {
+            if let Ok(permissions) = serde_json::from_value(permissions) {
+                self.observe_role(&role, sequence, permissions);
+            }
+        }
         Ok(())
     }
 
@@ -210,6 +269,7 @@ impl SessionVersions {
         let filters = [
             ns.event_subject("User", "*"),
             ns.event_subject("Session", "SessionRevoked"),
+            ns.event_subject("Role", "*"),
             ns.event_subject(crate::parking::AGGREGATE, "*"),
         ];
         let first = subscribe_all(&js, &ns, &filters).await;
@@ -303,5 +363,18 @@ mod tests {
         map.revoke_session(sid, Utc::now());
         assert!(!map.is_current(user, 2, sid));
         assert!(map.is_current(user, 2, other));
+    }
+
+    #[test]
+    fn a_token_keeps_only_the_permissions_its_roles_still_grant() {
+        let map = SessionVersions::default();
+        let roles = vec!["moderator".to_owned(), "helper".to_owned()];
+        let perms = || vec!["users:read".to_owned(), "audit:read".to_owned(), "files:read".to_owned()];
+        assert_eq!(map.still_granted(&roles, perms()), perms(), "roles not heard of keep what the token says");
+        map.observe_role("moderator", 2, vec!["audit:read".into()]);
+        map.observe_role("moderator", 1, vec!["users:read".into(), "audit:read".into()]);
+        map.observe_role("helper", 1, vec!["files:read".into()]);
+        assert_eq!(map.still_granted(&roles, perms()), ["audit:read", "files:read"], "older news is ignored");
+        assert_eq!(map.still_granted(&["helper".to_owned()], perms()), ["files:read"]);
     }
 }

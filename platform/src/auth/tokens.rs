@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::KeySet;
+use crate::clock::SharedClock;
 
 /// What an access token says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +61,7 @@ pub struct TokenIssuer {
     audience: String,
     ttl: Duration,
     verified: Arc<std::sync::Mutex<VerifiedTokens>>,
+    clock: SharedClock,
 }
 
 /// Tokens already verified, by the SHA-256 of the token: a client presents the same access token
@@ -89,7 +91,15 @@ impl TokenIssuer {
             audience: audience.to_owned(),
             ttl,
             verified: Arc::default(),
+            clock: crate::clock::system(),
         }
+    }
+
+    /// The same issuer, reading the time (`iat`, `exp` and their checks) from `clock`.
+    #[must_use]
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
     }
 
     fn current(&self) -> Arc<KeySet> {
@@ -150,7 +160,7 @@ impl TokenIssuer {
         let TokenSubject { user, roles, perms, sv, sid, email_verified } = subject;
         let keys = self.current();
         let (kid, key) = keys.signing().ok_or_else(|| anyhow::anyhow!("no signing key"))?;
-        let now = chrono::Utc::now().timestamp();
+        let now = self.clock.now().timestamp();
         let claims = Claims {
             sub: user,
             roles,
@@ -177,7 +187,7 @@ impl TokenIssuer {
         let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
         let mut fingerprint = [0u8; 32];
         fingerprint.copy_from_slice(digest.as_ref());
-        let now = chrono::Utc::now().timestamp();
+        let now = self.clock.now().timestamp();
         let cached = self.verified.lock().ok().and_then(|cache| cache.get(&fingerprint).cloned());
         if let Some((claims, kid)) = cached {
             if claims.exp >= now - LEEWAY_SECS && self.current().decoding(&kid).is_some() {
@@ -188,6 +198,10 @@ impl TokenIssuer {
             }
         }
         let (claims, kid) = self.verify_signed(token)?;
+        // Expiry is judged by this issuer's clock (the library would read the system's).
+        if claims.exp < now - LEEWAY_SECS {
+            return Err(TokenError("token expired".into()));
+        }
         if let Ok(mut cache) = self.verified.lock() {
             if cache.len() >= VERIFIED_TOKENS {
                 cache.retain(|_, (c, _)| c.exp >= now - LEEWAY_SECS);
@@ -213,6 +227,7 @@ impl TokenIssuer {
         validation.set_issuer(&[&self.issuer]);
         validation.set_audience(&[&self.audience]);
         validation.leeway = LEEWAY_SECS.unsigned_abs();
+        validation.validate_exp = false;
         validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
         jsonwebtoken::decode::<Claims>(token, key, &validation).map(|d| (d.claims, kid)).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
@@ -272,6 +287,21 @@ mod tests {
         let elsewhere = tempfile::tempdir().expect("tempdir");
         tokens.replace_keys(KeySet::load(elsewhere.path(), false).expect("keys"));
         assert!(tokens.verify(&token).is_err(), "the key that signed it no longer verifies");
+    }
+
+    #[test]
+    fn a_token_expires_when_its_issuers_clock_passes_its_lifetime() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = crate::clock::TestClock::new();
+        let tokens = issuer(dir.path(), "api").with_clock(clock.clone());
+        let token = tokens.issue(subject(Uuid::new_v4(), 1)).expect("issue");
+        assert!(tokens.verify(&token).is_ok(), "fresh");
+        clock.advance(Duration::from_secs(60 + u64::try_from(LEEWAY_SECS).unwrap_or(5) + 1));
+        let refused = tokens.verify(&token).expect_err("expired, also when remembered as verified");
+        assert_eq!(refused.0, "token expired");
+        let fresh = issuer(dir.path(), "api").with_clock(clock.clone());
+        let issued_later = fresh.issue(subject(Uuid::new_v4(), 1)).expect("issue");
+        assert!(fresh.verify(&issued_later).is_ok(), "a token issued on the moved clock is valid on it");
     }
 
     #[test]
