@@ -13,9 +13,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::OAuth;
+use crate::answers::{OAuthStartData, SignInData};
 use crate::auth::complete_sign_in;
 use crate::users::RegisterUser;
 use crate::CommandState;
+use cairn_platform::http::Envelope;
 
 /// The OAuth routes.
 pub fn routes() -> OpenApiRouter<CommandState> {
@@ -25,7 +27,8 @@ pub fn routes() -> OpenApiRouter<CommandState> {
 /// Starts an OAuth sign-in: the URL to send the user to (authorization code with PKCE).
 #[utoipa::path(post, path = "/api/v1/auth/oauth/{provider}/start", tag = "auth",
     params(("provider" = String, Path, description = "a configured provider (google, github, …)")),
-    responses((status = 200, description = "authorize_url and state"), (status = 404, description = "no such provider")))]
+    responses((status = 200, description = "authorize_url and state", body = Envelope<OAuthStartData>),
+              (status = 404, description = "no such provider")))]
 async fn start(State(oauth): State<OAuth>, ApiPath(provider): ApiPath<String>) -> Result<ApiResponse<Value>, ApiError> {
     let (authorize_url, state) = oauth.start(&provider).await?;
     Ok(ApiResponse::ok(json!({ "authorize_url": authorize_url, "state": state })))
@@ -35,7 +38,9 @@ async fn start(State(oauth): State<OAuth>, ApiPath(provider): ApiPath<String>) -
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CallbackBody {
+    /// The provider's authorization code.
     code: String,
+    /// The state `start` returned.
     state: String,
     /// Native clients: return the refresh token in the body instead of a cookie.
     #[serde(default)]
@@ -46,7 +51,7 @@ pub struct CallbackBody {
 /// the provider's verified email is signed in; a new address opens a new, verified account.
 #[utoipa::path(post, path = "/api/v1/auth/oauth/{provider}/callback", tag = "auth", request_body = CallbackBody,
     params(("provider" = String, Path, description = "a configured provider")),
-    responses((status = 200, description = "signed in, as with a password"), (status = 400, description = "state unknown, spent or expired"),
+    responses((status = 200, description = "signed in, as with a password", body = Envelope<SignInData>), (status = 400, description = "state unknown, spent or expired"),
               (status = 401, description = "the provider's answer was not accepted"),
               (status = 403, description = "no verified email"), (status = 423, description = "account locked")))]
 async fn callback(

@@ -1,0 +1,130 @@
+//! The OpenAPI document tells the truth: schemathesis, with every one of its checks, finds no
+//! answer of a real `cairn serve` that the document does not describe, as an administrator and
+//! anonymously, over every operation.
+//!
+//! Needs the schemathesis CLI: `$SCHEMATHESIS`, else `$HOME/.cache/cairn/venv/bin/schemathesis`
+//! (what `.ci/run` installs), else `schemathesis` on `PATH`. `CAIRN_SCHEMATHESIS_EXAMPLES` sets the
+//! examples per operation (default 5, a bounded pass).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{Serve, TestEnv, PASSWORD};
+use reqwest::StatusCode;
+use serde_json::json;
+
+/// The operations that end the session of the token they are called with: run on their own, so
+/// the other operations keep a working token.
+const SESSION_ENDING: &[&str] = &["/api/v1/auth/logout", "/api/v1/auth/logout-all"];
+
+fn schemathesis() -> PathBuf {
+    if let Ok(path) = std::env::var("SCHEMATHESIS") {
+        return PathBuf::from(path);
+    }
+    let venv = std::env::var("HOME").ok().map(|home| PathBuf::from(home).join(".cache/cairn/venv/bin/schemathesis"));
+    if let Some(venv) = venv.filter(|p| p.exists()) {
+        return venv;
+    }
+    let on_path = Command::new("schemathesis").arg("--version").output();
+    assert!(
+        on_path.is_ok_and(|o| o.status.success()),
+        "schemathesis is missing: `bash .ci/run` installs it, or \
+         `python3 -m venv ~/.cache/cairn/venv && ~/.cache/cairn/venv/bin/pip install schemathesis==4.32.5`"
+    );
+    PathBuf::from("schemathesis")
+}
+
+/// One schemathesis run; returns its output, failing the test with it when it finds anything.
+fn run(what: &str, base: &str, token: Option<&str>, filter: &[&str], work: &std::path::Path) -> String {
+    let examples = std::env::var("CAIRN_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "5".to_owned());
+    let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/schemathesis.toml");
+    let mut cmd = Command::new(schemathesis());
+    cmd.arg("--config-file").arg(&config).arg("--no-color").args([
+        "run",
+        &format!("{base}/api/v1/openapi.json"),
+        "--checks",
+        "all",
+        "--max-examples",
+        &examples,
+        "--seed",
+        "9",
+        "--workers",
+        "2",
+        "--request-timeout",
+        "20",
+    ]);
+    cmd.args(filter);
+    if let Some(token) = token {
+        cmd.args(["--header", &format!("Authorization: Bearer {token}")]);
+    }
+    // Hypothesis keeps its example database in the working directory.
+    let output = cmd.current_dir(work).env("NO_COLOR", "1").output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "schemathesis ({what}) found differences:\n{text}");
+    text
+}
+
+/// The closing lines of a run: operations, requests, failures.
+fn totals(text: &str) -> String {
+    text.lines()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("api operations") || l.contains("test cases") || l.contains("passed") || l.contains("failures")
+        })
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_nothing_the_document_does_not_say() {
+    let binary = schemathesis();
+    let env = TestEnv::new();
+    // A short consistency wait: generated tokens may lie beyond the log's head.
+    let mut serve = Serve::start(&env, &[("RUST_LOG", "warn"), ("CAIRN_CONSISTENCY_WAIT_MS", "100")]);
+    let client = reqwest::Client::new();
+    serve.wait_ready(&client).await;
+    let admin = "contract-admin@example.com";
+    let created = env
+        .command(&["admin", "create-user", "--email", admin, "--role", "admin"])
+        .env("CAIRN_ADMIN_PASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let sign_in = || async {
+        let resp = client
+            .post(format!("{}/api/v1/auth/login", serve.base))
+            .json(&json!({ "email": admin, "password": PASSWORD }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        body["data"]["access_token"].as_str().unwrap().to_owned()
+    };
+    let work = tempfile::tempdir().unwrap();
+    let mut keep: Vec<&str> = Vec::new();
+    for path in SESSION_ENDING {
+        keep.extend(["--exclude-path", path]);
+    }
+    let token = sign_in().await;
+    let mut report = vec![("admin", run("admin", &serve.base, Some(&token), &keep, work.path()))];
+    report.push(("anonymous", run("anonymous", &serve.base, None, &[], work.path())));
+    for path in SESSION_ENDING {
+        let token = sign_in().await;
+        let only = ["--include-path", path];
+        report.push(("admin, ending its session", run(path, &serve.base, Some(&token), &only, work.path())));
+    }
+    for (who, text) in &report {
+        println!("schemathesis as {who} ({binary:?}): {}", totals(text));
+    }
+    assert!(serve.child.try_wait().unwrap().is_none(), "cairn serve died: {}", serve.log());
+    let log = serve.log();
+    assert!(!log.contains("request failed"), "a request failed on the server:\n{log}");
+    drop(serve);
+    env.cleanup().await;
+}
