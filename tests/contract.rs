@@ -68,16 +68,24 @@ fn run(what: &str, base: &str, token: Option<&str>, filter: &[&str], work: &std:
     text
 }
 
-/// The closing lines of a run: operations, requests, failures.
-fn totals(text: &str) -> String {
-    text.lines()
-        .filter(|l| {
-            let l = l.to_ascii_lowercase();
-            l.contains("api operations") || l.contains("test cases") || l.contains("passed") || l.contains("failures")
-        })
-        .map(str::trim)
-        .collect::<Vec<_>>()
-        .join(" | ")
+/// The summary schemathesis closes a run with: operations, test cases, failures.
+fn summary(text: &str) -> String {
+    let tail = text.rsplit_once("SUMMARY").map_or(text, |(_, tail)| tail);
+    tail.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('=')).collect::<Vec<_>>().join(" | ")
+}
+
+/// Requests the server has answered so far, from its own counter.
+async fn requests_served(client: &reqwest::Client, base: &str) -> u64 {
+    let text = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    let total: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("http_requests_total"))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|n| n.parse::<f64>().ok()))
+        .sum();
+    // A count, exported as a float.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let total = total as u64;
+    total
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,17 +119,21 @@ async fn schemathesis_finds_nothing_the_document_does_not_say() {
     for path in SESSION_ENDING {
         keep.extend(["--exclude-path", path]);
     }
+    let mut report = Vec::new();
+    let before = requests_served(&client, &serve.base).await;
     let token = sign_in().await;
-    let mut report = vec![("admin", run("admin", &serve.base, Some(&token), &keep, work.path()))];
+    report.push(("admin", run("admin", &serve.base, Some(&token), &keep, work.path())));
     report.push(("anonymous", run("anonymous", &serve.base, None, &[], work.path())));
     for path in SESSION_ENDING {
         let token = sign_in().await;
         let only = ["--include-path", path];
-        report.push(("admin, ending its session", run(path, &serve.base, Some(&token), &only, work.path())));
+        report.push((path, run(path, &serve.base, Some(&token), &only, work.path())));
     }
+    let requests = requests_served(&client, &serve.base).await - before;
     for (who, text) in &report {
-        println!("schemathesis as {who} ({binary:?}): {}", totals(text));
+        println!("schemathesis ({binary:?}) as {who}: {}", summary(text));
     }
+    println!("requests answered during the passes: {requests}");
     assert!(serve.child.try_wait().unwrap().is_none(), "cairn serve died: {}", serve.log());
     let log = serve.log();
     assert!(!log.contains("request failed"), "a request failed on the server:\n{log}");

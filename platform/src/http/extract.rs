@@ -131,13 +131,15 @@ fn join(path: &str, field: &str) -> String {
 /// else becomes a plain "has an invalid value" and its text is dropped.
 fn field_error(path: &str, serde_message: &str, root: &str) -> ApiError {
     let at_root = path == "." || path.is_empty();
-    let name = if at_root { root.to_owned() } else { path.to_owned() };
+    // Known fields are the API's own names; an unknown one is the client's, so it is made printable.
+    let name = if at_root { root.to_owned() } else { printable(path) };
     if serde_message.starts_with("missing field") {
         let field = join(path, backticked(serde_message).unwrap_or(root));
         return ApiError::field(&field, "is required");
     }
     if serde_message.starts_with("unknown field") {
-        let field = backticked(serde_message).map_or_else(|| name.clone(), |f| join(path, f));
+        // The path already ends with the unknown key, except at the root of a query string.
+        let field = if at_root { backticked(serde_message).map_or_else(|| name.clone(), printable) } else { name };
         return ApiError::UnknownField(field);
     }
     if serde_message.starts_with("duplicate field") {
@@ -281,6 +283,8 @@ mod tests {
             assert_eq!(details(&field_error(path, message, "body")), vec![(field.to_owned(), problem.to_owned())]);
         }
         assert!(matches!(field_error(".", "unknown field `admin`, expected one of `a`", "body"),
+            ApiError::UnknownField(f) if f == "admin"));
+        assert!(matches!(field_error("admin", "unknown field `admin`, expected one of `a`", "body"),
             ApiError::UnknownField(f) if f == "admin"));
     }
 
