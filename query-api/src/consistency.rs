@@ -73,6 +73,6 @@ where
 #[into_params(parameter_in = Header)]
 pub struct ConsistencyHeader {
     /// `meta.consistency_token` of a command: the read waits (bounded) until it is visible.
-    #[param(rename = "X-Consistency-Token", pattern = r"^[0-9]{1,19}\.[0-9]{1,18}$")]
+    #[param(rename = "X-Consistency-Token", nullable = false, pattern = r"^[0-9]{1,19}\.[0-9]{1,18}$")]
     pub x_consistency_token: Option<String>,
 }

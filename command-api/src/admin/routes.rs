@@ -93,7 +93,7 @@ pub struct SkipBody {
 /// shows whether it applied (`resolved`) or failed again (still `parked`, with the new error).
 #[utoipa::path(post, path = "/api/v1/admin/projections/{name}/parked/{event_id}/retry", tag = "admin",
     security(("bearer" = [])),
-    params(("name" = String, Path, description = "projection or worker"), ("event_id" = Uuid, Path, description = "the parked event")),
+    params(("name" = String, Path, description = "projection or worker", pattern = r"^[a-z0-9_-]{1,64}$"), ("event_id" = Uuid, Path, description = "the parked event")),
     responses((status = 202, description = "retry requested", body = Envelope<ParkedDecisionData>), (status = 403, description = "lacks projections:manage"),
               (status = 404, description = "not parked by this consumer"), (status = 409, description = "resolved or skipped already")))]
 async fn retry_parked(
@@ -109,7 +109,7 @@ async fn retry_parked(
 /// Leaves a parked event unapplied for good (ParkedEventSkipped), with an optional reason.
 #[utoipa::path(post, path = "/api/v1/admin/projections/{name}/parked/{event_id}/skip", tag = "admin",
     security(("bearer" = [])), request_body(content = Option<SkipBody>),
-    params(("name" = String, Path, description = "projection or worker"), ("event_id" = Uuid, Path, description = "the parked event")),
+    params(("name" = String, Path, description = "projection or worker", pattern = r"^[a-z0-9_-]{1,64}$"), ("event_id" = Uuid, Path, description = "the parked event")),
     responses((status = 202, description = "skipped", body = Envelope<ParkedDecisionData>), (status = 403, description = "lacks projections:manage"),
               (status = 404, description = "not parked by this consumer"), (status = 409, description = "resolved or skipped already")))]
 async fn skip_parked(

@@ -167,8 +167,8 @@ enum Presented {
 }
 
 fn presented_refresh(headers: &HeaderMap, body: &Bytes, cookie: &RefreshCookie) -> Result<Presented, ApiError> {
-    if !body.iter().all(u8::is_ascii_whitespace) {
-        let parsed: RefreshBody = cairn_platform::http::json_from_slice(body)?;
+    // Native clients send the token in the body; no body (or `null`) means the cookie.
+    if let Some(parsed) = cairn_platform::http::json_from_slice::<RefreshBody>(body)? {
         return Ok(Presented::Body(parsed.refresh_token));
     }
     let token = RefreshCookie::read(headers).ok_or_else(|| ApiError::Unauthenticated("no refresh token".to_owned()))?;

@@ -26,7 +26,7 @@ pub fn routes() -> OpenApiRouter<CommandState> {
 
 /// Starts an OAuth sign-in: the URL to send the user to (authorization code with PKCE).
 #[utoipa::path(post, path = "/api/v1/auth/oauth/{provider}/start", tag = "auth",
-    params(("provider" = String, Path, description = "a configured provider (google, github, …)")),
+    params(("provider" = String, Path, description = "a configured provider (google, github, …)", pattern = r"^[a-z0-9_-]{1,64}$")),
     responses((status = 200, description = "authorize_url and state", body = Envelope<OAuthStartData>),
               (status = 404, description = "no such provider")))]
 async fn start(State(oauth): State<OAuth>, ApiPath(provider): ApiPath<String>) -> Result<ApiResponse<Value>, ApiError> {
@@ -50,8 +50,9 @@ pub struct CallbackBody {
 /// Finishes an OAuth sign-in with the `code` and `state` the provider returned. The account with
 /// the provider's verified email is signed in; a new address opens a new, verified account.
 #[utoipa::path(post, path = "/api/v1/auth/oauth/{provider}/callback", tag = "auth", request_body = CallbackBody,
-    params(("provider" = String, Path, description = "a configured provider")),
+    params(("provider" = String, Path, description = "a configured provider", pattern = r"^[a-z0-9_-]{1,64}$")),
     responses((status = 200, description = "signed in, as with a password", body = Envelope<SignInData>), (status = 400, description = "state unknown, spent or expired"),
+              (status = 404, description = "no such provider"),
               (status = 401, description = "the provider's answer was not accepted"),
               (status = 403, description = "no verified email"), (status = 423, description = "account locked")))]
 async fn callback(

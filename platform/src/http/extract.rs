@@ -5,7 +5,6 @@
 //! NUL reaches a handler (Postgres refuses NUL in text, which would be a 500), and no control
 //! character reaches one through a path or query parameter.
 
-
 use axum::extract::path::ErrorKind;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{FromRequest, FromRequestParts, RawPathParams, Request};
@@ -34,15 +33,20 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     }
 }
 
-/// Reads a JSON body that a handler holds as bytes (one that may also come without a body), with
-/// the errors of [`ApiJson`].
+/// Reads an optional JSON body that a handler holds as bytes, with the errors of [`ApiJson`]: no
+/// body, or the body `null`, is `None`.
 ///
 /// # Errors
 /// MALFORMED_REQUEST when the bytes are not JSON; as [`ApiJson`] otherwise.
-pub fn json_from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let value =
-        serde_json::from_slice(bytes).map_err(|_| ApiError::Malformed("the body is not valid JSON".to_owned()))?;
-    from_value(value)
+pub fn json_from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<Option<T>, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    match serde_json::from_slice(bytes) {
+        Ok(Value::Null) => Ok(None),
+        Ok(value) => from_value(value).map(Some),
+        Err(_) => Err(ApiError::Malformed("the body is not valid JSON".to_owned())),
+    }
 }
 
 fn from_value<T: DeserializeOwned>(value: Value) -> Result<T, ApiError> {
@@ -55,8 +59,8 @@ fn from_value<T: DeserializeOwned>(value: Value) -> Result<T, ApiError> {
     })
 }
 
-/// An optional JSON body: a request with neither a body nor a `Content-Type` is `None`; anything else
-/// is read as [`ApiJson`], with the same errors.
+/// An optional JSON body: a request with neither a body nor a `Content-Type`, or with the body
+/// `null`, is `None`; anything else is read as [`ApiJson`], with the same errors.
 impl<T: DeserializeOwned, S: Send + Sync> axum::extract::OptionalFromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
@@ -67,7 +71,11 @@ impl<T: DeserializeOwned, S: Send + Sync> axum::extract::OptionalFromRequest<S> 
         if empty && !headers.contains_key(axum::http::header::CONTENT_TYPE) {
             return Ok(None);
         }
-        <Self as FromRequest<S>>::from_request(req, state).await.map(Some)
+        match <axum::Json<Value> as FromRequest<S>>::from_request(req, state).await {
+            Ok(axum::Json(Value::Null)) => Ok(None),
+            Ok(axum::Json(value)) => from_value(value).map(|v| Some(Self(v))),
+            Err(rejection) => Err(json_rejection(&rejection)),
+        }
     }
 }
 

@@ -64,7 +64,7 @@ struct ParkedQuery {
 /// The events a projection or worker parked, in log order, with the error of the latest attempt.
 /// Needs `projections:manage`. Send a retry's consistency token to see its outcome.
 #[utoipa::path(get, path = "/api/v1/admin/projections/{name}/parked", tag = "admin", security(("bearer" = [])),
-    params(("name" = String, Path, description = "projection or worker"), ParkedQuery,
+    params(("name" = String, Path, description = "projection or worker", pattern = r"^[a-z0-9_-]{1,64}$"), ParkedQuery,
            crate::consistency::ConsistencyHeader),
     responses((status = 200, description = "a page of parked events; meta.next_cursor", body = Envelope<Vec<ParkedRow>>),
               (status = 403, description = "lacks projections:manage"), (status = 404, description = "no such consumer")))]

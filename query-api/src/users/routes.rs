@@ -73,7 +73,7 @@ impl StatusFilter {
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     /// Substring of email or display name.
-    #[param(max_length = 200)]
+    #[param(max_length = 200, pattern = r"^[^\u0000-\u001f\u007f-\u009f]*$")]
     q: Option<String>,
     /// Holds this role.
     #[param(pattern = r"^[a-z][a-z0-9_-]{0,63}$")]
