@@ -14,7 +14,7 @@ use cairn_command_api::{CommandState, UserCommands};
 use cairn_platform::auth::{AuthState, KeySet, SessionVersions, TokenIssuer};
 use cairn_platform::checkpoint::CheckpointWatcher;
 use cairn_platform::http::limits::Limiter;
-use cairn_platform::http::{finish_router, ops_router, OpsState};
+use cairn_platform::http::{finish_router, ops_router, OpsState, OPS_ROUTES};
 use cairn_platform::nats::{self, Namespace};
 use cairn_platform::{db, telemetry, Settings};
 use cairn_query_api::{Consistency, QueryState};
@@ -65,6 +65,31 @@ pub struct Application {
     tasks: JoinSet<()>,
     pool: PgPool,
     shutdown_grace: Duration,
+    routes: Vec<(String, String)>,
+}
+
+/// Where the OpenAPI document and its viewer are served.
+const DOCS_ROUTES: &[(&str, &str)] =
+    &[("GET", "/api/v1/openapi.json"), ("GET", "/docs"), ("GET", "/docs/"), ("GET", "/docs/{*rest}")];
+
+/// Every (method, path) of `openapi`: the API routes, which are registered and documented together.
+fn documented_routes(openapi: &OpenApi) -> Vec<(String, String)> {
+    let mut routes = Vec::new();
+    for (path, item) in &openapi.paths.paths {
+        let methods = [
+            ("GET", &item.get),
+            ("POST", &item.post),
+            ("PUT", &item.put),
+            ("PATCH", &item.patch),
+            ("DELETE", &item.delete),
+        ];
+        for (method, operation) in methods {
+            if operation.is_some() {
+                routes.push((method.to_owned(), path.clone()));
+            }
+        }
+    }
+    routes
 }
 
 impl Application {
@@ -193,8 +218,13 @@ impl Application {
         }
 
         let (api_router, mut openapi) = api.split_for_parts();
+        let mut routes = documented_routes(&openapi);
+        let listed =
+            |table: &[(&str, &str)]| table.iter().map(|(m, p)| ((*m).to_owned(), (*p).to_owned())).collect::<Vec<_>>();
+        routes.extend(listed(OPS_ROUTES));
         let mut router = api_router.merge(ops_router(OpsState { pool: pool.clone(), nats: client }));
         if serves_api {
+            routes.extend(listed(DOCS_ROUTES));
             document(&mut openapi);
             router = router.merge(SwaggerUi::new("/docs").url("/api/v1/openapi.json", openapi));
         }
@@ -203,7 +233,7 @@ impl Application {
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let shutdown_grace = settings.shutdown_grace;
-        Ok(Self { listener, router, shutdown, tasks, pool, shutdown_grace })
+        Ok(Self { listener, router, shutdown, tasks, pool, shutdown_grace, routes })
     }
 
     /// The bound port.
@@ -216,6 +246,13 @@ impl Application {
     #[must_use]
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+
+    /// Every (method, path) this process serves, in the router's own path syntax (`{id}`): the API
+    /// routes, the operational ones and the OpenAPI document and its viewer.
+    #[must_use]
+    pub fn routes(&self) -> &[(String, String)] {
+        &self.routes
     }
 
     /// The process's database pool.
@@ -332,6 +369,7 @@ fn document(openapi: &mut OpenApi) {
     openapi.info.license = Some(utoipa::openapi::License::new("Apache-2.0"));
     openapi.info.description =
         Some("Event-sourced backend: commands append events; reads come from projections.".to_owned());
+    cairn_platform::http::document_errors(openapi);
     let components = openapi.components.get_or_insert_with(Default::default);
     components.add_security_scheme(
         "bearer",

@@ -5,63 +5,13 @@
 
 mod common;
 
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::stalling_smtp::StallingSmtp;
-use common::{free_port, wait_count, wait_until, TestEnv, MAIL_LOCK_CLASS, PASSWORD};
+use common::{wait_count, wait_until, Serve, TestEnv, MAIL_LOCK_CLASS, PASSWORD};
 use reqwest::StatusCode;
 use serde_json::json;
 use sqlx::PgPool;
-
-/// A `cairn serve` child process, killed if the test ends before it exits.
-struct Serve {
-    child: Child,
-    base: String,
-    log: tempfile::NamedTempFile,
-}
-
-impl Serve {
-    fn start(env: &TestEnv, extra: &[(&str, &str)]) -> Self {
-        let port = free_port();
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let child = env
-            .command(&["serve"])
-            .env("CAIRN_LISTEN", format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "info")
-            .envs(extra.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(log.reopen().unwrap())
-            .spawn()
-            .unwrap();
-        Self { child, base: format!("http://127.0.0.1:{port}"), log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-
-    async fn wait_ready(&mut self, client: &reqwest::Client) {
-        let started = Instant::now();
-        loop {
-            if let Ok(resp) = client.get(format!("{}/ready", self.base)).send().await {
-                if resp.status() == StatusCode::OK {
-                    return;
-                }
-            }
-            assert!(self.child.try_wait().unwrap().is_none(), "cairn serve exited: {}", self.log());
-            assert!(started.elapsed() < Duration::from_secs(60), "cairn serve never became ready: {}", self.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_stops_serve_within_the_grace_period_while_a_mail_send_hangs() {

@@ -8,9 +8,11 @@
 //!   email verification (the `Session` aggregate).
 //! - [`oauth`]: OAuth 2.0 / OpenID Connect sign-in with PKCE.
 //! - [`roles`]: defining and editing roles (the `Role` aggregate).
+//! - [`answers`]: the shapes of the answers, for the OpenAPI document.
 //! - [`passwords`]: argon2id hashing on a bounded blocking pool, and the password policy.
 
 pub mod admin;
+pub mod answers;
 pub mod auth;
 pub mod executor;
 pub mod oauth;

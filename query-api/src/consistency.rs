@@ -240,3 +240,12 @@ where
         Ok(Self { sent, consistency: Consistency::from_ref(state) })
     }
 }
+
+/// `X-Consistency-Token`, as the OpenAPI document declares it on every read.
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct ConsistencyHeader {
+    /// `meta.consistency_token` of a command: the read waits (bounded) until it is visible.
+    #[param(rename = "X-Consistency-Token", nullable = false, pattern = r"^[0-9]{1,19}\.[0-9]{1,18}$")]
+    pub x_consistency_token: Option<String>,
+}

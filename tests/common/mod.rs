@@ -111,6 +111,8 @@ pub struct TestApp {
     pub shutdown: CancellationToken,
     /// The application's clock: tests move time forward with `clock.advance(…)` instead of sleeping.
     pub clock: Arc<TestClock>,
+    /// Every (method, path) the application serves.
+    pub routes: Vec<(String, String)>,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
@@ -153,10 +155,11 @@ impl TestApp {
         let app = Application::build_with_email(settings, Some(email), services).await.unwrap();
         let address = format!("http://127.0.0.1:{}", app.port());
         let shutdown = app.shutdown_token();
+        let routes = app.routes().to_vec();
         let pool = PgPool::connect(&env.database_url).await.unwrap();
         let handle = tokio::spawn(app.run_until_stopped());
         let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
-        Self { env, address, client, pool, shutdown, clock, handle: Some(handle) }
+        Self { env, address, client, pool, shutdown, clock, routes, handle: Some(handle) }
     }
 
     pub async fn stop(mut self) {
@@ -266,6 +269,55 @@ pub fn quiet_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
+/// A `cairn serve` child process, killed if the test ends before it exits.
+pub struct Serve {
+    pub child: std::process::Child,
+    pub base: String,
+    log: tempfile::NamedTempFile,
+}
+
+impl Serve {
+    pub fn start(env: &TestEnv, extra: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = env
+            .command(&["serve"])
+            .env("CAIRN_LISTEN", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "info")
+            .envs(extra.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, base: format!("http://127.0.0.1:{port}"), log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    pub async fn wait_ready(&mut self, client: &reqwest::Client) {
+        let started = Instant::now();
+        loop {
+            if let Ok(resp) = client.get(format!("{}/ready", self.base)).send().await {
+                if resp.status() == StatusCode::OK {
+                    return;
+                }
+            }
+            assert!(self.child.try_wait().unwrap().is_none(), "cairn serve exited: {}", self.log());
+            assert!(started.elapsed() < Duration::from_secs(60), "cairn serve never became ready: {}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A free TCP port on loopback.

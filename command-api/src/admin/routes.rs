@@ -14,8 +14,10 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
+use crate::answers::ParkedDecisionData;
 use crate::executor::{Executor, Refusal};
 use crate::CommandState;
+use cairn_platform::http::Envelope;
 
 /// Operators' decisions about parked events.
 #[derive(Clone)]
@@ -82,6 +84,7 @@ pub fn routes() -> OpenApiRouter<CommandState> {
 #[serde(deny_unknown_fields)]
 pub struct SkipBody {
     /// Why the event is left unapplied (kept in the log).
+    #[schema(max_length = 500)]
     reason: Option<String>,
 }
 
@@ -90,8 +93,8 @@ pub struct SkipBody {
 /// shows whether it applied (`resolved`) or failed again (still `parked`, with the new error).
 #[utoipa::path(post, path = "/api/v1/admin/projections/{name}/parked/{event_id}/retry", tag = "admin",
     security(("bearer" = [])),
-    params(("name" = String, Path, description = "projection or worker"), ("event_id" = Uuid, Path, description = "the parked event")),
-    responses((status = 202, description = "retry requested"), (status = 403, description = "lacks projections:manage"),
+    params(("name" = String, Path, description = "projection or worker", pattern = r"^[a-z0-9_-]{1,64}$"), ("event_id" = Uuid, Path, description = "the parked event")),
+    responses((status = 202, description = "retry requested", body = Envelope<ParkedDecisionData>), (status = 403, description = "lacks projections:manage"),
               (status = 404, description = "not parked by this consumer"), (status = 409, description = "resolved or skipped already")))]
 async fn retry_parked(
     State(parked): State<ParkedEvents>,
@@ -106,8 +109,8 @@ async fn retry_parked(
 /// Leaves a parked event unapplied for good (ParkedEventSkipped), with an optional reason.
 #[utoipa::path(post, path = "/api/v1/admin/projections/{name}/parked/{event_id}/skip", tag = "admin",
     security(("bearer" = [])), request_body(content = Option<SkipBody>),
-    params(("name" = String, Path, description = "projection or worker"), ("event_id" = Uuid, Path, description = "the parked event")),
-    responses((status = 202, description = "skipped"), (status = 403, description = "lacks projections:manage"),
+    params(("name" = String, Path, description = "projection or worker", pattern = r"^[a-z0-9_-]{1,64}$"), ("event_id" = Uuid, Path, description = "the parked event")),
+    responses((status = 202, description = "skipped", body = Envelope<ParkedDecisionData>), (status = 403, description = "lacks projections:manage"),
               (status = 404, description = "not parked by this consumer"), (status = 409, description = "resolved or skipped already")))]
 async fn skip_parked(
     State(parked): State<ParkedEvents>,

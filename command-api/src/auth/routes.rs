@@ -19,8 +19,10 @@ use uuid::Uuid;
 use super::guard::Admission;
 use super::sessions::access_token;
 use super::{LoginGuard, RefreshCookie, SessionService};
+use crate::answers::{AcceptedData, EmailVerifiedData, SessionIdData, SignInData, TokensData, UserIdData};
 use crate::users::UserCommands;
 use crate::CommandState;
+use cairn_platform::http::Envelope;
 
 /// The sign-in and session routes.
 pub fn routes() -> OpenApiRouter<CommandState> {
@@ -59,7 +61,9 @@ fn tokens_body(access: String, auth: &AuthState, refresh_in_body: Option<&str>) 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginBody {
+    /// The address signed up with (any text: a wrong one is a wrong sign-in, 401).
     email: String,
+    /// The password.
     password: String,
     /// Native clients: return the refresh token in the body instead of a cookie.
     #[serde(default)]
@@ -70,7 +74,8 @@ pub struct LoginBody {
 /// clients). Five wrong passwords for one address lock it, for a minute doubling up to 15; an
 /// address nobody registered is answered and locked the same way.
 #[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginBody,
-    responses((status = 200, description = "access_token, token_type, expires_in, user; refresh cookie"),
+    responses((status = 200, description = "access_token, token_type, expires_in, user; refresh cookie", body = Envelope<SignInData>,
+               headers(("set-cookie" = String, description = "the refresh token, HttpOnly, unless asked for in the body"))),
               (status = 401, description = "wrong email or password, or account not active"),
               (status = 423, description = "ACCOUNT_LOCKED with details.retry_after_s")))]
 async fn login(
@@ -176,6 +181,8 @@ pub(crate) async fn complete_sign_in(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshBody {
+    /// The refresh token of the last sign-in or refresh: `<session id>.<secret>`.
+    #[schema(pattern = r"^[0-9a-fA-F-]{36}\.[A-Za-z0-9_-]{43}$")]
     refresh_token: String,
 }
 
@@ -186,17 +193,8 @@ enum Presented {
 }
 
 fn presented_refresh(headers: &HeaderMap, body: &Bytes, cookie: &RefreshCookie) -> Result<Presented, ApiError> {
-    if !body.iter().all(u8::is_ascii_whitespace) {
-        let parsed: RefreshBody = serde_json::from_slice(body).map_err(|e| {
-            if e.is_data() {
-                ApiError::field(
-                    "refresh_token",
-                    e.to_string().split(" at line ").next().unwrap_or("invalid").to_owned(),
-                )
-            } else {
-                ApiError::Malformed("body is not valid JSON".to_owned())
-            }
-        })?;
+    // Native clients send the token in the body; no body (or `null`) means the cookie.
+    if let Some(parsed) = cairn_platform::http::json_from_slice::<RefreshBody>(body)? {
         return Ok(Presented::Body(parsed.refresh_token));
     }
     let token = RefreshCookie::read(headers).ok_or_else(|| ApiError::Unauthenticated("no refresh token".to_owned()))?;
@@ -207,7 +205,7 @@ fn presented_refresh(headers: &HeaderMap, body: &Bytes, cookie: &RefreshCookie) 
 /// Rotates the refresh token and issues a new access token. Reusing an already-rotated token
 /// ends the whole sign-in (except the one just rotated, within a short grace interval).
 #[utoipa::path(post, path = "/api/v1/auth/refresh", tag = "auth", request_body(content = Option<RefreshBody>),
-    responses((status = 200, description = "access_token; the next refresh token (cookie or body)"),
+    responses((status = 200, description = "access_token; the next refresh token (cookie or body)", body = Envelope<TokensData>),
               (status = 401, description = "refresh token unknown, expired, idle, revoked or reused"),
               (status = 403, description = "cookie sent from an origin that is not allowed")))]
 async fn refresh(
@@ -239,7 +237,9 @@ async fn refresh(
 
 /// Signs out of this session.
 #[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", security(("bearer" = [])),
-    responses((status = 200, description = "signed out"), (status = 401, description = "not signed in")))]
+    responses((status = 200, description = "signed out", body = Envelope<SessionIdData>),
+              (status = 403, description = "the refresh cookie came from an origin that is not allowed"),
+              (status = 409, description = "the session has ended already")))]
 async fn logout(
     State(state): State<CommandState>,
     caller: Caller,
@@ -257,7 +257,9 @@ async fn logout(
 
 /// Signs out everywhere: every session and access token of the caller ends.
 #[utoipa::path(post, path = "/api/v1/auth/logout-all", tag = "auth", security(("bearer" = [])),
-    responses((status = 200, description = "signed out everywhere"), (status = 401, description = "not signed in")))]
+    responses((status = 200, description = "signed out everywhere", body = Envelope<UserIdData>),
+              (status = 403, description = "the refresh cookie came from an origin that is not allowed"),
+              (status = 404, description = "the caller's account is gone")))]
 async fn logout_all(
     State(state): State<CommandState>,
     caller: Caller,
@@ -277,15 +279,19 @@ async fn logout_all(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChangePasswordBody {
+    /// The password now.
     current_password: String,
+    /// 8 to 128 characters, and strong enough.
+    #[schema(min_length = 8, max_length = 128)]
     new_password: String,
 }
 
 /// Changes the caller's password (PasswordChanged). Every other session ends; this one goes on
 /// with the new access token in the answer.
 #[utoipa::path(post, path = "/api/v1/auth/password", tag = "auth", request_body = ChangePasswordBody, security(("bearer" = [])),
-    responses((status = 200, description = "changed; a new access_token"), (status = 400, description = "new password too weak"),
-              (status = 401, description = "current password wrong")))]
+    responses((status = 200, description = "changed; a new access_token", body = Envelope<TokensData>),
+              (status = 400, description = "new password too weak"),
+              (status = 401, description = "current password wrong"), (status = 404, description = "the caller's account is gone")))]
 async fn change_password(
     State(state): State<CommandState>,
     caller: Caller,
@@ -394,12 +400,15 @@ fn invalid_email_token() -> ApiError {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyEmailBody {
+    /// The token from the mailed link.
+    #[schema(pattern = r"^[A-Za-z0-9_-]{43}$")]
     token: String,
 }
 
 /// Verifies the email address with the emailed token (EmailVerified).
 #[utoipa::path(post, path = "/api/v1/auth/verify-email", tag = "auth", request_body = VerifyEmailBody,
-    responses((status = 200, description = "verified"), (status = 400, description = "token invalid, expired or used")))]
+    responses((status = 200, description = "verified", body = Envelope<EmailVerifiedData>),
+              (status = 400, description = "token invalid, expired or used")))]
 async fn verify_email(
     State(state): State<CommandState>,
     ctx: RequestContext,
@@ -427,16 +436,23 @@ async fn verify_email(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EmailBody {
+    /// The account's address.
+    #[schema(format = Email, max_length = 254)]
     email: String,
 }
 
 /// Runs `command` for the account of `email`, if there is one, after answering: the answer is the
 /// same, and takes the same time, whether or not the address has an account. Each address may
-/// ask only a few times an hour.
-fn request_mail(state: &CommandState, email: &str, ctx: RequestContext, command: fn(&User) -> Option<UserCommand>) {
-    let Ok(email) = Email::parse(email) else { return };
+/// ask only a few times an hour. Only text that is no address at all is refused.
+fn request_mail(
+    state: &CommandState,
+    email: &str,
+    ctx: RequestContext,
+    command: fn(&User) -> Option<UserCommand>,
+) -> Result<(), ApiError> {
+    let email = Email::parse(email).map_err(|e| ApiError::field("email", e.0))?;
     if state.mail_requests.check(&email.as_str().to_owned()).is_err() {
-        return;
+        return Ok(());
     }
     let users = state.users.clone();
     tokio::spawn(async move {
@@ -448,6 +464,7 @@ fn request_mail(state: &CommandState, email: &str, ctx: RequestContext, command:
             }
         }
     });
+    Ok(())
 }
 
 fn accepted() -> ApiResponse<Value> {
@@ -456,43 +473,49 @@ fn accepted() -> ApiResponse<Value> {
 
 /// Sends the verification mail again, if the address has an unverified account. Always 202.
 #[utoipa::path(post, path = "/api/v1/auth/verify-email/resend", tag = "auth", request_body = EmailBody,
-    responses((status = 202, description = "accepted, whether or not the address has an account")))]
+    responses((status = 202, description = "accepted, whether or not the address has an account", body = Envelope<AcceptedData>),
+              (status = 400, description = "not an email address")))]
 async fn resend_verification(
     State(state): State<CommandState>,
     ctx: RequestContext,
     ApiJson(body): ApiJson<EmailBody>,
-) -> ApiResponse<Value> {
+) -> Result<ApiResponse<Value>, ApiError> {
     request_mail(&state, &body.email, ctx, |user| {
         (!user.email_verified).then_some(UserCommand::RequestEmailVerification)
-    });
-    accepted()
+    })?;
+    Ok(accepted())
 }
 
 /// Sends a password-reset mail, if the address has an active account. Always 202.
 #[utoipa::path(post, path = "/api/v1/auth/password-reset", tag = "auth", request_body = EmailBody,
-    responses((status = 202, description = "accepted, whether or not the address has an account")))]
+    responses((status = 202, description = "accepted, whether or not the address has an account", body = Envelope<AcceptedData>),
+              (status = 400, description = "not an email address")))]
 async fn request_password_reset(
     State(state): State<CommandState>,
     ctx: RequestContext,
     ApiJson(body): ApiJson<EmailBody>,
-) -> ApiResponse<Value> {
+) -> Result<ApiResponse<Value>, ApiError> {
     request_mail(&state, &body.email, ctx, |user| {
         (user.status == UserStatus::Active).then_some(UserCommand::RequestPasswordReset)
-    });
-    accepted()
+    })?;
+    Ok(accepted())
 }
 
 /// `POST /api/v1/auth/password-reset/confirm` body.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfirmResetBody {
+    /// The token from the mailed link.
+    #[schema(pattern = r"^[A-Za-z0-9_-]{43}$")]
     token: String,
+    /// 8 to 128 characters, and strong enough.
+    #[schema(min_length = 8, max_length = 128)]
     new_password: String,
 }
 
 /// Sets a new password with the emailed token (PasswordReset); every session ends.
 #[utoipa::path(post, path = "/api/v1/auth/password-reset/confirm", tag = "auth", request_body = ConfirmResetBody,
-    responses((status = 200, description = "password set; sign in again"),
+    responses((status = 200, description = "password set; sign in again", body = Envelope<UserIdData>),
               (status = 400, description = "token invalid, expired or used, or password too weak")))]
 async fn confirm_password_reset(
     State(state): State<CommandState>,
@@ -519,7 +542,7 @@ async fn confirm_password_reset(
 /// Ends one of the caller's sessions.
 #[utoipa::path(delete, path = "/api/v1/users/me/sessions/{id}", tag = "users", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "session id")),
-    responses((status = 200, description = "ended"), (status = 404, description = "not one of the caller's sessions"),
+    responses((status = 200, description = "ended", body = Envelope<SessionIdData>), (status = 404, description = "not one of the caller's sessions"),
               (status = 409, description = "already ended")))]
 async fn end_my_session(
     State(sessions): State<SessionService>,
@@ -534,7 +557,7 @@ async fn end_my_session(
 /// Ends every session of a user (SessionsEnded). Needs `users:write`.
 #[utoipa::path(delete, path = "/api/v1/users/{id}/sessions", tag = "users", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "user id")),
-    responses((status = 200, description = "ended"), (status = 403, description = "lacks users:write"),
+    responses((status = 200, description = "ended", body = Envelope<UserIdData>), (status = 403, description = "lacks users:write"),
               (status = 404, description = "no such user")))]
 async fn end_user_sessions(
     State(users): State<UserCommands>,

@@ -15,8 +15,10 @@ use utoipa_axum::routes;
 
 use super::{Proof, StartMode, STATE_TTL_SECS};
 use crate::auth::{complete_sign_in, with_cookie, RefreshCookie};
+use crate::answers::{OAuthStartData, SignInData};
 use crate::users::RegisterUser;
 use crate::CommandState;
+use cairn_platform::http::Envelope;
 
 /// The OAuth routes.
 pub fn routes() -> OpenApiRouter<CommandState> {
@@ -66,9 +68,9 @@ fn start_mode(body: StartBody) -> Result<StartMode, ApiError> {
 /// no cookie, the provider gets the client's challenge, and the callback must carry the client's
 /// `code_verifier`.
 #[utoipa::path(post, path = "/api/v1/auth/oauth/{provider}/start", tag = "auth",
-    params(("provider" = String, Path, description = "a configured provider (google, github, …)")),
+    params(("provider" = String, Path, description = "a configured provider (google, github, …)", pattern = r"^[a-z0-9_-]{1,64}$")),
     request_body(content = Option<StartBody>, description = "none or {} for a browser; the client's PKCE challenge for a native client"),
-    responses((status = 200, description = "authorize_url, state and mode (browser or native)",
+    responses((status = 200, description = "authorize_url, state and mode (browser or native)", body = Envelope<OAuthStartData>,
                headers(("Set-Cookie" = String, description = "browser sign-ins: cairn_oauth, HttpOnly, SameSite=Lax, ten minutes"))),
               (status = 400, description = "code_challenge or code_challenge_method missing or malformed"),
               (status = 404, description = "no such provider")))]
@@ -118,8 +120,8 @@ fn check_verifier(verifier: &str) -> Result<(), ApiError> {
 /// address was never verified loses its password and every session first (PasswordRemoved):
 /// whoever set them never proved they own the address.
 #[utoipa::path(post, path = "/api/v1/auth/oauth/{provider}/callback", tag = "auth", request_body = CallbackBody,
-    params(("provider" = String, Path, description = "a configured provider")),
-    responses((status = 200, description = "signed in, as with a password",
+    params(("provider" = String, Path, description = "a configured provider", pattern = r"^[a-z0-9_-]{1,64}$")),
+    responses((status = 200, description = "signed in, as with a password", body = Envelope<SignInData>,
                headers(("Set-Cookie" = String, description = "the refresh cookie (unless refresh_token_in_body); cairn_oauth cleared"))),
               (status = 400, description = "state unknown, spent or expired; code_verifier missing or malformed"),
               (status = 401, description = "started by another browser or client (cookie missing or for another sign-in, code_verifier not matching), or the provider's answer was not accepted, or the account is not active"),

@@ -12,7 +12,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::RoleCatalog;
+use crate::answers::RoleNameData;
 use crate::CommandState;
+use cairn_platform::http::Envelope;
 
 /// The role routes.
 pub fn routes() -> OpenApiRouter<CommandState> {
@@ -23,7 +25,11 @@ pub fn routes() -> OpenApiRouter<CommandState> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DefineRoleBody {
+    /// 1 to 64 of a-z, 0-9, `_`, `-`, starting with a letter.
+    #[schema(pattern = r"^[a-z][a-z0-9_-]{0,63}$")]
     name: String,
+    /// What the role grants.
+    #[schema(schema_with = permissions_schema)]
     permissions: Vec<String>,
 }
 
@@ -31,7 +37,17 @@ pub struct DefineRoleBody {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChangeRoleBody {
+    /// What the role grants from now on.
+    #[schema(schema_with = permissions_schema)]
     permissions: Vec<String>,
+}
+
+/// A list of the permissions the service knows.
+fn permissions_schema() -> utoipa::openapi::schema::Array {
+    let permission = utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .enum_values(Some(cairn_domain::roles::ALL_PERMISSIONS.iter().copied()));
+    utoipa::openapi::schema::ArrayBuilder::new().items(permission).build()
 }
 
 fn parse_name(raw: &str) -> Result<RoleName, ApiError> {
@@ -40,7 +56,7 @@ fn parse_name(raw: &str) -> Result<RoleName, ApiError> {
 
 /// Defines a role (RoleDefined). Needs `roles:manage`.
 #[utoipa::path(post, path = "/api/v1/roles", tag = "roles", request_body = DefineRoleBody, security(("bearer" = [])),
-    responses((status = 201, description = "defined"), (status = 400, description = "bad name or permission"),
+    responses((status = 201, description = "defined", body = Envelope<RoleNameData>), (status = 400, description = "bad name or permission"),
               (status = 403, description = "lacks roles:manage"), (status = 409, description = "exists")))]
 async fn define_role(
     State(roles): State<RoleCatalog>,
@@ -61,8 +77,8 @@ async fn define_role(
 /// Replaces a role's permissions (RolePermissionsChanged); holders get them in their next token.
 /// Needs `roles:manage`. The `admin` role cannot be changed.
 #[utoipa::path(put, path = "/api/v1/roles/{name}", tag = "roles", request_body = ChangeRoleBody, security(("bearer" = [])),
-    params(("name" = String, Path, description = "role name")),
-    responses((status = 200, description = "changed"), (status = 403, description = "lacks roles:manage"),
+    params(("name" = String, Path, description = "role name", pattern = r"^[a-z][a-z0-9_-]{0,63}$")),
+    responses((status = 200, description = "changed", body = Envelope<RoleNameData>), (status = 403, description = "lacks roles:manage"),
               (status = 404, description = "no such role"), (status = 409, description = "admin, or unchanged")))]
 async fn change_role(
     State(roles): State<RoleCatalog>,

@@ -16,7 +16,9 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::{RegisterUser, UserCommands};
+use crate::answers::{Jwks, UserIdData, UserRoleData};
 use crate::CommandState;
+use cairn_platform::http::Envelope;
 
 /// The user command routes.
 pub fn routes() -> OpenApiRouter<CommandState> {
@@ -40,15 +42,25 @@ fn accepted<T: Serialize>(status: StatusCode, data: T, token: ConsistencyToken) 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterBody {
+    /// The address to sign in with; verified by a mailed link.
+    #[schema(format = Email, max_length = 254)]
     email: String,
+    /// 8 to 128 characters, and strong enough (judged also against the email and name).
+    #[schema(min_length = 8, max_length = 128)]
     password: String,
+    /// 1 to 100 characters, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     display_name: String,
 }
 
 /// Opens an account (UserRegistered) with the `user` role.
 #[utoipa::path(post, path = "/api/v1/auth/register", tag = "auth", request_body = RegisterBody,
-    responses((status = 201, description = "registered: data.user_id, meta.consistency_token"),
-              (status = 400, description = "VALIDATION_FAILED or MALFORMED_REQUEST"),
+    responses((status = 201, description = "registered: data.user_id, meta.consistency_token", body = Envelope<UserIdData>),
+              (status = 400, description = "VALIDATION_FAILED (a weak password, a bad address or name) or MALFORMED_REQUEST"),
               (status = 409, description = "email already registered")))]
 async fn register(
     State(users): State<UserCommands>,
@@ -65,13 +77,19 @@ async fn register(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateMeBody {
+    /// 1 to 100 characters, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     display_name: String,
 }
 
 /// Changes the caller's display name (DisplayNameChanged). Needs `profile:write`.
 #[utoipa::path(patch, path = "/api/v1/users/me", tag = "users", request_body = UpdateMeBody, security(("bearer" = [])),
-    responses((status = 200, description = "changed"), (status = 401, description = "not signed in"),
-              (status = 403, description = "lacks profile:write")))]
+    responses((status = 200, description = "changed", body = Envelope<UserIdData>),
+              (status = 403, description = "lacks profile:write"), (status = 404, description = "the caller's account is gone")))]
 async fn update_me(
     State(users): State<UserCommands>,
     caller: Caller,
@@ -89,6 +107,8 @@ async fn update_me(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GrantRoleBody {
+    /// An existing role's name.
+    #[schema(pattern = r"^[a-z][a-z0-9_-]{0,63}$")]
     role: String,
 }
 
@@ -100,7 +120,8 @@ async fn known_role(users: &UserCommands, raw: &str) -> Result<RoleName, ApiErro
 /// Grants a role (RoleGranted). Needs `roles:manage`.
 #[utoipa::path(post, path = "/api/v1/users/{id}/roles", tag = "users", request_body = GrantRoleBody, security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "user id")),
-    responses((status = 200, description = "granted"), (status = 403, description = "lacks roles:manage"),
+    responses((status = 200, description = "granted", body = Envelope<UserRoleData>), (status = 400, description = "no such role"),
+              (status = 403, description = "lacks roles:manage"),
               (status = 404, description = "no such user"), (status = 409, description = "already granted")))]
 async fn grant_role(
     State(users): State<UserCommands>,
@@ -118,8 +139,9 @@ async fn grant_role(
 
 /// Revokes a role (RoleRevoked); the user's current tokens stop working. Needs `roles:manage`.
 #[utoipa::path(delete, path = "/api/v1/users/{id}/roles/{role}", tag = "users", security(("bearer" = [])),
-    params(("id" = Uuid, Path, description = "user id"), ("role" = String, Path, description = "role name")),
-    responses((status = 200, description = "revoked"), (status = 403, description = "lacks roles:manage"),
+    params(("id" = Uuid, Path, description = "user id"),
+           ("role" = String, Path, description = "role name", pattern = r"^[a-z][a-z0-9_-]{0,63}$")),
+    responses((status = 200, description = "revoked", body = Envelope<UserRoleData>), (status = 403, description = "lacks roles:manage"),
               (status = 404, description = "no such user"), (status = 409, description = "not granted")))]
 async fn revoke_role(
     State(users): State<UserCommands>,
@@ -152,7 +174,7 @@ async fn lifecycle(
 /// Deactivates a user (UserDeactivated): their tokens stop working at once. Needs `users:write`.
 #[utoipa::path(post, path = "/api/v1/users/{id}/deactivate", tag = "users", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "user id")),
-    responses((status = 200, description = "deactivated"), (status = 403, description = "lacks users:write"),
+    responses((status = 200, description = "deactivated", body = Envelope<UserIdData>), (status = 403, description = "lacks users:write"),
               (status = 404, description = "no such user"), (status = 409, description = "already deactivated")))]
 async fn deactivate(
     State(users): State<UserCommands>,
@@ -166,7 +188,7 @@ async fn deactivate(
 /// Reactivates a deactivated user (UserReactivated). Needs `users:write`.
 #[utoipa::path(post, path = "/api/v1/users/{id}/reactivate", tag = "users", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "user id")),
-    responses((status = 200, description = "reactivated"), (status = 403, description = "lacks users:write"),
+    responses((status = 200, description = "reactivated", body = Envelope<UserIdData>), (status = 403, description = "lacks users:write"),
               (status = 404, description = "no such user"), (status = 409, description = "not deactivated")))]
 async fn reactivate(
     State(users): State<UserCommands>,
@@ -180,8 +202,8 @@ async fn reactivate(
 /// Soft-deletes a user (UserDeleted): their tokens stop working at once. Needs `users:write`.
 #[utoipa::path(delete, path = "/api/v1/users/{id}", tag = "users", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "user id")),
-    responses((status = 200, description = "deleted"), (status = 403, description = "lacks users:write"),
-              (status = 404, description = "no such user")))]
+    responses((status = 200, description = "deleted", body = Envelope<UserIdData>), (status = 403, description = "lacks users:write"),
+              (status = 404, description = "no such user"), (status = 409, description = "deleted already, or the caller's own account")))]
 async fn delete_user(
     State(users): State<UserCommands>,
     caller: Caller,
@@ -192,7 +214,7 @@ async fn delete_user(
 }
 
 /// The public keys that verify access tokens (RFC 7517).
-#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "auth", responses((status = 200, description = "JWKS")))]
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "auth", responses((status = 200, description = "JWKS", body = Jwks)))]
 async fn jwks(State(auth): State<AuthState>) -> Json<serde_json::Value> {
     Json(auth.tokens.jwks())
 }

@@ -17,9 +17,12 @@ pub enum ApiError {
         /// Field → problem.
         details: BTreeMap<String, String>,
     },
-    /// 400 MALFORMED_REQUEST: not JSON, unknown fields.
+    /// 400 MALFORMED_REQUEST: not JSON, or the body cannot be read.
     #[error("{0}")]
     Malformed(String),
+    /// 400 MALFORMED_REQUEST: the body holds a field the operation does not know; `details` names it.
+    #[error("the body holds a field this operation does not take: {0}")]
+    UnknownField(String),
     /// 401 UNAUTHENTICATED: missing, malformed, expired, revoked or wrongly signed token.
     #[error("{0}")]
     Unauthenticated(String),
@@ -92,7 +95,7 @@ impl ApiError {
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::Validation { .. } => (StatusCode::BAD_REQUEST, "VALIDATION_FAILED"),
-            Self::Malformed(_) => (StatusCode::BAD_REQUEST, "MALFORMED_REQUEST"),
+            Self::Malformed(_) | Self::UnknownField(_) => (StatusCode::BAD_REQUEST, "MALFORMED_REQUEST"),
             Self::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
             Self::EmailNotVerified => (StatusCode::FORBIDDEN, "EMAIL_NOT_VERIFIED"),
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "FORBIDDEN"),
@@ -143,6 +146,9 @@ impl IntoResponse for ApiError {
             },
             Self::Validation { details, .. } => {
                 ErrorBody { details: Some(serde_json::json!(details)), ..plain(message) }
+            }
+            Self::UnknownField(field) => {
+                ErrorBody { details: Some(serde_json::json!({ field: "is not a known field" })), ..plain(message) }
             }
             Self::AccountLocked { retry_after_s } | Self::RateLimited { retry_after_s } => ErrorBody {
                 details: Some(serde_json::json!({ "retry_after_s": retry_after_s })),

@@ -95,24 +95,9 @@ async fn request_envelope(State(edge): State<EdgeState>, mut req: Request, next:
     let status = response.status();
 
     if let Some(body) = response.extensions_mut().remove::<ErrorBody>() {
-        // The envelope replaces the body; headers the handler set (a cookie it clears) stay.
-        let mut kept = std::mem::take(response.headers_mut());
-        kept.remove(header::CONTENT_TYPE);
-        kept.remove(header::CONTENT_LENGTH);
-        response = render_error(status, body, &request_id, &span);
-        for name in response.headers().keys() {
-            kept.remove(name);
-        }
-        // A name comes once, before all of its values.
-        let mut current = None;
-        for (name, value) in kept {
-            current = name.or(current);
-            if let Some(name) = &current {
-                response.headers_mut().append(name.clone(), value);
-            }
-        }
+        response = render_error(response, body, &request_id, &span);
     } else if status.is_client_error() || status.is_server_error() {
-        response = render_error(status, ApiError::body_for_status(status), &request_id, &span);
+        response = render_error(response, ApiError::body_for_status(status), &request_id, &span);
     }
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
@@ -130,7 +115,10 @@ async fn request_envelope(State(edge): State<EdgeState>, mut req: Request, next:
     response
 }
 
-fn render_error(status: StatusCode, body: ErrorBody, request_id: &str, span: &tracing::Span) -> Response {
+/// Replaces the body of an error response with the envelope. The headers stay: `Allow` of a 405,
+/// a `Set-Cookie` that clears a refused refresh cookie, CORS headers.
+fn render_error(response: Response, body: ErrorBody, request_id: &str, span: &tracing::Span) -> Response {
+    let status = response.status();
     if status.is_server_error() {
         span.in_scope(|| {
             tracing::error!(
@@ -145,9 +133,15 @@ fn render_error(status: StatusCode, body: ErrorBody, request_id: &str, span: &tr
     if let Some(details) = body.details {
         error["details"] = details;
     }
-    let mut response = (status, Json(json!({ "success": false, "error": error }))).into_response();
-    if let Some(secs) = body.retry_after {
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    let (mut parts, _) = response.into_parts();
+    let envelope = Json(json!({ "success": false, "error": error })).into_response();
+    let (envelope_parts, envelope_body) = envelope.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    if let Some(content_type) = envelope_parts.headers.get(header::CONTENT_TYPE) {
+        parts.headers.insert(header::CONTENT_TYPE, content_type.clone());
     }
-    response
+    if let Some(secs) = body.retry_after {
+        parts.headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    Response::from_parts(parts, envelope_body)
 }

@@ -8,10 +8,12 @@ mod layers;
 pub mod limits;
 mod ops;
 mod response;
+mod schema;
 
 pub use context::RequestContext;
 pub use error::{ApiError, ResultExt};
-pub use extract::{ApiJson, ApiPath, ApiQuery};
+pub use extract::{json_from_slice, ApiJson, ApiPath, ApiQuery};
 pub use layers::finish_router;
-pub use ops::{ops_router, OpsState};
+pub use ops::{ops_router, OpsState, OPS_ROUTES};
 pub use response::{ApiResponse, Page, PageParams};
+pub use schema::{document_errors, Envelope, ErrorCode, ErrorEnvelope, ErrorObject, Meta};

@@ -29,12 +29,21 @@ pub struct OpsState {
     pub nats: async_nats::Client,
 }
 
+/// The operational routes, as (method, path): [`ops_router`] serves exactly these.
+pub const OPS_ROUTES: &[(&str, &str)] = &[("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics")];
+
 /// The operational routes.
 pub fn ops_router(state: OpsState) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics_text))
+    OPS_ROUTES
+        .iter()
+        .fold(Router::new(), |router, (_, path)| {
+            let handler = match *path {
+                "/health" => get(health),
+                "/ready" => get(ready),
+                _ => get(metrics_text),
+            };
+            router.route(path, handler)
+        })
         .with_state(state)
 }
 

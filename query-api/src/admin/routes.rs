@@ -3,14 +3,13 @@
 use axum::extract::State;
 use cairn_platform::auth::Caller;
 use cairn_platform::envelope::ConsistencyToken;
-use cairn_platform::http::{ApiError, ApiPath, ApiQuery, ApiResponse, PageParams};
-use serde::Deserialize;
-use serde_json::json;
+use cairn_platform::http::{ApiError, ApiPath, ApiQuery, ApiResponse, Envelope, PageParams};
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::status::{self, Consumers, ParkedRow};
+use super::status::{self, Consumers, ParkedRow, ProjectionStatus, WorkerStatus};
 use crate::consistency::{ConsistencyRequest, ReadModel};
 use crate::QueryState;
 
@@ -19,43 +18,57 @@ pub fn routes() -> OpenApiRouter<QueryState> {
     OpenApiRouter::new().routes(routes!(list_projections)).routes(routes!(list_parked))
 }
 
+/// The health of every consumer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ConsumersStatus {
+    /// Each projection.
+    pub projections: Vec<ProjectionStatus>,
+    /// Each worker.
+    pub workers: Vec<WorkerStatus>,
+}
+
 /// Every projection's checkpoint, lag in events and milliseconds, state and parked count, and
 /// every worker's parked count. Needs `projections:manage`.
 #[utoipa::path(get, path = "/api/v1/admin/projections", tag = "admin", security(("bearer" = [])),
-    responses((status = 200, description = "`{projections: [...], workers: [...]}`"),
+    params(crate::consistency::ConsistencyHeader),
+    responses((status = 200, description = "each projection and worker", body = Envelope<ConsumersStatus>),
               (status = 403, description = "lacks projections:manage")))]
 async fn list_projections(
     State(pool): State<PgPool>,
     State(consumers): State<Consumers>,
     caller: Caller,
     consistency: ConsistencyRequest,
-) -> Result<ApiResponse<serde_json::Value>, ApiError> {
+) -> Result<ApiResponse<ConsumersStatus>, ApiError> {
     caller.require("projections:manage")?;
     // Operators look here when a projection is stuck: say whether the token is applied, never wait.
     let consistency = consistency.now(&ReadModel::ALL).await?;
     let projections = status::projections(&pool, &consumers.projections).await?;
     let workers = status::workers(&pool, &consumers.workers).await?;
-    Ok(consistency.annotate(ApiResponse::ok(json!({ "projections": projections, "workers": workers }))))
+    Ok(consistency.annotate(ApiResponse::ok(ConsumersStatus { projections, workers })))
 }
 
 /// `GET …/parked` query.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ParkedQuery {
     /// `parked` (default), `resolved`, `skipped` or `all`.
+    #[param(pattern = "^(parked|resolved|skipped|all)$")]
     status: Option<String>,
     /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<u32>,
     /// Cursor from `meta.next_cursor`.
+    #[param(pattern = r"^[0-9]{1,19}\.[0-9]{1,18}$")]
     cursor: Option<String>,
 }
 
 /// The events a projection or worker parked, in log order, with the error of the latest attempt.
 /// Needs `projections:manage`. Send a retry's consistency token to see its outcome.
 #[utoipa::path(get, path = "/api/v1/admin/projections/{name}/parked", tag = "admin", security(("bearer" = [])),
-    params(("name" = String, Path, description = "projection or worker"), ParkedQuery,
-           ("X-Consistency-Token" = Option<String>, Header, description = "wait until this command is visible")),
-    responses((status = 200, description = "a page of parked events; meta.next_cursor"),
+    params(("name" = String, Path, description = "projection or worker", pattern = r"^[a-z0-9_-]{1,64}$"), ParkedQuery,
+           crate::consistency::ConsistencyHeader),
+    responses((status = 200, description = "a page of parked events; meta.next_cursor", body = Envelope<Vec<ParkedRow>>),
               (status = 403, description = "lacks projections:manage"), (status = 404, description = "no such consumer")))]
 async fn list_parked(
     State(pool): State<PgPool>,

@@ -2,9 +2,8 @@
 
 use axum::extract::State;
 use cairn_platform::auth::Caller;
-use cairn_platform::http::{ApiError, ApiPath, ApiQuery, ApiResponse, Page};
-use serde::Deserialize;
-use serde_json::json;
+use cairn_platform::http::{ApiError, ApiPath, ApiQuery, ApiResponse, Envelope, Page};
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -24,42 +23,76 @@ pub fn routes() -> OpenApiRouter<QueryState> {
         .routes(routes!(my_sessions))
 }
 
+/// The caller as `GET /api/v1/users/me` shows them: the user and the permissions their token carries.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Profile {
+    /// The user.
+    #[serde(flatten)]
+    pub user: UserRow,
+    /// Permissions of the caller's roles.
+    pub permissions: Vec<String>,
+}
+
 /// The caller's profile, roles, permissions and verified flag.
 #[utoipa::path(get, path = "/api/v1/users/me", tag = "users", security(("bearer" = [])),
-    params(("X-Consistency-Token" = Option<String>, Header, description = "wait until this command is visible")),
-    responses((status = 200, description = "profile"), (status = 401, description = "not signed in"),
+    params(crate::consistency::ConsistencyHeader),
+    responses((status = 200, description = "profile", body = Envelope<Profile>),
               (status = 404, description = "not in the read model yet")))]
 async fn me(
     State(pool): State<PgPool>,
     caller: Caller,
     consistency: ConsistencyRequest,
-) -> Result<ApiResponse<serde_json::Value>, ApiError> {
+) -> Result<ApiResponse<Profile>, ApiError> {
     let consistency = consistency.wait(&[ReadModel::Users]).await?;
     let user = store::find(&pool, caller.id()).await?.ok_or_else(|| ApiError::NotFound("user not found".to_owned()))?;
-    let mut view = serde_json::to_value(&user).map_err(anyhow::Error::from)?;
-    view["permissions"] = json!(caller.claims.perms);
-    Ok(consistency.annotate(ApiResponse::ok(view)))
+    let profile = Profile { user, permissions: caller.claims.perms.clone() };
+    Ok(consistency.annotate(ApiResponse::ok(profile)))
+}
+
+/// A user's status, as a filter.
+#[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum StatusFilter {
+    Active,
+    Deactivated,
+    Deleted,
+}
+
+impl StatusFilter {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Deactivated => "deactivated",
+            Self::Deleted => "deleted",
+        }
+    }
 }
 
 /// `GET /api/v1/users` query.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     /// Substring of email or display name.
+    #[param(max_length = 200, pattern = r"^[^\u0000-\u001f\u007f-\u009f]*$")]
     q: Option<String>,
     /// Holds this role.
+    #[param(pattern = r"^[a-z][a-z0-9_-]{0,63}$")]
     role: Option<String>,
     /// `active`, `deactivated` or `deleted` (deleted users are listed only when asked for).
-    status: Option<String>,
+    #[param(inline)]
+    status: Option<StatusFilter>,
     /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<u32>,
     /// Cursor from `meta.next_cursor`.
     cursor: Option<String>,
 }
 
 /// Users, newest first, cursor-paginated. Needs `users:read`.
-#[utoipa::path(get, path = "/api/v1/users", tag = "users", security(("bearer" = [])), params(ListQuery),
-    responses((status = 200, description = "a page of users; meta.next_cursor"), (status = 401, description = "not signed in"),
+#[utoipa::path(get, path = "/api/v1/users", tag = "users", security(("bearer" = [])),
+    params(ListQuery, crate::consistency::ConsistencyHeader),
+    responses((status = 200, description = "a page of users; meta.next_cursor", body = Envelope<Vec<UserRow>>),
               (status = 403, description = "lacks users:read")))]
 async fn list_users(
     State(pool): State<PgPool>,
@@ -69,13 +102,11 @@ async fn list_users(
 ) -> Result<ApiResponse<Vec<UserRow>>, ApiError> {
     caller.require("users:read")?;
     let limit = cairn_platform::http::PageParams { limit: query.limit, cursor: None }.limit()?;
-    if let Some(status) = &query.status {
-        if !["active", "deactivated", "deleted"].contains(&status.as_str()) {
-            return Err(ApiError::field("status", "must be one of active, deactivated, deleted"));
-        }
-    }
     if query.q.as_ref().is_some_and(|q| q.chars().count() > 200) {
         return Err(ApiError::field("q", "must be at most 200 characters"));
+    }
+    if let Some(role) = &query.role {
+        cairn_domain::RoleName::parse(role).map_err(|e| ApiError::field("role", e.0))?;
     }
     let after = match &query.cursor {
         Some(raw) => Some(
@@ -84,7 +115,8 @@ async fn list_users(
         None => None,
     };
     let consistency = consistency.wait(&[ReadModel::Users]).await?;
-    let filter = UserFilter { q: query.q.filter(|q| !q.is_empty()), role: query.role, status: query.status };
+    let status = query.status.map(|s| s.as_str().to_owned());
+    let filter = UserFilter { q: query.q.filter(|q| !q.is_empty()), role: query.role, status };
     let (items, next) = store::list(&pool, &filter, after, limit).await?;
     let page = Page { items, next_cursor: next.map(|c| c.encode()) };
     Ok(consistency.annotate(ApiResponse::ok(page.items).meta("next_cursor", page.next_cursor)))
@@ -92,9 +124,8 @@ async fn list_users(
 
 /// One user. Needs `users:read`, except for oneself.
 #[utoipa::path(get, path = "/api/v1/users/{id}", tag = "users", security(("bearer" = [])),
-    params(("id" = Uuid, Path, description = "user id"),
-           ("X-Consistency-Token" = Option<String>, Header, description = "wait until this command is visible")),
-    responses((status = 200, description = "the user"), (status = 401, description = "not signed in"),
+    params(("id" = Uuid, Path, description = "user id"), crate::consistency::ConsistencyHeader),
+    responses((status = 200, description = "the user", body = Envelope<UserRow>),
               (status = 403, description = "lacks users:read"), (status = 404, description = "no such user")))]
 async fn get_user(
     State(pool): State<PgPool>,
@@ -108,43 +139,66 @@ async fn get_user(
     Ok(consistency.annotate(ApiResponse::ok(user)))
 }
 
+/// A role and the permissions it grants.
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct RoleView {
+    /// Its name.
+    pub name: String,
+    /// What it grants.
+    pub permissions: Vec<String>,
+}
+
 /// The roles and the permissions each grants. Any signed-in caller.
 #[utoipa::path(get, path = "/api/v1/roles", tag = "roles", security(("bearer" = [])),
-    params(("X-Consistency-Token" = Option<String>, Header, description = "wait until this command is visible")),
-    responses((status = 200, description = "roles"), (status = 401, description = "not signed in")))]
+    params(crate::consistency::ConsistencyHeader),
+    responses((status = 200, description = "roles", body = Envelope<Vec<RoleView>>)))]
 async fn list_roles(
     State(pool): State<PgPool>,
     _caller: Caller,
     consistency: ConsistencyRequest,
-) -> Result<ApiResponse<serde_json::Value>, ApiError> {
+) -> Result<ApiResponse<Vec<RoleView>>, ApiError> {
     let consistency = consistency.wait(&[ReadModel::Roles]).await?;
-    let roles: Vec<(String, Vec<String>)> =
+    let roles: Vec<RoleView> =
         sqlx::query_as("SELECT name, permissions FROM roles ORDER BY name").fetch_all(&pool).await?;
-    let roles: Vec<serde_json::Value> =
-        roles.into_iter().map(|(name, perms)| json!({ "name": name, "permissions": perms })).collect();
-    Ok(consistency.annotate(ApiResponse::ok(json!(roles))))
+    Ok(consistency.annotate(ApiResponse::ok(roles)))
 }
 
 /// A session in the caller's list.
-#[derive(Debug, serde::Serialize, sqlx::FromRow, utoipa::ToSchema)]
-struct SessionRow {
-    id: Uuid,
-    device: Option<String>,
-    ip: Option<String>,
-    created_at: chrono::DateTime<chrono::Utc>,
-    last_used_at: chrono::DateTime<chrono::Utc>,
-    expires_at: chrono::DateTime<chrono::Utc>,
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct SessionRow {
+    /// Its id.
+    pub id: Uuid,
+    /// The device (user agent) it was started from.
+    pub device: Option<String>,
+    /// The address it was started from.
+    pub ip: Option<String>,
+    /// When it started.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// When it was last refreshed.
+    pub last_used_at: chrono::DateTime<chrono::Utc>,
+    /// When it ends at the latest.
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// A session of the caller, and whether it is the one asking.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SessionView {
+    /// The session.
+    #[serde(flatten)]
+    pub session: SessionRow,
+    /// Whether this is the caller's own session.
+    pub current: bool,
 }
 
 /// The caller's live sessions (device, IP, created, last used), newest first; `current` marks this one.
 #[utoipa::path(get, path = "/api/v1/users/me/sessions", tag = "users", security(("bearer" = [])),
-    params(("X-Consistency-Token" = Option<String>, Header, description = "wait until this command is visible")),
-    responses((status = 200, description = "sessions"), (status = 401, description = "not signed in")))]
+    params(crate::consistency::ConsistencyHeader),
+    responses((status = 200, description = "sessions", body = Envelope<Vec<SessionView>>)))]
 async fn my_sessions(
     State(pool): State<PgPool>,
     caller: Caller,
     consistency: ConsistencyRequest,
-) -> Result<ApiResponse<serde_json::Value>, ApiError> {
+) -> Result<ApiResponse<Vec<SessionView>>, ApiError> {
     // Sessions, filtered by the session version in users.
     let consistency = consistency.wait(&[ReadModel::Sessions, ReadModel::Users]).await?;
     // Sessions superseded by a later sign-out everywhere, password change or reset are over too.
@@ -158,14 +212,7 @@ async fn my_sessions(
     .bind(caller.id())
     .fetch_all(&pool)
     .await?;
-    let sessions: Vec<serde_json::Value> = rows
-        .into_iter()
-        .map(|row| {
-            let current = row.id == caller.claims.sid;
-            let mut value = json!(row);
-            value["current"] = json!(current);
-            value
-        })
-        .collect();
-    Ok(consistency.annotate(ApiResponse::ok(json!(sessions))))
+    let sessions =
+        rows.into_iter().map(|session| SessionView { current: session.id == caller.claims.sid, session }).collect();
+    Ok(consistency.annotate(ApiResponse::ok(sessions)))
 }
