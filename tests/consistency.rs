@@ -145,7 +145,9 @@ async fn a_read_waits_only_for_the_projection_it_reads() {
     let (reply, took) = read(&app, "/api/v1/roles", Some(&bearer), &token).await;
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
     assert_eq!(reply.body["meta"]["consistent"], true, "{:?}", reply.body);
-    assert!(took < AT_ONCE, "a roles read waited {took:?} on the stuck users projection");
+    // (The roles projection has to pass the event first, so this allows more than AT_ONCE on a
+    // busy machine; held by the users projection, it would take the whole wait and say false.)
+    assert!(took < Duration::from_secs(3), "a roles read waited {took:?} on the stuck users projection");
 
     // The operators' view answers at once too, saying the token is not applied everywhere.
     let (_, admin) = app.admin_token().await;

@@ -235,6 +235,9 @@ async fn no_nul_or_control_character_reaches_the_database() {
     app.stop().await;
 }
 
+/// What is sent, the request, the code expected, and the field and problem `details` must name.
+type Case = (&'static str, reqwest::RequestBuilder, &'static str, Option<(&'static str, &'static str)>);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn errors_name_the_field_in_the_apis_words() {
     let app = TestApp::spawn().await;
@@ -243,7 +246,7 @@ async fn errors_name_the_field_in_the_apis_words() {
     let raw = |body: &'static str| {
         app.client.post(format!("{}{register}", app.address)).header("content-type", "application/json").body(body)
     };
-    let cases: Vec<(&str, reqwest::RequestBuilder, &str, Option<(&str, &str)>)> = vec![
+    let cases: Vec<Case> = vec![
         ("not JSON", raw("{\"email\": "), "MALFORMED_REQUEST", None),
         ("a list for an object", raw("[]"), "VALIDATION_FAILED", Some(("body", "must be an object"))),
         (
