@@ -42,7 +42,10 @@ where
         if want >= min && seen == Some(want as f64) {
             return;
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "{name} is {seen:?}, the log says {want} (at least {min})");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{name} is {seen:?}, the log says {want} (at least {min})"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

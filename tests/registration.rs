@@ -134,7 +134,13 @@ async fn look_alike_identities_are_one_account_or_refused() {
     // Renaming oneself follows the same rule.
     let token = app.login("victim@x.com").await;
     let reply = app
-        .request("PATCH", "/api/v1/users/me", Some(&token), Some(serde_json::json!({ "display_name": "x\u{202E}y" })), &[])
+        .request(
+            "PATCH",
+            "/api/v1/users/me",
+            Some(&token),
+            Some(serde_json::json!({ "display_name": "x\u{202E}y" })),
+            &[],
+        )
         .await;
     assert_eq!((reply.status, reply.code()), (StatusCode::BAD_REQUEST, "VALIDATION_FAILED"), "{:?}", reply.body);
     assert!(reply.body["error"]["details"]["display_name"].is_string(), "{:?}", reply.body);

@@ -190,9 +190,9 @@ mod tests {
         assert_eq!(plain, Ok("victim@x.com".into()));
         for look_alike in [
             "\u{FF56}\u{FF49}\u{FF43}\u{FF54}\u{FF49}\u{FF4D}@\u{FF58}.\u{FF43}\u{FF4F}\u{FF4D}", // ｖｉｃｔｉｍ@ｘ.ｃｏｍ
-            "\u{FF36}ICTIM@X.COM",                                                             // full-width capital V
-            "victim\u{FF20}x\u{FF0E}com",                                                     // full-width @ and .
-            "\u{3000}victim@x.com\u{3000}",                                                   // ideographic spaces
+            "\u{FF36}ICTIM@X.COM",          // full-width capital V
+            "victim\u{FF20}x\u{FF0E}com",   // full-width @ and .
+            "\u{3000}victim@x.com\u{3000}", // ideographic spaces
         ] {
             assert_eq!(Email::parse(look_alike).map(|e| e.0), plain, "{look_alike:?}");
         }
@@ -203,9 +203,30 @@ mod tests {
     #[test]
     fn invisible_and_bidi_characters_are_refused_in_emails() {
         for c in [
-            '\u{200B}', '\u{200C}', '\u{200D}', '\u{200E}', '\u{200F}', '\u{202A}', '\u{202B}', '\u{202C}',
-            '\u{202D}', '\u{202E}', '\u{2060}', '\u{2061}', '\u{2062}', '\u{2063}', '\u{2064}', '\u{2066}',
-            '\u{2067}', '\u{2068}', '\u{2069}', '\u{FEFF}', '\u{00AD}', '\u{061C}', '\u{180E}', '\u{E0041}',
+            '\u{200B}',
+            '\u{200C}',
+            '\u{200D}',
+            '\u{200E}',
+            '\u{200F}',
+            '\u{202A}',
+            '\u{202B}',
+            '\u{202C}',
+            '\u{202D}',
+            '\u{202E}',
+            '\u{2060}',
+            '\u{2061}',
+            '\u{2062}',
+            '\u{2063}',
+            '\u{2064}',
+            '\u{2066}',
+            '\u{2067}',
+            '\u{2068}',
+            '\u{2069}',
+            '\u{FEFF}',
+            '\u{00AD}',
+            '\u{061C}',
+            '\u{180E}',
+            '\u{E0041}',
         ] {
             for bad in [format!("vic{c}tim@x.com"), format!("{c}victim@x.com"), format!("victim@x.com{c}")] {
                 let refused = Email::parse(&bad);
@@ -221,7 +242,8 @@ mod tests {
     #[test]
     fn display_names_are_normalised_and_refuse_invisible_and_bidi_characters() {
         assert_eq!(DisplayName::parse("\u{FF21}da").map(|d| d.0), Ok("Ada".into()));
-        for bad in ["Ada\u{202E}nimda", "\u{200F}Ada", "A\u{200B}da", "\u{FEFF}Ada", "Ada\u{2066}x\u{2069}", "\u{3164}"] {
+        for bad in ["Ada\u{202E}nimda", "\u{200F}Ada", "A\u{200B}da", "\u{FEFF}Ada", "Ada\u{2066}x\u{2069}", "\u{3164}"]
+        {
             assert_eq!(
                 DisplayName::parse(bad),
                 Err(ValueError("display_name must not contain invisible or direction-changing characters".into())),

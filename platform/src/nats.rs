@@ -188,13 +188,7 @@ pub async fn consume<H: EventBatchHandler>(
     // (NATS away, a batch retried, a projection held back).
     let sampling = shutdown.child_token();
     let _stop_sampling = sampling.clone().drop_guard();
-    tokio::spawn(sample_lag(
-        handler.pool.clone(),
-        name,
-        checkpoint,
-        std::sync::Arc::clone(&handler.applied),
-        sampling,
-    ));
+    tokio::spawn(sample_lag(handler.pool.clone(), name, checkpoint, std::sync::Arc::clone(&handler.applied), sampling));
     let mut backoff = Backoff::new();
     while !shutdown.is_cancelled() {
         let pulled = consumer
