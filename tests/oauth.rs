@@ -558,3 +558,25 @@ async fn a_github_style_provider_signs_in_with_the_primary_verified_address() {
     assert_eq!(signed_in.data()["user"]["display_name"], "Octo Cat");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reset_link_the_squatter_holds_dies_when_the_owner_links_a_provider() {
+    // Given a squatter on the victim's address who asked for a reset link and kept it.
+    let (app, provider) = spawn_with_provider().await;
+    let mail = common::MailCatcher::start(app.env.smtp_port);
+    app.register_ok("kept@example.com").await;
+    let asked = app.post("/api/v1/auth/password-reset", None, json!({ "email": "kept@example.com" })).await;
+    assert_eq!(asked.status, StatusCode::ACCEPTED);
+    let link = mail.token_for("kept@example.com", "reset-password", 1).await;
+
+    // When the owner signs in through a provider vouching for the address (the password goes).
+    let flow = authorize_as(&app, &provider, user("kept@example.com")).await;
+    let owner = callback(&app, &flow).await;
+    assert_eq!(owner.status, StatusCode::OK, "{:?}", owner.body);
+
+    // Then the squatter's link cannot set a password again.
+    let body = json!({ "token": link, "new_password": "the squatter's way back in 9" });
+    let reset = app.post("/api/v1/auth/password-reset/confirm", None, body).await;
+    assert_eq!((reset.status, reset.code()), (StatusCode::BAD_REQUEST, "VALIDATION_FAILED"), "{:?}", reset.body);
+    app.stop().await;
+}

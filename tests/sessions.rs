@@ -332,7 +332,8 @@ async fn a_hundred_guesses_at_once_get_five_checked_and_the_lock_holds_for_the_r
     assert_eq!(statuses.iter().filter(|s| **s == StatusCode::UNAUTHORIZED).count(), 4, "{statuses:?}");
 
     // The right password during the lock: refused, and no session starts.
-    let right = app.post("/api/v1/auth/login", None, json!({ "email": "target@example.com", "password": PASSWORD })).await;
+    let right =
+        app.post("/api/v1/auth/login", None, json!({ "email": "target@example.com", "password": PASSWORD })).await;
     assert_eq!((right.status, right.code()), (StatusCode::LOCKED, "ACCOUNT_LOCKED"), "{:?}", right.body);
     assert_eq!(count_events(&app, id, "SessionStarted").await, 0);
     assert_eq!(count_events(&app, id, "LoginFailed").await, 5, "nothing is checked during the lock");
@@ -347,7 +348,8 @@ async fn an_unknown_address_is_locked_and_answered_exactly_like_an_account() {
     for email in ["known@example.com", "nobody@example.com"] {
         let mut statuses = Vec::new();
         for _ in 0..5 {
-            let reply = app.post("/api/v1/auth/login", None, json!({ "email": email, "password": "a wrong guess" })).await;
+            let reply =
+                app.post("/api/v1/auth/login", None, json!({ "email": email, "password": "a wrong guess" })).await;
             statuses.push(reply.status);
         }
         let locked = app.post("/api/v1/auth/login", None, json!({ "email": email, "password": PASSWORD })).await;
@@ -377,7 +379,9 @@ async fn the_guard_forgets_quiet_addresses_and_a_forgotten_lock_is_over() {
             app.post("/api/v1/auth/login", None, json!({ "email": email, "password": "a wrong guess" })).await;
         }
     }
-    let rows = || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM login_guards").fetch_one(&app.pool).await.unwrap() };
+    let rows = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM login_guards").fetch_one(&app.pool).await.unwrap()
+    };
     assert_eq!(rows().await, 5);
     let guard = cairn_command_api::LoginGuard::new(
         app.pool.clone(),
@@ -389,7 +393,8 @@ async fn the_guard_forgets_quiet_addresses_and_a_forgotten_lock_is_over() {
     app.clock.advance(cairn_command_api::auth::guard::MEMORY + Duration::from_secs(60));
     assert_eq!(guard.sweep().await.unwrap(), 5);
     assert_eq!(rows().await, 0);
-    let again = app.post("/api/v1/auth/login", None, json!({ "email": "stranger-0@example.com", "password": "x" })).await;
+    let again =
+        app.post("/api/v1/auth/login", None, json!({ "email": "stranger-0@example.com", "password": "x" })).await;
     assert_eq!(again.status, StatusCode::UNAUTHORIZED);
     app.stop().await;
 }
@@ -507,9 +512,7 @@ async fn a_role_that_loses_a_permission_takes_it_from_tokens_already_issued() {
     let refused = app.get("/api/v1/users", Some(&token)).await;
     assert_eq!((refused.status, refused.code()), (StatusCode::FORBIDDEN, "FORBIDDEN"), "{:?}", refused.body);
     assert_eq!(app.get("/api/v1/admin/projections", Some(&token)).await.status, StatusCode::OK);
-    let own = app
-        .request("PATCH", "/api/v1/users/me", Some(&token), Some(json!({ "display_name": "Mod" })), &[])
-        .await;
+    let own = app.request("PATCH", "/api/v1/users/me", Some(&token), Some(json!({ "display_name": "Mod" })), &[]).await;
     assert_eq!(own.status, StatusCode::OK, "the user role's permissions are untouched: {:?}", own.body);
     assert_eq!(app.get("/api/v1/users", Some(&admin)).await.status, StatusCode::OK, "admin is fixed");
     app.stop().await;

@@ -39,8 +39,7 @@ pub const SWEEP_EVERY: Duration = Duration::from_secs(60);
 const CURRENT_FAILURES: &str =
     "CASE WHEN g.expires_at <= $2 OR (g.failures >= $3 AND coalesce(g.locked_until <= $2, true)) \
      THEN 0 ELSE g.failures END";
-const CURRENT_IN_FLIGHT: &str =
-    "CASE WHEN g.expires_at <= $2 OR g.in_flight_until <= $2 THEN 0 ELSE g.in_flight END";
+const CURRENT_IN_FLIGHT: &str = "CASE WHEN g.expires_at <= $2 OR g.in_flight_until <= $2 THEN 0 ELSE g.in_flight END";
 
 /// Decides which sign-in attempts get their password checked.
 #[derive(Debug, Clone)]
