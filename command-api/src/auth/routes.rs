@@ -1,5 +1,7 @@
 //! HTTP handlers of sign-in and sessions.
 
+use std::sync::Arc;
+
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -55,7 +57,7 @@ fn tokens_body(access: String, auth: &AuthState, refresh_in_body: Option<&str>) 
 }
 
 /// `POST /api/v1/auth/login` body.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginBody {
     email: String,
@@ -63,6 +65,16 @@ pub struct LoginBody {
     /// Native clients: return the refresh token in the body instead of a cookie.
     #[serde(default)]
     refresh_token_in_body: bool,
+}
+
+impl std::fmt::Debug for LoginBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginBody")
+            .field("email", &self.email)
+            .field("refresh_token_in_body", &self.refresh_token_in_body)
+            .field("password", &"REDACTED")
+            .finish()
+    }
 }
 
 /// Signs in: an access token, and a refresh token in an HttpOnly cookie (or the body for native
@@ -99,7 +111,7 @@ async fn login(
             }
         }
     }
-    let hash = user.as_ref().map(|(_, u)| u.password_hash.clone());
+    let hash = user.as_ref().map(|(_, u)| u.password_hash.expose().to_owned());
     // Unknown accounts are checked against a dummy hash: the answer takes as long either way.
     let matches = users.passwords().verify(body.password, hash).await?;
     let Some((id, _)) = user.as_ref().map(|(id, u)| (*id, u.clone())) else { return Err(refused()) };
@@ -147,10 +159,16 @@ pub(crate) async fn complete_sign_in(
 }
 
 /// `POST /api/v1/auth/refresh` body (native clients; browsers send the cookie and no body).
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshBody {
     refresh_token: String,
+}
+
+impl std::fmt::Debug for RefreshBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RefreshBody").field("refresh_token", &"REDACTED").finish()
+    }
 }
 
 /// Where a refresh token came from decides where the next one goes.
@@ -248,11 +266,20 @@ async fn logout_all(
 }
 
 /// `POST /api/v1/auth/password` body.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChangePasswordBody {
     current_password: String,
     new_password: String,
+}
+
+impl std::fmt::Debug for ChangePasswordBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangePasswordBody")
+            .field("current_password", &"REDACTED")
+            .field("new_password", &"REDACTED")
+            .finish()
+    }
 }
 
 /// Changes the caller's password (PasswordChanged). Every other session ends; this one goes on
@@ -268,11 +295,14 @@ async fn change_password(
 ) -> Result<ApiResponse<Value>, ApiError> {
     let id = caller.id();
     let user = state.users.load(id).await?;
-    if !state.users.passwords().verify(body.current_password, Some(user.password_hash.clone())).await? {
+    if !state.users.passwords().verify(body.current_password, Some(user.password_hash.expose().to_owned())).await? {
         return Err(ApiError::Unauthenticated("current password is wrong".to_owned()));
     }
     let password_hash = state.users.hash_new_password(body.new_password, &user, "new_password").await?;
-    state.users.execute(id, UserCommand::ChangePassword { password_hash }, &ctx, Some(id)).await?;
+    state
+        .users
+        .execute(id, UserCommand::ChangePassword { password_hash: password_hash.into() }, &ctx, Some(id))
+        .await?;
     let user = state.users.load(id).await?;
     let token = state.sessions.rebind(caller.claims.sid, user.session_version, &ctx, id).await?;
     let access = access_token(&state.auth.tokens, state.users.roles(), id, &user, caller.claims.sid).await?;
@@ -342,10 +372,16 @@ fn invalid_email_token() -> ApiError {
 }
 
 /// `POST /api/v1/auth/verify-email` body.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyEmailBody {
     token: String,
+}
+
+impl std::fmt::Debug for VerifyEmailBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyEmailBody").field("token", &"REDACTED").finish()
+    }
 }
 
 /// Verifies the email address with the emailed token (EmailVerified).
@@ -383,14 +419,20 @@ pub struct EmailBody {
 
 /// Runs `command` for the account of `email`, if there is one, after answering: the answer is the
 /// same, and takes the same time, whether or not the address has an account. Each address may
-/// ask only a few times an hour.
+/// ask only a few times an hour, and at most [`MAIL_REQUESTS_IN_FLIGHT`] requests are looked up at
+/// once: a flood of addresses is dropped rather than queued without bound behind the database.
 fn request_mail(state: &CommandState, email: &str, ctx: RequestContext, command: fn(&User) -> Option<UserCommand>) {
     let Ok(email) = Email::parse(email) else { return };
-    if state.mail_requests.check(&email.as_str().to_owned()).is_err() {
+    if state.mail_requests.as_ref().is_some_and(|limit| limit.check(&email.as_str().to_owned()).is_err()) {
         return;
     }
+    let Ok(permit) = Arc::clone(&state.mail_lookups).try_acquire_owned() else {
+        metrics::counter!("cairn_mail_requests_dropped_total").increment(1);
+        return;
+    };
     let users = state.users.clone();
     tokio::spawn(async move {
+        let _permit = permit;
         let Ok(Some(id)) = users.find_id_by_email(&email).await else { return };
         let Ok(user) = users.load(id).await else { return };
         if let Some(command) = command(&user) {
@@ -434,11 +476,17 @@ async fn request_password_reset(
 }
 
 /// `POST /api/v1/auth/password-reset/confirm` body.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfirmResetBody {
     token: String,
     new_password: String,
+}
+
+impl std::fmt::Debug for ConfirmResetBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfirmResetBody").field("token", &"REDACTED").field("new_password", &"REDACTED").finish()
+    }
 }
 
 /// Sets a new password with the emailed token (PasswordReset); every session ends.
@@ -457,7 +505,11 @@ async fn confirm_password_reset(
     let password_hash = state.users.hash_new_password(body.new_password, &user, "new_password").await?;
     // Consumed now; a request with the same token that got here first wins, this one is refused.
     let spent = SpentEmailToken::take(&state.pool, &body.token, "reset_password").await?;
-    let token = match state.users.execute(id, UserCommand::ResetPassword { password_hash }, &ctx, Some(id)).await {
+    let token = match state
+        .users
+        .execute(id, UserCommand::ResetPassword { password_hash: password_hash.into() }, &ctx, Some(id))
+        .await
+    {
         Ok(token) => token,
         Err(e) => {
             spent.give_back(&state.pool).await;

@@ -32,7 +32,7 @@ async fn start(State(oauth): State<OAuth>, ApiPath(provider): ApiPath<String>) -
 }
 
 /// `POST /api/v1/auth/oauth/{provider}/callback` body.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CallbackBody {
     code: String,
@@ -40,6 +40,16 @@ pub struct CallbackBody {
     /// Native clients: return the refresh token in the body instead of a cookie.
     #[serde(default)]
     refresh_token_in_body: bool,
+}
+
+impl std::fmt::Debug for CallbackBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallbackBody")
+            .field("refresh_token_in_body", &self.refresh_token_in_body)
+            .field("code", &"REDACTED")
+            .field("state", &"REDACTED")
+            .finish()
+    }
 }
 
 /// Finishes an OAuth sign-in with the `code` and `state` the provider returned. The account with

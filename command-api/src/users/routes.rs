@@ -37,12 +37,22 @@ fn accepted<T: Serialize>(status: StatusCode, data: T, token: ConsistencyToken) 
 }
 
 /// `POST /api/v1/auth/register` body.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterBody {
     email: String,
     password: String,
     display_name: String,
+}
+
+impl std::fmt::Debug for RegisterBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterBody")
+            .field("email", &self.email)
+            .field("display_name", &self.display_name)
+            .field("password", &"REDACTED")
+            .finish()
+    }
 }
 
 /// Opens an account (UserRegistered) with the `user` role.

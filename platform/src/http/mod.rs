@@ -10,8 +10,8 @@ mod ops;
 mod response;
 
 pub use context::RequestContext;
-pub use error::{ApiError, ResultExt};
+pub use error::{loggable, ApiError, ResultExt};
 pub use extract::{ApiJson, ApiPath, ApiQuery};
 pub use layers::finish_router;
-pub use ops::{ops_router, OpsState};
+pub use ops::{metrics_router, ops_router, probes_router, OpsState};
 pub use response::{ApiResponse, Page, PageParams};
