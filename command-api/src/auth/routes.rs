@@ -550,3 +550,53 @@ async fn end_user_sessions(
     let token = users.execute(id, command, &ctx, Some(caller.id())).await?;
     Ok(ApiResponse::ok(json!({ "user_id": id })).consistency(token))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `T` read from `json` as a request would be, then printed with `{:?}` and `{:#?}`.
+    fn printed<T: serde::de::DeserializeOwned + std::fmt::Debug>(json: Value) -> String {
+        let value: T = serde_json::from_value(json).expect("a valid body");
+        format!("{value:?} {value:#?}")
+    }
+
+    #[test]
+    fn request_bodies_print_no_password_token_or_code() {
+        let secret = "s3cret-value-that-must-not-print";
+        let printed = [
+            printed::<LoginBody>(json!({ "email": "ada@example.com", "password": secret })),
+            printed::<RefreshBody>(json!({ "refresh_token": secret })),
+            printed::<ChangePasswordBody>(json!({ "current_password": secret, "new_password": secret })),
+            printed::<VerifyEmailBody>(json!({ "token": secret })),
+            printed::<ConfirmResetBody>(json!({ "token": secret, "new_password": secret })),
+            printed::<crate::users::routes::RegisterBody>(
+                json!({ "email": "ada@example.com", "password": secret, "display_name": "Ada" }),
+            ),
+            printed::<crate::oauth::routes::CallbackBody>(json!({ "code": secret, "state": secret })),
+            format!(
+                "{:?}",
+                crate::users::RegisterUser {
+                    email: "ada@example.com".into(),
+                    password: secret.into(),
+                    display_name: "Ada".into(),
+                    roles: vec![],
+                }
+            ),
+            format!(
+                "{:?}",
+                super::super::Refreshed {
+                    sid: Uuid::nil(),
+                    user_id: Uuid::nil(),
+                    user: User { password_hash: secret.into(), ..User::default() },
+                    refresh_token: Some(secret.into()),
+                    remaining_secs: 1,
+                }
+            ),
+        ];
+        for text in printed {
+            assert!(!text.contains(secret), "a secret printed: {text}");
+            assert!(text.contains("REDACTED"), "{text}");
+        }
+    }
+}

@@ -6,7 +6,7 @@
 //! `POST /api/v1/auth/oauth/{provider}/callback`, which answers like a password sign-in.
 
 mod flow;
-mod routes;
+pub(crate) mod routes;
 
 pub use flow::OAuth;
 pub use routes::routes;

@@ -167,7 +167,7 @@ impl UserCommands {
     /// VALIDATION_FAILED naming `field` when the password is too short, long or weak.
     pub async fn hash_new_password(&self, password: String, user: &User, field: &str) -> Result<String, ApiError> {
         check_policy(&password, &[&user.email, &user.display_name]).map_err(|p| ApiError::field(field, p))?;
-        Ok(self.passwords.hash(password).await?)
+        self.passwords.hash(password).await
     }
 }
 
