@@ -14,7 +14,7 @@ use cairn_command_api::{CommandState, UserCommands};
 use cairn_platform::auth::{AuthState, KeySet, SessionVersions, TokenIssuer};
 use cairn_platform::checkpoint::CheckpointWatcher;
 use cairn_platform::http::limits::Limiter;
-use cairn_platform::http::{finish_router, ops_router, OpsState, OPS_ROUTES};
+use cairn_platform::http::{finish_router, metrics_router, probes_router, OpsState, OPS_ROUTES};
 use cairn_platform::nats::{self, Namespace};
 use cairn_platform::{db, telemetry, Settings};
 use cairn_query_api::{Consistency, QueryState};
@@ -61,6 +61,8 @@ impl Services {
 pub struct Application {
     listener: TcpListener,
     router: Router,
+    /// `/metrics` on its own listener (`CAIRN_METRICS_LISTEN`).
+    metrics: Option<(TcpListener, Router)>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
     pool: PgPool,
@@ -162,12 +164,13 @@ impl Application {
             );
             let sessions = SessionVersions::new(settings.access_token_ttl);
             sessions.follow(pool.clone(), js.clone(), ns.clone(), shutdown.clone()).await?;
-            let user_limits = settings.rate_limit_user.and_then(Limiter::new).map(Arc::new);
+            let user_limits =
+                settings.rate_limit_user.and_then(|rate| Limiter::swept("user", rate, settings.rate_limit_sweep));
             let verified_email_for = Arc::new(settings.verified_email_for.clone());
             let auth = AuthState { tokens, sessions: sessions.clone(), user_limits, verified_email_for };
             if services.command_api {
                 let users =
-                    UserCommands::new(pool.clone(), Passwords::new(settings.hash_concurrency), sessions, wake.clone());
+                    UserCommands::new(pool.clone(), Passwords::from_settings(&settings), sessions, wake.clone());
                 users.roles().seed().await.map_err(|e| anyhow::anyhow!("cannot define the seeded roles: {e}"))?;
                 let state = CommandState::new(pool.clone(), &settings, auth.clone(), users)?;
                 tasks.spawn(state.guard.clone().sweep_until(shutdown.clone()));
@@ -221,8 +224,23 @@ impl Application {
         let mut routes = documented_routes(&openapi);
         let listed =
             |table: &[(&str, &str)]| table.iter().map(|(m, p)| ((*m).to_owned(), (*p).to_owned())).collect::<Vec<_>>();
-        routes.extend(listed(OPS_ROUTES));
-        let mut router = api_router.merge(ops_router(OpsState { pool: pool.clone(), nats: client }));
+        let ops = OpsState { pool: pool.clone(), nats: client };
+        let mut router = api_router.merge(probes_router(ops.clone()));
+        let metrics = match settings.metrics_listen {
+            Some(address) => {
+                let listener = TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("cannot listen on {address} (CAIRN_METRICS_LISTEN)"))?;
+                // The main listener does not serve /metrics then.
+                routes.extend(listed(OPS_ROUTES).into_iter().filter(|(_, path)| path != "/metrics"));
+                Some((listener, finish_router(metrics_router(ops), &settings)))
+            }
+            None => {
+                routes.extend(listed(OPS_ROUTES));
+                router = router.merge(metrics_router(ops));
+                None
+            }
+        };
         if serves_api {
             routes.extend(listed(DOCS_ROUTES));
             document(&mut openapi);
@@ -233,13 +251,19 @@ impl Application {
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let shutdown_grace = settings.shutdown_grace;
-        Ok(Self { listener, router, shutdown, tasks, pool, shutdown_grace, routes })
+        Ok(Self { listener, router, metrics, shutdown, tasks, pool, shutdown_grace, routes })
     }
 
     /// The bound port.
     #[must_use]
     pub fn port(&self) -> u16 {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// The port `/metrics` is served on when it has its own listener (`CAIRN_METRICS_LISTEN`).
+    #[must_use]
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics.as_ref().and_then(|(listener, _)| listener.local_addr().ok()).map(|a| a.port())
     }
 
     /// Cancelling this stops the process gracefully.
@@ -276,6 +300,17 @@ impl Application {
         let addr = self.listener.local_addr()?;
         tracing::info!(%addr, "listening");
         let shutdown = self.shutdown.clone();
+        if let Some((listener, router)) = self.metrics.take() {
+            let addr = listener.local_addr()?;
+            tracing::info!(%addr, "serving /metrics");
+            let metrics = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+            self.tasks.spawn(async move {
+                if let Err(e) = metrics.await {
+                    tracing::error!(error = %e, "the metrics listener failed");
+                }
+            });
+        }
         let server = axum::serve(self.listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let mut server = tokio::spawn(server.into_future());

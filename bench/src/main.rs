@@ -67,12 +67,15 @@ enum Scenario {
     Memory,
     /// The lag while the mail server stalls the email worker at DATA, beside a responsive one.
     StalledSmtp,
+    /// Memory after 20,000 unknown emails from 20,000 forwarded addresses; sign-in timing of
+    /// unknown, locked and ordinary accounts.
+    Hostile,
     /// Every scenario, one after another.
     All,
 }
 
 impl Scenario {
-    const EACH: [Self; 9] = [
+    const EACH: [Self; 10] = [
         Self::Write,
         Self::WriteLong,
         Self::Lag,
@@ -82,6 +85,7 @@ impl Scenario {
         Self::Login,
         Self::Memory,
         Self::StalledSmtp,
+        Self::Hostile,
     ];
 
     fn name(self) -> &'static str {
@@ -95,6 +99,7 @@ impl Scenario {
             Self::Login => "login",
             Self::Memory => "memory",
             Self::StalledSmtp => "stalled-smtp",
+            Self::Hostile => "hostile",
             Self::All => "all",
         }
     }
@@ -110,6 +115,7 @@ impl Scenario {
             Self::Login => scenarios::login::run(ctx, env, out).await,
             Self::Memory => scenarios::memory::run(ctx, env, out).await,
             Self::StalledSmtp => scenarios::stalled_smtp::run(ctx, env, out).await,
+            Self::Hostile => scenarios::hostile::run(ctx, env, out).await,
             Self::All => anyhow::bail!("`all` is not a single scenario"),
         }
     }

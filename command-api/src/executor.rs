@@ -150,7 +150,7 @@ fn map_error<E: Refusal>(e: AggregateError<E>) -> ApiError {
             if e.to_string().contains("pool timed out") {
                 ApiError::ServiceUnavailable(e.to_string())
             } else {
-                ApiError::Internal(anyhow::anyhow!("{e}"))
+                ApiError::Internal(anyhow::anyhow!("{}", cairn_platform::http::loggable(e.as_ref())))
             }
         }
     }

@@ -28,7 +28,7 @@ use cairn_domain::{LockoutPolicy, SessionPolicy};
 use cairn_platform::auth::AuthState;
 use cairn_platform::clock::SharedClock;
 use cairn_platform::http::limits::Limiter;
-use cairn_platform::settings::{RateLimit, Settings};
+use cairn_platform::settings::Settings;
 use sqlx::PgPool;
 use utoipa_axum::router::OpenApiRouter;
 
@@ -55,8 +55,10 @@ pub struct CommandState {
     pub pool: PgPool,
     /// OAuth providers.
     pub oauth: oauth::OAuth,
-    /// Verification and reset mails asked for, per address.
-    pub mail_requests: Arc<Limiter<String>>,
+    /// Verification and reset mails asked for, per address (`CAIRN_RATE_LIMIT_MAIL`; none when `off`).
+    pub mail_requests: Option<Arc<Limiter<String>>>,
+    /// Mail requests being looked up now (at most [`auth::MAIL_REQUESTS_IN_FLIGHT`]).
+    pub mail_lookups: Arc<tokio::sync::Semaphore>,
     /// Absolute session lifetime, for the cookie's Max-Age.
     #[from_ref(skip)]
     pub sessions_lifetime_secs: i64,
@@ -78,7 +80,6 @@ impl CommandState {
             idle: chrono::Duration::from_std(settings.session_idle)?,
             grace: chrono::Duration::from_std(settings.refresh_grace)?,
         };
-        let mail_rate = RateLimit { count: 3, period: std::time::Duration::from_secs(3600) };
         Ok(Self {
             sessions: SessionService::new(
                 pool.clone(),
@@ -106,7 +107,10 @@ impl CommandState {
             cookie: RefreshCookie { secure: settings.cookie_secure, allowed_origins: settings.allowed_origins.clone() },
             oauth: oauth::OAuth::new(pool.clone(), &settings.oauth_providers, &settings.oauth_redirect_uri)?,
             pool,
-            mail_requests: Arc::new(Limiter::new(mail_rate).ok_or_else(|| anyhow::anyhow!("mail request limit"))?),
+            mail_requests: settings
+                .rate_limit_mail
+                .and_then(|rate| Limiter::swept("mail", rate, settings.rate_limit_sweep)),
+            mail_lookups: Arc::new(tokio::sync::Semaphore::new(auth::MAIL_REQUESTS_IN_FLIGHT)),
             sessions_lifetime_secs: i64::try_from(settings.session_lifetime.as_secs()).unwrap_or(i64::MAX),
         })
     }

@@ -4,15 +4,21 @@
 //! to hundreds of threads, which under load meant hundreds of MiB of resident memory. Each thread
 //! also reuses one block buffer for every hash instead of allocating 19 MiB per hash, so the
 //! memory hashing holds is bounded by threads × 19 MiB however many sign-ins come.
-
-use std::sync::{Arc, OnceLock};
+//!
+//! The queue in front of the threads is bounded too (`CAIRN_PASSWORD_QUEUE`): when it is full a
+//! request that needs a hash is answered at once with 503 `SERVICE_UNAVAILABLE` and `Retry-After`
+//! rather than waiting behind thousands of others. A queued hash whose request has gone (the
+//! client disconnected, or the request timed out) is skipped when its turn comes.
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, TrySendError};
+use std::sync::{Arc, OnceLock};
 
 use argon2::password_hash::{rand_core::OsRng, Output, ParamsString, PasswordHash, Salt, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
-use std::sync::mpsc;
-
+use cairn_platform::http::ApiError;
+use cairn_platform::Settings;
 use tokio::sync::oneshot;
 
 /// Shortest accepted password, in characters.
@@ -20,18 +26,33 @@ pub const MIN_PASSWORD_CHARS: usize = 8;
 /// Longest accepted password, in characters (bounds hashing cost).
 pub const MAX_PASSWORD_CHARS: usize = 128;
 
+/// A queued hash: runs the work, or only drops it when nobody waits for the answer any more.
 type Job = Box<dyn FnOnce() + Send>;
+
+/// How long a client turned away by a full queue is asked to wait.
+const BUSY_RETRY_AFTER_SECS: u64 = 1;
 
 /// The bounded hashing pool.
 #[derive(Clone)]
 pub struct Passwords {
-    jobs: Arc<std::sync::Mutex<mpsc::Sender<Job>>>,
+    jobs: mpsc::SyncSender<Job>,
     threads: usize,
+    queue: usize,
+    counts: Arc<Counts>,
+}
+
+/// What the pool did, for tests and metrics.
+#[derive(Debug, Default)]
+struct Counts {
+    /// Hashes computed.
+    ran: AtomicU64,
+    /// Queued hashes skipped because their request had gone.
+    skipped: AtomicU64,
 }
 
 impl std::fmt::Debug for Passwords {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Passwords").field("threads", &self.threads).finish()
+        f.debug_struct("Passwords").field("threads", &self.threads).field("queue", &self.queue).finish()
     }
 }
 
@@ -130,11 +151,24 @@ pub fn check_policy(password: &str, user_inputs: &[&str]) -> Result<(), String> 
 }
 
 impl Passwords {
-    /// A pool running at most `concurrency` hashes at once.
+    /// A pool running at most `concurrency` hashes at once, with 32 per thread waiting at most.
     #[must_use]
     pub fn new(concurrency: usize) -> Self {
         let threads = concurrency.max(1);
-        let (tx, rx) = mpsc::channel::<Job>();
+        Self::with_queue(threads, threads * 32)
+    }
+
+    /// The pool `CAIRN_HASH_CONCURRENCY` and `CAIRN_PASSWORD_QUEUE` describe.
+    #[must_use]
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self::with_queue(settings.hash_concurrency, settings.password_queue)
+    }
+
+    /// A pool of `threads` threads with at most `queue` hashes waiting for one.
+    #[must_use]
+    pub fn with_queue(threads: usize, queue: usize) -> Self {
+        let (threads, queue) = (threads.max(1), queue.max(1));
+        let (tx, rx) = mpsc::sync_channel::<Job>(queue);
         let rx = Arc::new(std::sync::Mutex::new(rx));
         for i in 0..threads {
             let rx = Arc::clone(&rx);
@@ -153,30 +187,49 @@ impl Passwords {
                 tracing::error!(error = %e, "cannot start a password-hashing thread");
             }
         }
-        Self { jobs: Arc::new(std::sync::Mutex::new(tx)), threads }
+        Self { jobs: tx, threads, queue, counts: Arc::default() }
     }
 
-    async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+    /// Queues `work`, or refuses at once when the queue is full. The work is skipped if the
+    /// returned receiver is dropped before a thread takes it.
+    fn submit<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<oneshot::Receiver<T>, ApiError> {
         let (done, result) = oneshot::channel();
+        let counts = Arc::clone(&self.counts);
         let job: Job = Box::new(move || {
+            if done.is_closed() {
+                counts.skipped.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("cairn_password_hashes_skipped_total").increment(1);
+                return;
+            }
+            counts.ran.fetch_add(1, Ordering::Relaxed);
             let _ = done.send(work());
         });
-        self.jobs
-            .lock()
-            .map_err(|_| anyhow::anyhow!("password pool poisoned"))?
-            .send(job)
-            .map_err(|_| anyhow::anyhow!("password pool stopped"))?;
-        Ok(result.await?)
+        self.jobs.try_send(job).map(|()| result).map_err(|e| match e {
+            TrySendError::Full(_) => {
+                metrics::counter!("cairn_password_hashes_refused_total").increment(1);
+                ApiError::Overloaded { retry_after_s: BUSY_RETRY_AFTER_SECS }
+            }
+            TrySendError::Disconnected(_) => ApiError::Internal(anyhow::anyhow!("password pool stopped")),
+        })
+    }
+
+    async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+        let result = self.submit(work)?;
+        result.await.map_err(|_| ApiError::Internal(anyhow::anyhow!("a password-hashing thread failed")))
     }
 
     /// Hashes `password` into a PHC string.
     ///
     /// # Errors
-    /// When hashing fails (it does not for valid parameters).
-    pub async fn hash(&self, password: String) -> anyhow::Result<String> {
+    /// SERVICE_UNAVAILABLE when the queue is full; INTERNAL when hashing fails (it does not for
+    /// valid parameters).
+    pub async fn hash(&self, password: String) -> Result<String, ApiError> {
         self.run(move || hash_password(password.as_bytes()))
             .await?
-            .map_err(|e| anyhow::anyhow!("password hashing failed: {e}"))
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("password hashing failed: {e}")))
     }
 
     /// Verifies `password` against `hash`; with no hash (unknown account) or an empty one (an
@@ -184,8 +237,8 @@ impl Passwords {
     /// so the answer takes as long either way.
     ///
     /// # Errors
-    /// When the blocking pool fails.
-    pub async fn verify(&self, password: String, hash: Option<String>) -> anyhow::Result<bool> {
+    /// SERVICE_UNAVAILABLE when the queue is full.
+    pub async fn verify(&self, password: String, hash: Option<String>) -> Result<bool, ApiError> {
         let hash = hash.filter(|h| !h.is_empty());
         let known = hash.is_some();
         let hash = match hash {
@@ -215,6 +268,67 @@ mod tests {
         assert!(!pool.verify("wrong horse".into(), Some(hash)).await?);
         assert!(!pool.verify("anything".into(), None).await?);
         Ok(())
+    }
+
+    /// Occupies the single thread of `pool` until the returned sender is dropped or sent to.
+    fn occupy(pool: &Passwords) -> (std::sync::mpsc::Sender<()>, oneshot::Receiver<()>) {
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        let blocker = pool
+            .submit(move || {
+                let _ = started_tx.send(());
+                let _ = released.recv();
+            })
+            .expect("an empty queue takes a job");
+        started.recv().expect("the blocker started");
+        (release, blocker)
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once_with_retry_after() {
+        let pool = Passwords::with_queue(1, 2);
+        let (release, _blocker) = occupy(&pool);
+        let queued: Vec<_> = (0..2).map(|_| pool.submit(|| ()).expect("room in the queue")).collect();
+        match pool.verify("anything".into(), None).await {
+            Err(ApiError::Overloaded { retry_after_s }) => assert!(retry_after_s >= 1),
+            other => panic!("expected SERVICE_UNAVAILABLE from a full queue, got {other:?}"),
+        }
+        drop(release);
+        for job in queued {
+            job.await.expect("queued jobs still run");
+        }
+        assert!(pool.verify("anything".into(), None).await.is_ok(), "room again once the queue drained");
+    }
+
+    #[tokio::test]
+    async fn a_hash_whose_request_is_gone_is_skipped() {
+        let pool = Passwords::with_queue(1, 8);
+        let (release, blocker) = occupy(&pool);
+        // Three requests queue behind the blocker; two of them go away before their turn, as a
+        // client that disconnects or a request that times out does.
+        let abandoned: Vec<_> = (0..2).map(|_| pool.submit(|| hash_password(b"abandoned"))).collect();
+        let kept = pool.submit(|| hash_password(b"kept")).expect("room in the queue");
+        drop(abandoned);
+        let _ = release.send(());
+        blocker.await.expect("the blocker ran");
+        assert!(kept.await.expect("the kept job ran").is_ok());
+        assert_eq!(pool.counts.ran.load(Ordering::Relaxed), 2, "only the blocker and the kept hash ran");
+        assert_eq!(pool.counts.skipped.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_request_future_skips_its_hash() {
+        let pool = Passwords::with_queue(1, 8);
+        let (release, blocker) = occupy(&pool);
+        // The request's future is polled once (the job is queued), then dropped, as axum drops a
+        // handler whose connection closed or whose time ran out.
+        let verify = pool.verify("abandoned".into(), None);
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(50), verify).await.is_err());
+        let _ = release.send(());
+        blocker.await.expect("the blocker ran");
+        assert!(pool.verify("kept".into(), None).await.is_ok());
+        assert_eq!(pool.counts.ran.load(Ordering::Relaxed), 2, "the abandoned verification never ran");
+        assert_eq!(pool.counts.skipped.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -12,6 +12,8 @@ use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::values::Secret;
+
 /// Why a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -43,9 +45,9 @@ pub struct Session {
     /// The user session version it is bound to.
     pub session_version: u64,
     /// Hash of the current secret.
-    pub current_hash: String,
+    pub current_hash: Secret,
     /// Hashes of every secret rotated away from, oldest first.
-    pub previous_hashes: Vec<String>,
+    pub previous_hashes: Vec<Secret>,
     /// When it began.
     pub started_at: Option<DateTime<Utc>>,
     /// When it ends whatever happens.
@@ -66,7 +68,7 @@ pub enum SessionCommand {
         /// The user's current session version.
         session_version: u64,
         /// Hash of the first secret.
-        refresh_hash: String,
+        refresh_hash: Secret,
         /// Now.
         at: DateTime<Utc>,
         /// Absolute lifetime.
@@ -79,9 +81,9 @@ pub enum SessionCommand {
     /// Exchange a secret for the next one.
     RefreshSession {
         /// Hash of the presented secret.
-        presented_hash: String,
+        presented_hash: Secret,
         /// Hash of the next secret.
-        new_hash: String,
+        new_hash: Secret,
         /// Now.
         at: DateTime<Utc>,
         /// The user's current session version.
@@ -113,7 +115,7 @@ pub enum SessionEvent {
         /// The user session version it is bound to.
         session_version: u64,
         /// Hash of the first secret.
-        refresh_hash: String,
+        refresh_hash: Secret,
         /// When.
         started_at: DateTime<Utc>,
         /// Absolute end.
@@ -126,7 +128,7 @@ pub enum SessionEvent {
     /// The refresh token was rotated.
     SessionRefreshed {
         /// Hash of the new secret.
-        refresh_hash: String,
+        refresh_hash: Secret,
         /// When.
         at: DateTime<Utc>,
         /// Client IP.
@@ -239,8 +241,8 @@ impl Session {
         if self.user_id.is_none() {
             return RefreshOutcome::Refused(SessionError::UnknownToken);
         }
-        let is_current = presented_hash == self.current_hash;
-        let position = self.previous_hashes.iter().position(|h| h == presented_hash);
+        let is_current = presented_hash == self.current_hash.expose();
+        let position = self.previous_hashes.iter().position(|h| h.expose() == presented_hash);
         if !is_current && position.is_none() {
             return RefreshOutcome::Refused(SessionError::UnknownToken);
         }
@@ -289,7 +291,7 @@ impl Aggregate for Session {
                 }
             }
             SessionCommand::RefreshSession { presented_hash, new_hash, at, user_session_version, policy, ip } => {
-                match self.refresh_outcome(&presented_hash, at, user_session_version, policy) {
+                match self.refresh_outcome(presented_hash.expose(), at, user_session_version, policy) {
                     RefreshOutcome::Rotate => SessionEvent::SessionRefreshed { refresh_hash: new_hash, at, ip },
                     RefreshOutcome::Grace => return Ok(()),
                     RefreshOutcome::Reuse => SessionEvent::SessionRevoked {

@@ -11,7 +11,7 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
-use crate::values::{DisplayName, Email, RoleName};
+use crate::values::{DisplayName, Email, RoleName, Secret};
 
 /// Whether an account may sign in.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,7 +52,7 @@ pub struct User {
     pub display_name: String,
     /// The argon2id PHC string of the password; empty when the account has none (its password
     /// was removed when a provider was linked), so no password signs it in.
-    pub password_hash: String,
+    pub password_hash: Secret,
     /// Roles held.
     pub roles: BTreeSet<String>,
     /// Tokens carrying a lower session version are refused.
@@ -139,7 +139,7 @@ pub enum UserCommand {
         /// Display name.
         display_name: DisplayName,
         /// argon2id PHC string.
-        password_hash: String,
+        password_hash: Secret,
         /// Roles the account starts with.
         roles: Vec<RoleName>,
     },
@@ -173,12 +173,12 @@ pub enum UserCommand {
     /// Set a new password after checking the current one; ends the other sessions.
     ChangePassword {
         /// argon2id PHC string.
-        password_hash: String,
+        password_hash: Secret,
     },
     /// Set a new password with a reset token; ends every session.
     ResetPassword {
         /// argon2id PHC string.
-        password_hash: String,
+        password_hash: Secret,
     },
     /// End every session (sign out everywhere, or an administrator's decision).
     EndAllSessions {
@@ -220,7 +220,7 @@ pub enum UserEvent {
         /// Display name.
         display_name: String,
         /// argon2id PHC string.
-        password_hash: String,
+        password_hash: Secret,
         /// Initial roles.
         roles: Vec<String>,
     },
@@ -262,14 +262,14 @@ pub enum UserEvent {
     /// The password was changed by its owner.
     PasswordChanged {
         /// argon2id PHC string.
-        password_hash: String,
+        password_hash: Secret,
         /// The session version from now on (the session that changed it is rebound to it).
         session_version: u64,
     },
     /// The password was reset with an emailed token.
     PasswordReset {
         /// argon2id PHC string.
-        password_hash: String,
+        password_hash: Secret,
         /// The session version from now on.
         session_version: u64,
     },

@@ -1,8 +1,53 @@
-//! Value types that parse rather than validate: once built, a value is known to be valid.
+//! Value types that parse rather than validate: once built, a value is known to be valid; and
+//! [`Secret`], which never prints.
 
 use serde::{Deserialize, Serialize};
 use unicode_normalization::UnicodeNormalization;
 use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+
+/// A value that must never be printed or logged: a password hash, the hash of a refresh token.
+/// It is stored as the bare string (events keep their shape), and its `Debug` prints `REDACTED`,
+/// so an aggregate, command or event printed with `{:?}` gives nothing away.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value, for the code that must use it (verifying, comparing, storing).
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether there is no value (an account whose password was removed).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Forgets the value.
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self(value)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Self(value.to_owned())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("REDACTED")
+    }
+}
 
 /// Why a value was refused; the message is safe to show to the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

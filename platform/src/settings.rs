@@ -24,8 +24,9 @@ pub enum LogFormat {
     Json,
 }
 
-/// Everything a cairn process is configured with.
-#[derive(Debug, Clone)]
+/// Everything a cairn process is configured with. Its `Debug` output leaves out `DATABASE_URL`
+/// and `NATS_URL` (they may carry passwords) and the OAuth client secrets.
+#[derive(Clone)]
 pub struct Settings {
     /// `DATABASE_URL`.
     pub database_url: String,
@@ -55,6 +56,9 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// `CAIRN_HASH_CONCURRENCY`: password hashes computed at once.
     pub hash_concurrency: usize,
+    /// `CAIRN_PASSWORD_QUEUE`: password hashes waiting for a thread; beyond it requests that
+    /// need one answer 503 `SERVICE_UNAVAILABLE` with `Retry-After` (default 32 per thread).
+    pub password_queue: usize,
     /// `CAIRN_STREAM_REPLICAS`: replicas of the EVENTS stream (3 on a cluster).
     pub stream_replicas: usize,
     /// `CAIRN_RELAY_BATCH`: events the relay publishes per round.
@@ -88,6 +92,14 @@ pub struct Settings {
     pub rate_limit_api: Option<RateLimit>,
     /// `CAIRN_RATE_LIMIT_USER`: per-user limit on authenticated API calls.
     pub rate_limit_user: Option<RateLimit>,
+    /// `CAIRN_RATE_LIMIT_MAIL`: verification and reset mails each address may ask for (default `3/h`).
+    pub rate_limit_mail: Option<RateLimit>,
+    /// `CAIRN_RATE_LIMIT_SWEEP_SECS`: how often every rate limiter forgets the keys whose limit
+    /// has run out (default 60).
+    pub rate_limit_sweep: Duration,
+    /// `CAIRN_METRICS_LISTEN`: when set, `/metrics` is served only on this address, and the main
+    /// listener answers 404 for it.
+    pub metrics_listen: Option<SocketAddr>,
     /// `CAIRN_VERIFIED_EMAIL_FOR`: permissions that also need a verified email address.
     pub verified_email_for: Vec<String>,
     /// `CAIRN_LOCKOUT_THRESHOLD`: failed sign-ins in a row that lock an account (default 5).
@@ -103,6 +115,30 @@ pub struct Settings {
     pub oauth_redirect_uri: String,
     /// Where time comes from: the system clock, except in tests (never read from the environment).
     pub clock: crate::clock::SharedClock,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("database_url", &"REDACTED")
+            .field("db_max_connections", &self.db_max_connections)
+            .field("nats_url", &"REDACTED")
+            .field("listen", &self.listen)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("namespace", &self.namespace)
+            .field("environment", &self.environment)
+            .field("keys_dir", &self.keys_dir)
+            .field("log_format", &self.log_format)
+            .field("token_issuer", &self.token_issuer)
+            .field("token_audience", &self.token_audience)
+            .field("access_token_ttl", &self.access_token_ttl)
+            .field("hash_concurrency", &self.hash_concurrency)
+            .field("password_queue", &self.password_queue)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("allowed_origins", &self.allowed_origins)
+            .field("oauth_providers", &self.oauth_providers)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How a provider proves who the user is.
@@ -299,6 +335,7 @@ impl Settings {
             bail!("CAIRN_NAMESPACE may hold only letters, digits, '_' and '-'");
         }
         let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+        let hash_concurrency = usize::try_from(num("CAIRN_HASH_CONCURRENCY", cores as u64)?)?.max(1);
         Ok(Self {
             database_url: get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/cairn"),
             db_max_connections: u32::try_from(num("CAIRN_DB_MAX_CONNECTIONS", 20)?)
@@ -314,7 +351,8 @@ impl Settings {
             access_token_ttl: Duration::from_secs(num("CAIRN_ACCESS_TOKEN_TTL_SECS", 900)?),
             consistency_wait: Duration::from_millis(num("CAIRN_CONSISTENCY_WAIT_MS", 5000)?),
             max_body_bytes: usize::try_from(num("CAIRN_MAX_BODY_BYTES", 64 * 1024)?)?,
-            hash_concurrency: usize::try_from(num("CAIRN_HASH_CONCURRENCY", cores as u64)?)?.max(1),
+            hash_concurrency,
+            password_queue: usize::try_from(num("CAIRN_PASSWORD_QUEUE", 32 * hash_concurrency as u64)?)?.max(1),
             stream_replicas: usize::try_from(num("CAIRN_STREAM_REPLICAS", 1)?)?.max(1),
             relay_batch: i64::try_from(num("CAIRN_RELAY_BATCH", 1000)?)?.max(1),
             projector_batch: usize::try_from(num("CAIRN_PROJECTOR_BATCH", 500)?)?.max(1),
@@ -358,6 +396,12 @@ impl Settings {
                 .collect(),
             rate_limit_user: RateLimit::parse(&get("CAIRN_RATE_LIMIT_USER", "1200/min"))
                 .context("CAIRN_RATE_LIMIT_USER")?,
+            rate_limit_mail: RateLimit::parse(&get("CAIRN_RATE_LIMIT_MAIL", "3/h")).context("CAIRN_RATE_LIMIT_MAIL")?,
+            rate_limit_sweep: Duration::from_secs(num("CAIRN_RATE_LIMIT_SWEEP_SECS", 60)?.max(1)),
+            metrics_listen: lookup("CAIRN_METRICS_LISTEN")
+                .filter(|v| !v.is_empty())
+                .map(|v| v.parse().context("CAIRN_METRICS_LISTEN must be host:port"))
+                .transpose()?,
             lockout_threshold: u32::try_from(num("CAIRN_LOCKOUT_THRESHOLD", 5)?)?.max(1),
             lockout_base: Duration::from_secs(num("CAIRN_LOCKOUT_BASE_SECS", 60)?.max(1)),
             lockout_max: Duration::from_secs(num("CAIRN_LOCKOUT_MAX_SECS", 900)?.max(1)),
@@ -405,6 +449,23 @@ mod tests {
         assert!(RateLimit::parse("20").is_err());
         assert!(RateLimit::parse("0/s").is_err());
         assert!(RateLimit::parse("5/week").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn debug_output_holds_no_secret() -> anyhow::Result<()> {
+        let s = settings(&[
+            ("DATABASE_URL", "postgres://cairn:db-secret-1@db.internal/cairn"),
+            ("NATS_URL", "nats://relay:nats-secret-2@nats.internal:4222"),
+            ("CAIRN_OAUTH_PROVIDERS", "google"),
+            ("CAIRN_OAUTH_GOOGLE_CLIENT_ID", "client-id"),
+            ("CAIRN_OAUTH_GOOGLE_CLIENT_SECRET", "oauth-secret-3"),
+        ])?;
+        let printed = format!("{s:?} {s:#?}");
+        for secret in ["db-secret-1", "nats-secret-2", "oauth-secret-3"] {
+            assert!(!printed.contains(secret), "{secret} printed: {printed}");
+        }
+        assert!(printed.contains("REDACTED"));
         Ok(())
     }
 

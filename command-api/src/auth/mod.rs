@@ -12,4 +12,7 @@ pub use cookies::RefreshCookie;
 pub use guard::LoginGuard;
 pub use routes::routes;
 pub(crate) use routes::{complete_sign_in, with_cookie};
+
+/// Verification and reset requests looked up at once; more are dropped (their answer is 202 either way).
+pub const MAIL_REQUESTS_IN_FLIGHT: usize = 256;
 pub use sessions::{Refreshed, SessionService};

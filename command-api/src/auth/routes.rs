@@ -1,5 +1,7 @@
 //! HTTP handlers of sign-in and sessions.
 
+use std::sync::Arc;
+
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -58,7 +60,7 @@ fn tokens_body(access: String, auth: &AuthState, refresh_in_body: Option<&str>) 
 }
 
 /// `POST /api/v1/auth/login` body.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginBody {
     /// The address signed up with (any text: a wrong one is a wrong sign-in, 401).
@@ -68,6 +70,16 @@ pub struct LoginBody {
     /// Native clients: return the refresh token in the body instead of a cookie.
     #[serde(default)]
     refresh_token_in_body: bool,
+}
+
+impl std::fmt::Debug for LoginBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginBody")
+            .field("email", &self.email)
+            .field("refresh_token_in_body", &self.refresh_token_in_body)
+            .field("password", &"REDACTED")
+            .finish()
+    }
 }
 
 /// Signs in: an access token, and a refresh token in an HttpOnly cookie (or the body for native
@@ -99,7 +111,7 @@ async fn login(
         Some(id) => Some((id, users.load(id).await?)),
         None => None,
     };
-    let hash = user.as_ref().map(|(_, u)| u.password_hash.clone());
+    let hash = user.as_ref().map(|(_, u)| u.password_hash.expose().to_owned());
     // Unknown accounts are checked against a dummy hash: the answer takes as long either way.
     let matches = users.passwords().verify(body.password, hash).await?;
     if !matches {
@@ -178,12 +190,18 @@ pub(crate) async fn complete_sign_in(
 }
 
 /// `POST /api/v1/auth/refresh` body (native clients; browsers send the cookie and no body).
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshBody {
     /// The refresh token of the last sign-in or refresh: `<session id>.<secret>`.
     #[schema(pattern = r"^[0-9a-fA-F-]{36}\.[A-Za-z0-9_-]{43}$")]
     refresh_token: String,
+}
+
+impl std::fmt::Debug for RefreshBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RefreshBody").field("refresh_token", &"REDACTED").finish()
+    }
 }
 
 /// Where a refresh token came from decides where the next one goes.
@@ -276,7 +294,7 @@ async fn logout_all(
 }
 
 /// `POST /api/v1/auth/password` body.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChangePasswordBody {
     /// The password now.
@@ -284,6 +302,15 @@ pub struct ChangePasswordBody {
     /// 8 to 128 characters, and strong enough.
     #[schema(min_length = 8, max_length = 128)]
     new_password: String,
+}
+
+impl std::fmt::Debug for ChangePasswordBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangePasswordBody")
+            .field("current_password", &"REDACTED")
+            .field("new_password", &"REDACTED")
+            .finish()
+    }
 }
 
 /// Changes the caller's password (PasswordChanged). Every other session ends; this one goes on
@@ -300,11 +327,14 @@ async fn change_password(
 ) -> Result<ApiResponse<Value>, ApiError> {
     let id = caller.id();
     let user = state.users.load(id).await?;
-    if !state.users.passwords().verify(body.current_password, Some(user.password_hash.clone())).await? {
+    if !state.users.passwords().verify(body.current_password, Some(user.password_hash.expose().to_owned())).await? {
         return Err(ApiError::Unauthenticated("current password is wrong".to_owned()));
     }
     let password_hash = state.users.hash_new_password(body.new_password, &user, "new_password").await?;
-    state.users.execute(id, UserCommand::ChangePassword { password_hash }, &ctx, Some(id)).await?;
+    state
+        .users
+        .execute(id, UserCommand::ChangePassword { password_hash: password_hash.into() }, &ctx, Some(id))
+        .await?;
     let user = state.users.load(id).await?;
     let token = state.sessions.rebind(caller.claims.sid, user.session_version, &ctx, id).await?;
     let access = access_token(&state.auth.tokens, state.users.roles(), id, &user, caller.claims.sid).await?;
@@ -397,12 +427,18 @@ fn invalid_email_token() -> ApiError {
 }
 
 /// `POST /api/v1/auth/verify-email` body.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyEmailBody {
     /// The token from the mailed link.
     #[schema(pattern = r"^[A-Za-z0-9_-]{43}$")]
     token: String,
+}
+
+impl std::fmt::Debug for VerifyEmailBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyEmailBody").field("token", &"REDACTED").finish()
+    }
 }
 
 /// Verifies the email address with the emailed token (EmailVerified).
@@ -443,7 +479,9 @@ pub struct EmailBody {
 
 /// Runs `command` for the account of `email`, if there is one, after answering: the answer is the
 /// same, and takes the same time, whether or not the address has an account. Each address may
-/// ask only a few times an hour. Only text that is no address at all is refused.
+/// ask only a few times an hour, and at most [`MAIL_REQUESTS_IN_FLIGHT`] requests are looked up at
+/// once: a flood of addresses is dropped rather than queued without bound behind the database.
+/// Only text that is no address at all is refused.
 fn request_mail(
     state: &CommandState,
     email: &str,
@@ -451,11 +489,16 @@ fn request_mail(
     command: fn(&User) -> Option<UserCommand>,
 ) -> Result<(), ApiError> {
     let email = Email::parse(email).map_err(|e| ApiError::field("email", e.0))?;
-    if state.mail_requests.check(&email.as_str().to_owned()).is_err() {
+    if state.mail_requests.as_ref().is_some_and(|limit| limit.check(&email.as_str().to_owned()).is_err()) {
         return Ok(());
     }
+    let Ok(permit) = Arc::clone(&state.mail_lookups).try_acquire_owned() else {
+        metrics::counter!("cairn_mail_requests_dropped_total").increment(1);
+        return Ok(());
+    };
     let users = state.users.clone();
     tokio::spawn(async move {
+        let _permit = permit;
         let Ok(Some(id)) = users.find_id_by_email(&email).await else { return };
         let Ok(user) = users.load(id).await else { return };
         if let Some(command) = command(&user) {
@@ -502,7 +545,7 @@ async fn request_password_reset(
 }
 
 /// `POST /api/v1/auth/password-reset/confirm` body.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfirmResetBody {
     /// The token from the mailed link.
@@ -511,6 +554,12 @@ pub struct ConfirmResetBody {
     /// 8 to 128 characters, and strong enough.
     #[schema(min_length = 8, max_length = 128)]
     new_password: String,
+}
+
+impl std::fmt::Debug for ConfirmResetBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfirmResetBody").field("token", &"REDACTED").field("new_password", &"REDACTED").finish()
+    }
 }
 
 /// Sets a new password with the emailed token (PasswordReset); every session ends.
@@ -529,7 +578,11 @@ async fn confirm_password_reset(
     let password_hash = state.users.hash_new_password(body.new_password, &user, "new_password").await?;
     // Consumed now; a request with the same token that got here first wins, this one is refused.
     let spent = SpentEmailToken::take(&state.pool, &body.token, "reset_password").await?;
-    let token = match state.users.execute(id, UserCommand::ResetPassword { password_hash }, &ctx, Some(id)).await {
+    let token = match state
+        .users
+        .execute(id, UserCommand::ResetPassword { password_hash: password_hash.into() }, &ctx, Some(id))
+        .await
+    {
         Ok(token) => token,
         Err(e) => {
             spent.give_back(&state.pool).await;
@@ -569,4 +622,54 @@ async fn end_user_sessions(
     let command = UserCommand::EndAllSessions { reason: SessionsEndedReason::Administrator };
     let token = users.execute(id, command, &ctx, Some(caller.id())).await?;
     Ok(ApiResponse::ok(json!({ "user_id": id })).consistency(token))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `T` read from `json` as a request would be, then printed with `{:?}` and `{:#?}`.
+    fn printed<T: serde::de::DeserializeOwned + std::fmt::Debug>(json: Value) -> String {
+        let value: T = serde_json::from_value(json).expect("a valid body");
+        format!("{value:?} {value:#?}")
+    }
+
+    #[test]
+    fn request_bodies_print_no_password_token_or_code() {
+        let secret = "s3cret-value-that-must-not-print";
+        let printed = [
+            printed::<LoginBody>(json!({ "email": "ada@example.com", "password": secret })),
+            printed::<RefreshBody>(json!({ "refresh_token": secret })),
+            printed::<ChangePasswordBody>(json!({ "current_password": secret, "new_password": secret })),
+            printed::<VerifyEmailBody>(json!({ "token": secret })),
+            printed::<ConfirmResetBody>(json!({ "token": secret, "new_password": secret })),
+            printed::<crate::users::routes::RegisterBody>(
+                json!({ "email": "ada@example.com", "password": secret, "display_name": "Ada" }),
+            ),
+            printed::<crate::oauth::routes::CallbackBody>(json!({ "code": secret, "state": secret })),
+            format!(
+                "{:?}",
+                crate::users::RegisterUser {
+                    email: "ada@example.com".into(),
+                    password: secret.into(),
+                    display_name: "Ada".into(),
+                    roles: vec![],
+                }
+            ),
+            format!(
+                "{:?}",
+                super::super::Refreshed {
+                    sid: Uuid::nil(),
+                    user_id: Uuid::nil(),
+                    user: User { password_hash: secret.into(), ..User::default() },
+                    refresh_token: Some(secret.into()),
+                    remaining_secs: 1,
+                }
+            ),
+        ];
+        for text in printed {
+            assert!(!text.contains(secret), "a secret printed: {text}");
+            assert!(text.contains("REDACTED"), "{text}");
+        }
+    }
 }

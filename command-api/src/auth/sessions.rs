@@ -16,7 +16,6 @@ use crate::roles::RoleCatalog;
 use crate::users::UserCommands;
 
 /// A refresh's result.
-#[derive(Debug)]
 pub struct Refreshed {
     /// The session.
     pub sid: Uuid,
@@ -28,6 +27,18 @@ pub struct Refreshed {
     pub refresh_token: Option<String>,
     /// Seconds until the session's absolute end.
     pub remaining_secs: i64,
+}
+
+impl std::fmt::Debug for Refreshed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Refreshed")
+            .field("sid", &self.sid)
+            .field("user_id", &self.user_id)
+            .field("user", &self.user)
+            .field("refresh_token", &self.refresh_token.as_ref().map(|_| "REDACTED"))
+            .field("remaining_secs", &self.remaining_secs)
+            .finish()
+    }
 }
 
 /// Starts, refreshes and ends sessions.
@@ -74,7 +85,7 @@ impl SessionService {
         let command = SessionCommand::StartSession {
             user_id,
             session_version: user.session_version,
-            refresh_hash: hash_token(&secret),
+            refresh_hash: hash_token(&secret).into(),
             at: self.clock.now(),
             lifetime: self.policy.absolute,
             device: ctx.user_agent.clone(),
@@ -112,8 +123,8 @@ impl SessionService {
             let outcome = session.refresh_outcome(&presented_hash, now, user.session_version, self.policy);
             let next_secret = random_token()?;
             let command = SessionCommand::RefreshSession {
-                presented_hash: presented_hash.clone(),
-                new_hash: hash_token(&next_secret),
+                presented_hash: presented_hash.clone().into(),
+                new_hash: hash_token(&next_secret).into(),
                 at: now,
                 user_session_version: user.session_version,
                 policy: self.policy,

@@ -10,7 +10,7 @@
 //! holding a hash of the state, a native client by its own PKCE verifier.
 
 mod flow;
-mod routes;
+pub(crate) mod routes;
 
 pub use flow::{OAuth, Proof, StartMode, Started, STATE_TTL_SECS};
 pub use routes::routes;

@@ -14,8 +14,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{Proof, StartMode, STATE_TTL_SECS};
-use crate::auth::{complete_sign_in, with_cookie, RefreshCookie};
 use crate::answers::{OAuthStartData, SignInData};
+use crate::auth::{complete_sign_in, with_cookie, RefreshCookie};
 use crate::users::RegisterUser;
 use crate::CommandState;
 use cairn_platform::http::Envelope;
@@ -88,7 +88,7 @@ async fn start(
 }
 
 /// `POST /api/v1/auth/oauth/{provider}/callback` body.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CallbackBody {
     /// The `code` the provider returned.
@@ -101,6 +101,17 @@ pub struct CallbackBody {
     /// Native clients: return the refresh token in the body instead of a cookie.
     #[serde(default)]
     refresh_token_in_body: bool,
+}
+
+impl std::fmt::Debug for CallbackBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallbackBody")
+            .field("refresh_token_in_body", &self.refresh_token_in_body)
+            .field("code", &"REDACTED")
+            .field("state", &"REDACTED")
+            .field("code_verifier", &self.code_verifier.as_ref().map(|_| "REDACTED"))
+            .finish()
+    }
 }
 
 /// RFC 7636: 43 to 128 unreserved characters.

@@ -17,7 +17,7 @@ use crate::passwords::{check_policy, Passwords};
 use crate::roles::RoleCatalog;
 
 /// A registration request, as received.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RegisterUser {
     /// Email as typed.
     pub email: String,
@@ -27,6 +27,17 @@ pub struct RegisterUser {
     pub display_name: String,
     /// Initial roles; empty means the default role.
     pub roles: Vec<String>,
+}
+
+impl std::fmt::Debug for RegisterUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterUser")
+            .field("email", &self.email)
+            .field("display_name", &self.display_name)
+            .field("roles", &self.roles)
+            .field("password", &"REDACTED")
+            .finish()
+    }
 }
 
 /// Executes user commands.
@@ -105,7 +116,7 @@ impl UserCommands {
         }
         let password_hash = self.passwords.hash(input.password).await?;
         let id = Uuid::now_v7();
-        let command = UserCommand::RegisterUser { email, display_name, password_hash, roles };
+        let command = UserCommand::RegisterUser { email, display_name, password_hash: password_hash.into(), roles };
         let token = self.execute(id, command, ctx, actor.or(Some(id))).await.map_err(|e| match e {
             ApiError::Conflict(_) => email_taken(),
             other => other,
@@ -172,7 +183,7 @@ impl UserCommands {
     /// VALIDATION_FAILED naming `field` when the password is too short, long or weak.
     pub async fn hash_new_password(&self, password: String, user: &User, field: &str) -> Result<String, ApiError> {
         check_policy(&password, &[&user.email, &user.display_name]).map_err(|p| ApiError::field(field, p))?;
-        Ok(self.passwords.hash(password).await?)
+        self.passwords.hash(password).await
     }
 }
 

@@ -39,7 +39,7 @@ fn accepted<T: Serialize>(status: StatusCode, data: T, token: ConsistencyToken) 
 }
 
 /// `POST /api/v1/auth/register` body.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterBody {
     /// The address to sign in with; verified by a mailed link.
@@ -55,6 +55,16 @@ pub struct RegisterBody {
         pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
     )]
     display_name: String,
+}
+
+impl std::fmt::Debug for RegisterBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterBody")
+            .field("email", &self.email)
+            .field("display_name", &self.display_name)
+            .field("password", &"REDACTED")
+            .finish()
+    }
 }
 
 /// Opens an account (UserRegistered) with the `user` role.

@@ -54,7 +54,8 @@ pub struct TokenSubject {
 }
 
 /// Signs and verifies access tokens with the key set, which can be swapped for a reloaded one.
-#[derive(Debug, Clone)]
+/// Its `Debug` output shows neither the keys nor the hashes of the tokens it remembers.
+#[derive(Clone)]
 pub struct TokenIssuer {
     keys: Arc<std::sync::RwLock<Arc<KeySet>>>,
     issuer: String,
@@ -62,6 +63,19 @@ pub struct TokenIssuer {
     ttl: Duration,
     verified: Arc<std::sync::Mutex<VerifiedTokens>>,
     clock: SharedClock,
+}
+
+impl std::fmt::Debug for TokenIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let remembered = self.verified.lock().map_or(0, |v| v.len());
+        f.debug_struct("TokenIssuer")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("ttl", &self.ttl)
+            .field("keys", &"REDACTED")
+            .field("verified_tokens", &remembered)
+            .finish()
+    }
 }
 
 /// Tokens already verified, by the SHA-256 of the token: a client presents the same access token
@@ -275,6 +289,33 @@ mod tests {
         let token = tokens.issue(subject(user, 3)).expect("issue");
         let claims = tokens.verify(&token).expect("verifies");
         assert_eq!((claims.sub, claims.sv), (user, 3));
+    }
+
+    #[test]
+    fn debug_output_shows_no_key_and_no_remembered_token() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tokens = issuer(dir.path(), "api");
+        let token = tokens.issue(subject(Uuid::new_v4(), 1)).expect("issue");
+        tokens.verify(&token).expect("verifies, and is remembered");
+        let remembered: Vec<String> = tokens
+            .verified
+            .lock()
+            .expect("lock")
+            .keys()
+            .map(|k| k.iter().map(|b| format!("{b}")).collect::<Vec<_>>().join(", "))
+            .collect();
+        assert_eq!(remembered.len(), 1);
+        let state = crate::auth::AuthState {
+            tokens: tokens.clone(),
+            sessions: crate::auth::SessionVersions::default(),
+            user_limits: None,
+            verified_email_for: Arc::new(vec![]),
+        };
+        let printed = format!("{tokens:?} {tokens:#?} {state:?}");
+        assert!(!printed.contains(&token), "{printed}");
+        assert!(!printed.contains(&remembered[0]), "a remembered token's hash printed: {printed}");
+        assert!(!printed.contains("PRIVATE KEY"), "{printed}");
+        assert!(printed.contains("REDACTED"));
     }
 
     #[test]

@@ -62,6 +62,13 @@ pub enum ApiError {
     /// 503 SERVICE_UNAVAILABLE: Postgres or NATS unreachable; nothing was written.
     #[error("{0}")]
     ServiceUnavailable(String),
+    /// 503 SERVICE_UNAVAILABLE with `Retry-After` and `details.retry_after_s`: too much work is
+    /// already waiting (the password-hashing queue is full); nothing was done.
+    #[error("the server is busy; try again shortly")]
+    Overloaded {
+        /// Seconds to wait before trying again.
+        retry_after_s: u64,
+    },
     /// 500 INTERNAL: logged with the request id; the client learns nothing more.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -75,7 +82,7 @@ pub(crate) struct ErrorBody {
     pub details: Option<serde_json::Value>,
     /// What to log for a 5xx (never sent).
     pub internal: Option<String>,
-    /// `Retry-After` seconds, for 423 and 429.
+    /// `Retry-After` seconds, for 423, 429 and an overloaded 503.
     pub retry_after: Option<u64>,
 }
 
@@ -106,7 +113,9 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE"),
             Self::AccountLocked { .. } => (StatusCode::LOCKED, "ACCOUNT_LOCKED"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED"),
-            Self::ServiceUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE"),
+            Self::ServiceUnavailable(_) | Self::Overloaded { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE")
+            }
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
         }
     }
@@ -139,7 +148,9 @@ impl IntoResponse for ApiError {
         let message = self.to_string();
         let plain = |message: String| ErrorBody { code, message, details: None, internal: None, retry_after: None };
         let body = match self {
-            Self::Internal(e) => ErrorBody { internal: Some(format!("{e:#}")), ..plain("internal error".to_owned()) },
+            Self::Internal(e) => {
+                ErrorBody { internal: Some(loggable(e.as_ref())), ..plain("internal error".to_owned()) }
+            }
             Self::ServiceUnavailable(m) => ErrorBody {
                 internal: Some(m),
                 ..plain("a backing service is unavailable; nothing was written, try again".to_owned())
@@ -150,6 +161,12 @@ impl IntoResponse for ApiError {
             Self::UnknownField(field) => {
                 ErrorBody { details: Some(serde_json::json!({ field: "is not a known field" })), ..plain(message) }
             }
+            Self::Overloaded { retry_after_s } => ErrorBody {
+                details: Some(serde_json::json!({ "retry_after_s": retry_after_s })),
+                retry_after: Some(retry_after_s),
+                internal: Some("the password-hashing queue is full".to_owned()),
+                ..plain(message)
+            },
             Self::AccountLocked { retry_after_s } | Self::RateLimited { retry_after_s } => ErrorBody {
                 details: Some(serde_json::json!({ "retry_after_s": retry_after_s })),
                 retry_after: Some(retry_after_s),
@@ -174,6 +191,65 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+/// What may be logged of `error` for a 5xx: its chain as text, except that an error from Postgres
+/// is described by its SQLSTATE code, constraint, table and column only, and a JSON decoding error
+/// by its position only. Their messages and details quote row values (`Key (email)=(…)`, `invalid
+/// input syntax for type uuid: "…"`, a payload's text), which logs must never hold.
+#[must_use]
+pub fn loggable(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(database) = e.downcast_ref::<sqlx::Error>().and_then(|e| match e {
+            sqlx::Error::Database(db) => Some(db.as_ref()),
+            _ => None,
+        }) {
+            return describe_database_error(database);
+        }
+        if let Some(database) = e.downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+            return describe_database_error(database);
+        }
+        if let Some(json) = e.downcast_ref::<serde_json::Error>() {
+            return format!(
+                "JSON does not decode ({:?} error at line {} column {})",
+                json.classify(),
+                json.line(),
+                json.column()
+            );
+        }
+        cause = e.source();
+    }
+    error_chain(error)
+}
+
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let next = e.to_string();
+        // Transparent wrappers repeat their source's text.
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = e.source();
+    }
+    text
+}
+
+fn describe_database_error(db: &dyn sqlx::error::DatabaseError) -> String {
+    let mut text = format!("postgres error {}", db.code().as_deref().unwrap_or("(no code)"));
+    if let Some(constraint) = db.constraint() {
+        text.push_str(&format!(", constraint {constraint}"));
+    }
+    if let Some(table) = db.table() {
+        text.push_str(&format!(", table {table}"));
+    }
+    if let Some(column) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().and_then(|pg| pg.column()) {
+        text.push_str(&format!(", column {column}"));
+    }
+    text
+}
+
 /// Turns a unique violation into a 409 (as realworld-axum-sqlx's `on_constraint`).
 pub trait ResultExt<T> {
     /// Maps a violation of `constraint` to `map()`.
@@ -189,5 +265,77 @@ impl<T> ResultExt<T> for Result<T, sqlx::Error> {
             sqlx::Error::Database(db) if db.constraint() == Some(constraint) => map(),
             _ => e.into(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::Connection;
+
+    use super::*;
+
+    /// What a 5xx would log for `error`.
+    fn logged(error: ApiError) -> String {
+        let response = error.into_response();
+        let body = response.extensions().get::<ErrorBody>().cloned().expect("an error body");
+        body.internal.unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn five_hundreds_log_no_row_values_from_postgres() -> anyhow::Result<()> {
+        let base = std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let mut db = sqlx::PgConnection::connect(&format!("{base}/postgres")).await?;
+        sqlx::query(
+            "CREATE TEMP TABLE accounts (email text CONSTRAINT accounts_email_key UNIQUE, \
+             age int CONSTRAINT accounts_age_check CHECK (age >= 0))",
+        )
+        .execute(&mut db)
+        .await?;
+        sqlx::query("INSERT INTO accounts VALUES ('victim-row-value@example.com', 1)").execute(&mut db).await?;
+        let duplicate = sqlx::query("INSERT INTO accounts VALUES ('victim-row-value@example.com', 2)")
+            .execute(&mut db)
+            .await
+            .expect_err("a unique violation");
+        let check = sqlx::query("INSERT INTO accounts VALUES ('checked-row-value@example.com', -7)")
+            .execute(&mut db)
+            .await
+            .expect_err("a check violation");
+        let syntax = sqlx::query("SELECT 'not-a-uuid-row-value'::uuid").execute(&mut db).await.expect_err("bad input");
+        // The errors do carry the values (message or detail), which is why they must not be logged.
+        assert!(format!("{duplicate:?}").contains("victim-row-value"));
+
+        let duplicate = logged(ApiError::from(duplicate));
+        assert!(duplicate.contains("23505") && duplicate.contains("accounts_email_key"), "{duplicate}");
+        let check = logged(ApiError::Internal(anyhow::Error::from(check).context("saving the account")));
+        assert!(check.contains("23514") && check.contains("accounts_age_check"), "{check}");
+        let syntax = logged(ApiError::from(syntax));
+        assert!(syntax.contains("22P02"), "{syntax}");
+        for line in [duplicate, check, syntax] {
+            assert!(!line.contains("row-value") && !line.contains("-7"), "a row value logged: {line}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn five_hundreds_log_no_payload_text_from_json_errors() {
+        let error = serde_json::from_str::<u64>("\"payload-secret-text\"").expect_err("not a number");
+        let line = logged(ApiError::Internal(anyhow::Error::from(error).context("decoding an event")));
+        assert!(!line.contains("payload-secret-text"), "{line}");
+        assert!(line.contains("line 1"), "{line}");
+    }
+
+    #[test]
+    fn other_internal_errors_keep_their_whole_chain() {
+        let line = logged(ApiError::Internal(anyhow::anyhow!("the pool stopped").context("hashing a password")));
+        assert_eq!(line, "hashing a password: the pool stopped");
+    }
+
+    #[test]
+    fn a_full_queue_is_a_503_with_retry_after() {
+        let response = ApiError::Overloaded { retry_after_s: 2 }.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = response.extensions().get::<ErrorBody>().cloned().expect("an error body");
+        assert_eq!((body.code, body.retry_after), ("SERVICE_UNAVAILABLE", Some(2)));
+        assert_eq!(body.details, Some(serde_json::json!({ "retry_after_s": 2 })));
     }
 }

@@ -11,9 +11,9 @@ mod response;
 mod schema;
 
 pub use context::RequestContext;
-pub use error::{ApiError, ResultExt};
+pub use error::{loggable, ApiError, ResultExt};
 pub use extract::{json_from_slice, ApiJson, ApiPath, ApiQuery};
 pub use layers::finish_router;
-pub use ops::{ops_router, OpsState, OPS_ROUTES};
+pub use ops::{metrics_router, ops_router, probes_router, OpsState, OPS_ROUTES};
 pub use response::{ApiResponse, Page, PageParams};
 pub use schema::{document_errors, Envelope, ErrorCode, ErrorEnvelope, ErrorObject, Meta};

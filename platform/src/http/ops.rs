@@ -1,4 +1,6 @@
-//! `/health`, `/ready` and `/metrics`, served by every process.
+//! `/health`, `/ready` and `/metrics`, served by every process. `/metrics` is internal: with
+//! `CAIRN_METRICS_LISTEN` it is served only on that address ([`metrics_router`]), and the main
+//! listener answers 404 for it.
 //!
 //! Readiness means "can take requests": Postgres answers. NATS is not required for that: commands
 //! append to Postgres and the relay publishes when NATS returns, so a process without NATS says
@@ -29,22 +31,23 @@ pub struct OpsState {
     pub nats: async_nats::Client,
 }
 
-/// The operational routes, as (method, path): [`ops_router`] serves exactly these.
+/// The operational routes, as (method, path): [`probes_router`] and [`metrics_router`] together
+/// serve exactly these.
 pub const OPS_ROUTES: &[(&str, &str)] = &[("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics")];
 
-/// The operational routes.
+/// The operational routes, `/metrics` included.
 pub fn ops_router(state: OpsState) -> Router {
-    OPS_ROUTES
-        .iter()
-        .fold(Router::new(), |router, (_, path)| {
-            let handler = match *path {
-                "/health" => get(health),
-                "/ready" => get(ready),
-                _ => get(metrics_text),
-            };
-            router.route(path, handler)
-        })
-        .with_state(state)
+    probes_router(state.clone()).merge(metrics_router(state))
+}
+
+/// `/health` and `/ready` alone (the main listener's, when `/metrics` has its own).
+pub fn probes_router(state: OpsState) -> Router {
+    Router::new().route("/health", get(health)).route("/ready", get(ready)).with_state(state)
+}
+
+/// `/metrics` alone.
+pub fn metrics_router(state: OpsState) -> Router {
+    Router::new().route("/metrics", get(metrics_text)).with_state(state)
 }
 
 async fn health() -> ApiResponse<serde_json::Value> {
