@@ -390,7 +390,7 @@ impl<H: EventBatchHandler> Parking<H> {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(consumer = name, error = %format!("{e:#}"), "batch refused; one event at a time");
+                    tracing::warn!(consumer = name, error = %crate::http::loggable(e.as_ref()), "batch refused; one event at a time");
                     for event in events {
                         if !self.apply_one(event, shutdown).await {
                             return;

@@ -91,7 +91,7 @@ impl<P: Projection> EventBatchHandler for Checkpointed<P> {
         }
         match self.apply_in_transaction(events, false).await {
             Err(e) if !is_transient(&e) => {
-                tracing::warn!(projection = P::NAME, error = %format!("{e:#}"), "batch refused; applying it one event at a time");
+                tracing::warn!(projection = P::NAME, error = %cairn_platform::http::loggable(e.as_ref()), "batch refused; applying it one event at a time");
                 self.apply_in_transaction(events, true).await
             }
             other => other,
@@ -408,7 +408,7 @@ async fn rebuild_batch<P: Projection>(
             }
             Err(e) if one_by_one || is_transient(&e) => return Err(e),
             Err(e) => {
-                tracing::warn!(projection = P::NAME, error = %format!("{e:#}"), "rebuild batch refused; one event at a time");
+                tracing::warn!(projection = P::NAME, error = %cairn_platform::http::loggable(e.as_ref()), "rebuild batch refused; one event at a time");
             }
         }
     }
