@@ -55,6 +55,8 @@ async fn refused_callers_are_refused_before_any_wait() {
     let app = spawn().await;
     app.register_ok("plain@example.com").await;
     let user = app.login("plain@example.com").await;
+    // The caller's own row is in the read model before the projection is held.
+    app.wait_count("SELECT count(*) FROM users WHERE email = 'plain@example.com'", 1, Duration::from_secs(10)).await;
     let held = hold_projection(&app, "users").await;
     let token = unreachable_token(&app, "later@example.com").await;
     let other: String = sqlx::query_scalar(
