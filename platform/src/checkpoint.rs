@@ -35,10 +35,7 @@ pub async fn read<'e>(executor: impl sqlx::PgExecutor<'e>, name: &str) -> sqlx::
             .bind(name)
             .fetch_optional(executor)
             .await?;
-    Ok(row.map_or_else(ConsistencyToken::default, |(tx, pos)| ConsistencyToken {
-        tx: u64::try_from(tx).unwrap_or_default(),
-        pos,
-    }))
+    Ok(from_row(row))
 }
 
 /// The position of the newest committed event in the log (zero while it is empty): the furthest
@@ -53,10 +50,16 @@ pub async fn log_head<'e>(executor: impl sqlx::PgExecutor<'e>) -> sqlx::Result<C
     )
     .fetch_optional(executor)
     .await?;
-    Ok(row.map_or_else(ConsistencyToken::default, |(tx, pos)| ConsistencyToken {
+    Ok(from_row(row))
+}
+
+/// A stored `(transaction id, position)` pair as a token; zero when there is no row yet.
+#[must_use]
+pub fn from_row(row: Option<(i64, i64)>) -> ConsistencyToken {
+    row.map_or_else(ConsistencyToken::default, |(tx, pos)| ConsistencyToken {
         tx: u64::try_from(tx).unwrap_or_default(),
         pos,
-    }))
+    })
 }
 
 /// Lag is counted exactly up to this many events, and reported as this beyond.

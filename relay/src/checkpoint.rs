@@ -36,10 +36,7 @@ pub async fn read<'e>(executor: impl sqlx::PgExecutor<'e>, name: &str) -> sqlx::
             .bind(name)
             .fetch_optional(executor)
             .await?;
-    Ok(row.map_or_else(ConsistencyToken::default, |(tx, pos)| ConsistencyToken {
-        tx: u64::try_from(tx).unwrap_or_default(),
-        pos,
-    }))
+    Ok(cairn_platform::checkpoint::from_row(row))
 }
 
 /// Stores `at` as the checkpoint of namespace `name`.
