@@ -6,11 +6,15 @@
 //! - [`session`]: the `Session` aggregate (a sign-in and its rotating refresh-token family).
 //! - [`role`]: the `Role` aggregate (a named set of permissions).
 //! - [`roles`]: the seeded role catalogue and its permissions.
+//! - [`room`]: the `Room` aggregate (settings and membership of a chat room).
+//! - [`message`]: the `Message` aggregate (one chat message, its edits and deletion).
 //! - [`parked`]: the `ParkedEvent` aggregate (operators' retries and skips of parked events).
 //! - [`upcast`]: reading events stored under older versions as the current shape.
 //! - [`values`]: newtypes that parse input (`Email`, `DisplayName`, `RoleName`), and `Secret`, which never prints.
 
+pub mod message;
 pub mod parked;
+pub mod room;
 pub mod role;
 pub mod roles;
 pub mod session;
@@ -18,8 +22,10 @@ pub mod upcast;
 pub mod user;
 pub mod values;
 
+pub use message::MessageEvent;
 pub use parked::{parked_event_id, ParkedEvent, ParkedEventCommand, ParkedEventError, ParkedEventEvent};
 pub use role::{Role, RoleCommand, RoleError, RoleEvent};
+pub use room::{RoomEvent, RoomVisibility};
 pub use session::{RefreshOutcome, RevokeReason, Session, SessionCommand, SessionError, SessionEvent, SessionPolicy};
 pub use user::{AccountLock, LockoutPolicy, SessionsEndedReason, User, UserCommand, UserError, UserEvent, UserStatus};
 pub use values::{DisplayName, Email, RoleName, Secret, ValueError};

@@ -9,6 +9,7 @@
 //! - [`envelope`]: the event envelope published on NATS, and the consistency token.
 //! - [`checkpoint`]: projection checkpoints and waiting for one to reach a consistency token.
 //! - [`parking`]: events a consumer could not apply, and operators' retries and skips.
+//! - [`rooms`]: the one shape of a chat message, and the port a socket sends messages through.
 //! - [`secrets`]: random tokens and their hashes.
 //! - [`auth`]: signing keys, access tokens, the session-version map, the authenticated caller.
 //! - [`http`]: the response envelope, the error type, extractors and the layers every router shares.
@@ -22,6 +23,7 @@ pub mod failure;
 pub mod http;
 pub mod nats;
 pub mod parking;
+pub mod rooms;
 pub mod secrets;
 pub mod settings;
 pub mod telemetry;

@@ -113,6 +113,20 @@ pub struct Settings {
     /// `CAIRN_OAUTH_REDIRECT_URI`: the frontend page providers send the user back to
     /// (default `<CAIRN_PUBLIC_URL>/oauth/callback`).
     pub oauth_redirect_uri: String,
+    /// `CAIRN_RATE_LIMIT_MESSAGES`: messages each user may send, over HTTP and sockets together (default `5/s`).
+    pub rate_limit_messages: Option<RateLimit>,
+    /// `CAIRN_WS_FRAME_RATE`: frames a socket may send before it is closed (default `20/s`).
+    pub ws_frame_rate: Option<RateLimit>,
+    /// `CAIRN_WS_QUEUE`: frames waiting to be written to one socket; a socket that falls this far
+    /// behind is disconnected (default 256).
+    pub ws_queue: usize,
+    /// `CAIRN_WS_HEARTBEAT_SECS`: how often the server pings each socket and announces presence;
+    /// a socket silent for three of these is dropped (default 10).
+    pub ws_heartbeat: Duration,
+    /// `CAIRN_WS_MAX_SOCKETS`: open sockets per process; beyond it upgrades answer 503 (default 20000).
+    pub ws_max_sockets: usize,
+    /// `CAIRN_WS_MAX_ROOMS`: rooms one socket may have joined at once (default 200).
+    pub ws_max_rooms: usize,
     /// Where time comes from: the system clock, except in tests (never read from the environment).
     pub clock: crate::clock::SharedClock,
 }
@@ -409,6 +423,13 @@ impl Settings {
             oauth_redirect_uri: lookup("CAIRN_OAUTH_REDIRECT_URI").filter(|v| !v.is_empty()).unwrap_or_else(|| {
                 format!("{}/oauth/callback", get("CAIRN_PUBLIC_URL", "http://localhost:8080").trim_end_matches('/'))
             }),
+            rate_limit_messages: RateLimit::parse(&get("CAIRN_RATE_LIMIT_MESSAGES", "5/s"))
+                .context("CAIRN_RATE_LIMIT_MESSAGES")?,
+            ws_frame_rate: RateLimit::parse(&get("CAIRN_WS_FRAME_RATE", "20/s")).context("CAIRN_WS_FRAME_RATE")?,
+            ws_queue: usize::try_from(num("CAIRN_WS_QUEUE", 256)?)?.max(1),
+            ws_heartbeat: Duration::from_secs(num("CAIRN_WS_HEARTBEAT_SECS", 10)?.max(1)),
+            ws_max_sockets: usize::try_from(num("CAIRN_WS_MAX_SOCKETS", 20_000)?)?.max(1),
+            ws_max_rooms: usize::try_from(num("CAIRN_WS_MAX_ROOMS", 200)?)?.max(1),
             clock: crate::clock::system(),
         })
     }

@@ -95,16 +95,28 @@ fn authenticate(parts: &Parts, auth: &AuthState) -> Result<Option<Caller>, ApiEr
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::Unauthenticated("expected 'Authorization: Bearer <token>'".into()))?;
-    let mut claims = auth.tokens.verify(token).map_err(|e| ApiError::Unauthenticated(e.0))?;
-    if !auth.sessions.is_current(claims.sub, claims.sv, claims.sid) {
-        return Err(ApiError::Unauthenticated("session has ended; sign in again".into()));
-    }
-    // A permission taken from a role since the token was issued is gone at once.
-    claims.perms = auth.sessions.still_granted(&claims.roles, std::mem::take(&mut claims.perms));
+    let caller = auth.caller(token)?;
     if let Some(limits) = &auth.user_limits {
-        limits.check(&claims.sub)?;
+        limits.check(&caller.claims.sub)?;
     }
-    Ok(Some(Caller { claims, verified_email_for: Arc::clone(&auth.verified_email_for) }))
+    Ok(Some(caller))
+}
+
+impl AuthState {
+    /// The caller a bearer token stands for, when it is valid and its session current (no rate
+    /// limit applied): what the HTTP extractor and a socket's `auth` frame both check.
+    ///
+    /// # Errors
+    /// UNAUTHENTICATED when the token is malformed, expired, wrongly signed or its session over.
+    pub fn caller(&self, token: &str) -> Result<Caller, ApiError> {
+        let mut claims = self.tokens.verify(token).map_err(|e| ApiError::Unauthenticated(e.0))?;
+        if !self.sessions.is_current(claims.sub, claims.sv, claims.sid) {
+            return Err(ApiError::Unauthenticated("session has ended; sign in again".into()));
+        }
+        // A permission taken from a role since the token was issued is gone at once.
+        claims.perms = self.sessions.still_granted(&claims.roles, std::mem::take(&mut claims.perms));
+        Ok(Caller { claims, verified_email_for: Arc::clone(&self.verified_email_for) })
+    }
 }
 
 impl<S> FromRequestParts<S> for Caller
