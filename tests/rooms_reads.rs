@@ -12,7 +12,7 @@ use cairn_projector::Projection;
 use common::{Reply, TestApp, TestEnv};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use sqlx::PgPool;
+use sqlx::{Executor, PgPool};
 use uuid::Uuid;
 
 /// Everything in one process, without the verified-email rule or a message rate limit worth
@@ -168,6 +168,27 @@ async fn the_room_list_shows_what_the_caller_may_read_with_the_joined_filter_and
     // Carol, who holds rooms:write, sees the public ones only.
     let carol_rooms = all_pages(&app, "/api/v1/rooms", "cursor", 4, &carol, &invited).await;
     assert_eq!(carol_rooms.len(), 5);
+
+    // A `readonly` user (no rooms:write) sees no public room, only the rooms it belongs to.
+    let reader_id = app.register_ok("reader@example.com").await;
+    let granted =
+        app.post(&format!("/api/v1/users/{reader_id}/roles"), Some(&admin.token), json!({ "role": "readonly" })).await;
+    ok(&granted, "grant readonly");
+    let revoked =
+        app.request("DELETE", &format!("/api/v1/users/{reader_id}/roles/user"), Some(&admin.token), None, &[]).await;
+    ok(&revoked, "revoke user");
+    let reader = User { id: reader_id, token: app.login("reader@example.com").await };
+    let before = read(&app, "/api/v1/rooms", &reader, &revoked.token()).await;
+    assert_eq!(before.data(), &json!([]));
+    let public_room = read(&app, &format!("/api/v1/rooms/{}", public[0]), &reader, &revoked.token()).await;
+    assert_eq!(public_room.status, StatusCode::NOT_FOUND);
+    let invited =
+        command(&app, "POST", &format!("/api/v1/rooms/{secret}/members"), &alice, json!({ "user_id": reader.id }))
+            .await;
+    let after = read(&app, "/api/v1/rooms", &reader, &invited).await;
+    assert_eq!(ids(&after, "id"), vec![secret.to_string()]);
+    let messages = read(&app, &format!("/api/v1/rooms/{secret}/messages"), &reader, &invited).await;
+    assert_eq!(messages.status, StatusCode::OK);
 
     // Bad query parameters are refused, naming the parameter.
     for (query, field) in [("cursor=garbage", "cursor"), ("limit=0", "limit"), ("joined=maybe", "joined")] {
@@ -352,6 +373,23 @@ async fn unread_counts_follow_read_markers_and_others_messages_and_last_message_
     let view = read(&app, &room_path, &bob, &token).await;
     assert_eq!((unread(&view), &view.data()["last_message"]["body"]), (1, &json!("more 1")));
     assert_eq!(view.data()["last_message"]["deleted_at"], Value::Null);
+
+    // A long backlog is counted up to the cap: 1,005 more unread rows (written straight into
+    // the read model, past every position the log has) show as 1,000.
+    sqlx::query(
+        "INSERT INTO messages (id, room_id, author_id, body, tx, pos, changed_tx, changed_pos, created_at, version) \
+         SELECT gen_random_uuid(), $1, $2, 'backlog', 9000000000 + g, g, 9000000000 + g, g, now(), 1 \
+         FROM generate_series(1, 1005) g",
+    )
+    .bind(room)
+    .bind(alice.id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let view = read(&app, &room_path, &bob, &token).await;
+    assert_eq!((unread(&view), &view.data()["last_message"]["body"]), (1000, &json!("backlog")));
+    let cleared = app.pool.execute(sqlx::query("DELETE FROM messages WHERE body = 'backlog'")).await.unwrap();
+    assert_eq!(cleared.rows_affected(), 1005);
 
     // A non-member of the public room sees it with nothing unread.
     let carol = user(&app, "carol").await;
