@@ -8,9 +8,11 @@ mod common;
 
 use std::collections::HashSet;
 
+use cairn_projector::Projection;
 use common::{Reply, TestApp, TestEnv};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use sqlx::{Executor, PgPool};
 use uuid::Uuid;
 
 /// Everything in one process, without the verified-email rule or a message rate limit worth
@@ -166,6 +168,27 @@ async fn the_room_list_shows_what_the_caller_may_read_with_the_joined_filter_and
     // Carol, who holds rooms:write, sees the public ones only.
     let carol_rooms = all_pages(&app, "/api/v1/rooms", "cursor", 4, &carol, &invited).await;
     assert_eq!(carol_rooms.len(), 5);
+
+    // A `readonly` user (no rooms:write) sees no public room, only the rooms it belongs to.
+    let reader_id = app.register_ok("reader@example.com").await;
+    let granted =
+        app.post(&format!("/api/v1/users/{reader_id}/roles"), Some(&admin.token), json!({ "role": "readonly" })).await;
+    ok(&granted, "grant readonly");
+    let revoked =
+        app.request("DELETE", &format!("/api/v1/users/{reader_id}/roles/user"), Some(&admin.token), None, &[]).await;
+    ok(&revoked, "revoke user");
+    let reader = User { id: reader_id, token: app.login("reader@example.com").await };
+    let before = read(&app, "/api/v1/rooms", &reader, &revoked.token()).await;
+    assert_eq!(before.data(), &json!([]));
+    let public_room = read(&app, &format!("/api/v1/rooms/{}", public[0]), &reader, &revoked.token()).await;
+    assert_eq!(public_room.status, StatusCode::NOT_FOUND);
+    let invited =
+        command(&app, "POST", &format!("/api/v1/rooms/{secret}/members"), &alice, json!({ "user_id": reader.id }))
+            .await;
+    let after = read(&app, "/api/v1/rooms", &reader, &invited).await;
+    assert_eq!(ids(&after, "id"), vec![secret.to_string()]);
+    let messages = read(&app, &format!("/api/v1/rooms/{secret}/messages"), &reader, &invited).await;
+    assert_eq!(messages.status, StatusCode::OK);
 
     // Bad query parameters are refused, naming the parameter.
     for (query, field) in [("cursor=garbage", "cursor"), ("limit=0", "limit"), ("joined=maybe", "joined")] {
@@ -351,6 +374,23 @@ async fn unread_counts_follow_read_markers_and_others_messages_and_last_message_
     assert_eq!((unread(&view), &view.data()["last_message"]["body"]), (1, &json!("more 1")));
     assert_eq!(view.data()["last_message"]["deleted_at"], Value::Null);
 
+    // A long backlog is counted up to the cap: 1,005 more unread rows (written straight into
+    // the read model, past every position the log has) show as 1,000.
+    sqlx::query(
+        "INSERT INTO messages (id, room_id, author_id, body, tx, pos, changed_tx, changed_pos, created_at, version) \
+         SELECT gen_random_uuid(), $1, $2, 'backlog', 9000000000 + g, g, 9000000000 + g, g, now(), 1 \
+         FROM generate_series(1, 1005) g",
+    )
+    .bind(room)
+    .bind(alice.id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let view = read(&app, &room_path, &bob, &token).await;
+    assert_eq!((unread(&view), &view.data()["last_message"]["body"]), (1000, &json!("backlog")));
+    let cleared = app.pool.execute(sqlx::query("DELETE FROM messages WHERE body = 'backlog'")).await.unwrap();
+    assert_eq!(cleared.rows_affected(), 1005);
+
     // A non-member of the public room sees it with nothing unread.
     let carol = user(&app, "carol").await;
     let view = read(&app, &room_path, &carol, &token).await;
@@ -410,16 +450,18 @@ async fn rebuilding_the_rooms_projection_from_the_log_gives_the_same_rows() {
     // A small batch, so the fold meets many batch boundaries (a leave and a rejoin across one).
     cairn_projector::rebuild(&app.pool, &cairn_projector::RoomsProjection, 5, false).await.unwrap();
     assert_eq!(counts("cairn_rebuild").await, vec![2, 5, 12]);
-    for table in ["rooms", "room_members", "messages"] {
-        let differing: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM ((SELECT * FROM public.{table} EXCEPT SELECT * FROM cairn_rebuild.{table}) \
-                                   UNION ALL (SELECT * FROM cairn_rebuild.{table} EXCEPT SELECT * FROM public.{table})) d"
-        ))
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-        assert_eq!(differing, 0, "{table} differs from a rebuild of the log");
-    }
+    assert_same_rows(&app.pool, "a rebuild of the log").await;
+
+    // Every event delivered again to the live tables, in one batch: nothing changes (the
+    // versions guard rooms and messages, and the room's version guards its memberships).
+    let mut conn = app.pool.acquire().await.unwrap();
+    let events = cairn_relay::reader::read_after(&mut conn, Default::default(), 10_000).await.unwrap();
+    let projection = cairn_projector::RoomsProjection;
+    let wanted: Vec<_> = events.iter().filter(|e| projection.wants(e)).collect();
+    assert!(wanted.len() > 20, "{} events", wanted.len());
+    projection.apply_batch(&mut conn, "public", &wanted).await.unwrap();
+    drop(conn);
+    assert_same_rows(&app.pool, "the tables after every event was applied again").await;
     // The rows compared hold what the commands did.
     let archived: bool = sqlx::query_scalar("SELECT archived_at IS NOT NULL FROM cairn_rebuild.rooms WHERE id = $1")
         .bind(private)
@@ -433,4 +475,18 @@ async fn rebuilding_the_rooms_projection_from_the_log_gives_the_same_rows() {
         .unwrap();
     assert_eq!((archived, edited.as_deref()), (true, Some("e2")));
     app.stop().await;
+}
+
+/// The live rooms tables hold exactly the rows of those rebuilt beside them.
+async fn assert_same_rows(pool: &PgPool, what: &str) {
+    for table in ["rooms", "room_members", "messages"] {
+        let differing: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM ((SELECT * FROM public.{table} EXCEPT SELECT * FROM cairn_rebuild.{table}) \
+                                   UNION ALL (SELECT * FROM cairn_rebuild.{table} EXCEPT SELECT * FROM public.{table})) d"
+        ))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(differing, 0, "{table} differs from {what}");
+    }
 }
