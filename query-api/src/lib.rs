@@ -5,9 +5,11 @@
 //! - [`users`]: the users read model, the caller's profile, the role catalogue.
 //! - [`admin`]: operators' view of projections and parked events.
 //! - [`consistency`]: the consistency-token wait.
+//! - [`realtime`]: the WebSocket route, its hub and the ordered consumer that feeds it.
 
 pub mod admin;
 pub mod consistency;
+pub mod realtime;
 pub mod users;
 
 use axum::extract::FromRef;
