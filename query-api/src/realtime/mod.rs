@@ -39,8 +39,8 @@ use utoipa_axum::routes;
 
 use crate::consistency::ReadModel;
 
-/// The read models a join reads (membership, messages). FIXME(merge h-reads): `ReadModel::Rooms`.
-const ROOMS: &[ReadModel] = &[];
+/// The read models a join reads (membership, messages).
+const ROOMS: &[ReadModel] = &[ReadModel::Rooms];
 use crate::Consistency;
 use hub::{Hub, HubLimits};
 use presence::TypingPublisher;
