@@ -391,7 +391,12 @@ impl Session {
             Some((_, false)) => return Err(ApiError::Forbidden("join the room first".to_owned())),
             Some(_) => {}
         }
-        if !self.write(protocol::joined(room, &self.rt.hub.presence(room))).await {
+        // Online there now: whoever any process announced, and the joiner.
+        let mut presence = self.rt.hub.presence(room);
+        if !presence.contains(&self.caller.id()) {
+            presence.push(self.caller.id());
+        }
+        if !self.write(protocol::joined(room, &presence)).await {
             return Ok(None);
         }
         let mut covered = HashMap::new();
