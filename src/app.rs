@@ -175,7 +175,6 @@ impl Application {
             let messages = MessageCommands::new(pool.clone(), sessions.clone(), wake.clone(), &settings);
             let message_port: Arc<dyn MessagePort> = Arc::new(messages.clone());
             // The realtime sockets (query side) take sends through `message_port`.
-            let _ = &message_port;
             if services.command_api {
                 let users =
                     UserCommands::new(pool.clone(), Passwords::from_settings(&settings), sessions, wake.clone());
@@ -200,7 +199,7 @@ impl Application {
                     pool: pool.clone(),
                     auth,
                     consistency,
-                    port: None,
+                    port: Some(message_port),
                     client: client.clone(),
                     ns: ns.clone(),
                 };
