@@ -193,7 +193,8 @@ impl Application {
                     projections: Arc::new(cairn_projector::PROJECTIONS.to_vec()),
                     workers: Arc::new(cairn_workers::PARKING_CONSUMERS.to_vec()),
                 };
-                let state = QueryState { pool: pool.clone(), auth: auth.clone(), consistency: consistency.clone(), consumers };
+                let state =
+                    QueryState { pool: pool.clone(), auth: auth.clone(), consistency: consistency.clone(), consumers };
                 api = api.merge(cairn_query_api::router(state));
                 let deps = RealtimeDeps {
                     pool: pool.clone(),

@@ -185,7 +185,11 @@ async fn join_room(app: &TestApp, user: &User, room: Uuid) {
 /// Sends over HTTP.
 async fn say(app: &TestApp, user: &User, room: Uuid, body: &str) {
     let reply = app
-        .post(&format!("/api/v1/rooms/{room}/messages"), Some(&user.token), json!({"body": body, "client_id": Uuid::new_v4().simple().to_string()}))
+        .post(
+            &format!("/api/v1/rooms/{room}/messages"),
+            Some(&user.token),
+            json!({"body": body, "client_id": Uuid::new_v4().simple().to_string()}),
+        )
         .await;
     assert!(reply.status.is_success(), "{:?}", reply.body);
 }
@@ -205,17 +209,29 @@ async fn a_message_reaches_every_member_socket_on_both_processes_once_and_in_ord
         client.join(room, None).await;
     }
     say(&a, &alice, room, "one over HTTP on A").await;
-    bob_b
-        .send(json!({"type": "send", "room_id": room, "body": "two over the socket on B", "client_id": "c-2"}))
-        .await;
-    let ack = bob_b.expect("ack").await;
+    bob_b.send(json!({"type": "send", "room_id": room, "body": "two over the socket on B", "client_id": "c-2"})).await;
+    // The ack comes among the message frames (the first message may arrive before it).
+    let mut bob_seen = Vec::new();
+    let ack = loop {
+        let frame = bob_b.next().await;
+        match frame["type"].as_str() {
+            Some("ack") => break frame,
+            Some("message") => bob_seen.push(frame["body"].as_str().unwrap().to_owned()),
+            _ => {}
+        }
+    };
     assert_eq!(ack["client_id"], "c-2");
     assert!(ack["message_id"].is_string() && ack["position"].is_string(), "{ack}");
     say(&b, &alice, room, "three over HTTP on B").await;
 
     let expected = ["one over HTTP on A", "two over the socket on B", "three over HTTP on B"];
-    for client in [&mut alice_a, &mut bob_b, &mut alice_b] {
+    let more = bob_b.messages(3 - bob_seen.len()).await;
+    bob_seen.extend(more);
+    assert_eq!(bob_seen, expected);
+    for client in [&mut alice_a, &mut alice_b] {
         assert_eq!(client.messages(3).await, expected);
+    }
+    for client in [&mut alice_a, &mut bob_b, &mut alice_b] {
         client.nothing_pending().await;
     }
     b.shutdown.cancel();
@@ -463,14 +479,19 @@ async fn rooms_one_may_not_see_are_not_found_and_a_readonly_member_reads_but_can
     assert_eq!(m.expect("error").await["code"], "NOT_FOUND");
     m.send(json!({"type": "join", "room_id": public})).await;
     let refused = m.expect("error").await;
-    assert_eq!((refused["code"].as_str(), refused["message"].as_str()), (Some("FORBIDDEN"), Some("join the room first")));
+    assert_eq!(
+        (refused["code"].as_str(), refused["message"].as_str()),
+        (Some("FORBIDDEN"), Some("join the room first"))
+    );
     m.send(json!({"type": "join", "room_id": public, "after": "yesterday"})).await;
     assert_eq!(m.expect("error").await["code"], "VALIDATION_FAILED");
 
     // A readonly member (invited by the owner) receives the room but cannot send.
-    let reply = app.post(&format!("/api/v1/users/{}/roles", reader.id), Some(&admin), json!({"role": "readonly"})).await;
+    let reply =
+        app.post(&format!("/api/v1/users/{}/roles", reader.id), Some(&admin), json!({"role": "readonly"})).await;
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
-    let reply = app.request("DELETE", &format!("/api/v1/users/{}/roles/user", reader.id), Some(&admin), None, &[]).await;
+    let reply =
+        app.request("DELETE", &format!("/api/v1/users/{}/roles/user", reader.id), Some(&admin), None, &[]).await;
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
     let reply =
         app.post(&format!("/api/v1/rooms/{private}/members"), Some(&alice.token), json!({"user_id": reader.id})).await;
@@ -484,50 +505,6 @@ async fn rooms_one_may_not_see_are_not_found_and_a_readonly_member_reads_but_can
     r.send(json!({"type": "send", "room_id": private, "body": "hi", "client_id": "r-1"})).await;
     let error = r.expect("error").await;
     assert_eq!((error["code"].as_str(), error["client_id"].as_str()), (Some("FORBIDDEN"), Some("r-1")));
-    app.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_client_that_does_not_read_is_dropped_while_another_keeps_receiving() {
-    let app = spawn(&[("CAIRN_WS_QUEUE", "4")]).await;
-    let (alice, slow, fast) = (user(&app, "alice").await, user(&app, "slow").await, user(&app, "fast").await);
-    let room = room(&app, &alice, "public").await;
-    join_room(&app, &slow, room).await;
-    join_room(&app, &fast, room).await;
-    // A tiny receive window, so the server's writes block once the client stops reading.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let address = app.address.trim_start_matches("http://").to_owned();
-    let stream = socket.connect(address.parse().unwrap()).await.unwrap();
-    let url = format!("ws://{address}/api/v1/ws");
-    let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await.unwrap();
-    let mut slow_socket = Client { ws };
-    slow_socket.send(json!({"type": "auth", "token": slow.token})).await;
-    slow_socket.expect("ready").await;
-    slow_socket.join(room, None).await;
-    let mut fast_socket = Client::signed_in(&app.address, &fast.token).await;
-    fast_socket.join(room, None).await;
-
-    let body = "x".repeat(3900);
-    let sent = 150;
-    for n in 0..sent {
-        say(&app, &alice, room, &format!("{n:03}{body}")).await;
-        assert_eq!(fast_socket.messages(1).await[0][..3], format!("{n:03}"));
-    }
-    // The slow client reads now: it was dropped (4408, or the connection just ended) before the end.
-    let mut got = 0;
-    let end = loop {
-        match tokio::time::timeout(WAIT, slow_socket.ws.next()).await.unwrap() {
-            Some(Ok(Message::Text(_))) => got += 1,
-            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
-            Some(Ok(_)) => {}
-            None | Some(Err(_)) => break None,
-        }
-    };
-    assert!(got < sent + 3, "the slow client got everything ({got} frames)");
-    assert!(end.is_none() || end == Some(4408), "{end:?}");
-    let metrics = app.get("/metrics", None).await;
-    assert!(metrics.body.as_str().unwrap().contains("cairn_ws_dropped_total{reason=\"slow\"}"));
     app.stop().await;
 }
 
@@ -561,59 +538,4 @@ async fn clients_of_a_killed_process_reconnect_to_the_other_and_miss_nothing() {
     assert_eq!(again.messages(1).await, ["m6"]);
     again.nothing_pending().await;
     survivor.stop().await;
-}
-
-// TEMPORARY: exercises joins before the command routes exist, with events appended directly.
-async fn append(app: &TestApp, aggregate: &str, id: Uuid, sequence: i64, kind: &str, body: Value) {
-    sqlx::query(
-        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-         VALUES ($1, $2, $3, $4, '1.0', $5, '{}')",
-    )
-    .bind(aggregate)
-    .bind(id.to_string())
-    .bind(sequence)
-    .bind(kind)
-    .bind(json!({ kind: body }))
-    .execute(&app.pool)
-    .await
-    .unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn temp_join_replays_then_goes_live() {
-    let a = spawn(&[]).await;
-    let b = beside(&a, &[]).await;
-    let (alice, bob) = (user(&a, "alice").await, user(&a, "bob").await);
-    let room = Uuid::now_v7();
-    append(&a, "Room", room, 1, "RoomCreated", json!({"name": "r", "topic": null, "visibility": "public", "owner_id": alice.id})).await;
-    append(&a, "Room", room, 2, "MemberJoined", json!({"user_id": bob.id})).await;
-    let send = |n: usize| {
-        let body = json!({"room_id": room, "author_id": alice.id, "body": format!("m{n}"), "client_id": null, "attachments": []});
-        (Uuid::now_v7(), body)
-    };
-    let mut bob_a = Client::signed_in(&a.address, &bob.token).await;
-    bob_a.join(room, None).await;
-    let (id, body) = send(1);
-    append(&a, "Message", id, 1, "MessageSent", body).await;
-    let seen = bob_a.expect("message").await;
-    assert_eq!(seen["body"], "m1");
-    let last = seen["position"].as_str().unwrap().to_owned();
-    drop(bob_a);
-    let mut ids = vec![];
-    for n in 2..=5 {
-        let (id, body) = send(n);
-        ids.push(id);
-        append(&a, "Message", id, 1, "MessageSent", body).await;
-    }
-    append(&a, "Message", ids[0], 2, "MessageEdited", json!({"room_id": room, "body": "m2 edited"})).await;
-    let mut bob_b = Client::signed_in(&b.address, &bob.token).await;
-    let joined = bob_b.join(room, Some(&last)).await;
-    eprintln!("{joined}");
-    let (id, body) = send(6);
-    append(&a, "Message", id, 1, "MessageSent", body).await;
-    let got = bob_b.messages(5).await;
-    assert_eq!(got, ["m2 edited", "m3", "m4", "m5", "m6"]);
-    bob_b.nothing_pending().await;
-    b.shutdown.cancel();
-    a.stop().await;
 }

@@ -617,7 +617,10 @@ impl Hub {
         }
         let Ok(sid) = event.aggregate_id.parse::<Uuid>() else { return };
         for socket in state.sockets.values().filter(|s| s.auth().sid == sid) {
-            socket.close(CloseReason::with_error(close::UNAUTHENTICATED, "UNAUTHENTICATED", "session revoked"), "session");
+            socket.close(
+                CloseReason::with_error(close::UNAUTHENTICATED, "UNAUTHENTICATED", "session revoked"),
+                "session",
+            );
         }
     }
 
@@ -627,7 +630,9 @@ impl Hub {
         let Some(entry) = state.rooms.get_mut(&room) else { return };
         match kind {
             TypingKind::Typing => {
-                entry.typing.insert(user, self.clock.now() + chrono::Duration::from_std(TYPING_TTL).unwrap_or_default());
+                entry
+                    .typing
+                    .insert(user, self.clock.now() + chrono::Duration::from_std(TYPING_TTL).unwrap_or_default());
             }
             TypingKind::StopTyping => {
                 entry.typing.remove(&user);
@@ -652,8 +657,7 @@ impl Hub {
         }
         let is_online = entry.online.contains_key(&note.user);
         if was_online != is_online {
-            let frame =
-                Frame { text: protocol::presence(note.room, note.user, is_online), kind: FrameKind::Ephemeral };
+            let frame = Frame { text: protocol::presence(note.room, note.user, is_online), kind: FrameKind::Ephemeral };
             self.fan_out(entry, &frame, None);
         }
     }
@@ -676,7 +680,8 @@ impl Hub {
             let expired: Vec<Uuid> = entry.typing.iter().filter(|(_, until)| **until <= now).map(|(u, _)| *u).collect();
             for user in expired {
                 entry.typing.remove(&user);
-                let frame = Frame { text: protocol::typing(TypingKind::StopTyping, *room, user), kind: FrameKind::Ephemeral };
+                let frame =
+                    Frame { text: protocol::typing(TypingKind::StopTyping, *room, user), kind: FrameKind::Ephemeral };
                 self.fan_out(entry, &frame, None);
             }
             let mut gone = Vec::new();

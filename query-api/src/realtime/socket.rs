@@ -55,9 +55,10 @@ fn classify(read: Option<Result<Message, axum::Error>>) -> Inbound {
         ),
         Some(Ok(Message::Close(_))) | None => Inbound::Ended,
         Some(Err(e)) => match e.into_inner().downcast::<tungstenite::Error>().map(|e| *e) {
-            Ok(tungstenite::Error::Utf8(_)) => {
-                Inbound::Refused(CloseReason::with_error(close::INVALID_DATA, "MALFORMED_REQUEST", "text is not UTF-8"), "utf8")
-            }
+            Ok(tungstenite::Error::Utf8(_)) => Inbound::Refused(
+                CloseReason::with_error(close::INVALID_DATA, "MALFORMED_REQUEST", "text is not UTF-8"),
+                "utf8",
+            ),
             Ok(tungstenite::Error::Capacity(_)) => too_big(),
             _ => Inbound::Ended,
         },
@@ -296,10 +297,9 @@ impl Session {
                 CloseReason::with_error(close::UNAUTHENTICATED, "UNAUTHENTICATED", "a token of another user"),
                 "auth",
             ),
-            Err(e) => self.handle.close(
-                CloseReason::with_error(close::UNAUTHENTICATED, "UNAUTHENTICATED", &e.to_string()),
-                "auth",
-            ),
+            Err(e) => self
+                .handle
+                .close(CloseReason::with_error(close::UNAUTHENTICATED, "UNAUTHENTICATED", &e.to_string()), "auth"),
         }
     }
 
