@@ -539,3 +539,57 @@ async fn clients_of_a_killed_process_reconnect_to_the_other_and_miss_nothing() {
     again.nothing_pending().await;
     survivor.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_does_not_read_is_dropped_while_another_keeps_receiving() {
+    let app = spawn(&[("CAIRN_WS_QUEUE", "4")]).await;
+    let (alice, slow, fast) = (user(&app, "alice").await, user(&app, "slow").await, user(&app, "fast").await);
+    let room = room(&app, &alice, "public").await;
+    join_room(&app, &slow, room).await;
+    join_room(&app, &fast, room).await;
+    // A tiny receive window, so the server's writes block once the client stops reading.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let stream = socket.connect(address.parse().unwrap()).await.unwrap();
+    let url = format!("ws://{address}/api/v1/ws");
+    let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await.unwrap();
+    let mut slow_socket = Client { ws };
+    slow_socket.send(json!({"type": "auth", "token": slow.token})).await;
+    slow_socket.expect("ready").await;
+    slow_socket.join(room, None).await;
+    let mut fast_socket = Client::signed_in(&app.address, &fast.token).await;
+    fast_socket.join(room, None).await;
+
+    // Enough large messages to fill the kernel's buffers between the server and the idle client
+    // (megabytes on loopback), until the server drops it; the other client gets every one.
+    let body = "x".repeat(3990);
+    let slow_drops = || async {
+        let metrics = app.get("/metrics", None).await;
+        metrics.body.as_str().unwrap().contains("cairn_ws_dropped_total{reason=\"slow\"}")
+    };
+    let mut sent = 0;
+    while !slow_drops().await {
+        assert!(sent < 3000, "the slow client was never dropped");
+        for _ in 0..25 {
+            say(&app, &alice, room, &format!("{sent:04}{body}")).await;
+            assert_eq!(fast_socket.messages(1).await[0][..4], format!("{sent:04}"));
+            sent += 1;
+        }
+    }
+    // The slow client reads now: it was dropped (4408, or the connection just ended) before the end.
+    let mut got = 0;
+    let end = loop {
+        match tokio::time::timeout(WAIT, slow_socket.ws.next()).await.unwrap() {
+            Some(Ok(Message::Text(_))) => got += 1,
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            None | Some(Err(_)) => break None,
+        }
+    };
+    assert!(got < sent, "the slow client got everything ({got} of {sent})");
+    assert!(end.is_none() || end == Some(4408), "{end:?}");
+    say(&app, &alice, room, "9999 still here").await;
+    assert_eq!(fast_socket.messages(1).await, ["9999 still here"]);
+    app.stop().await;
+}
