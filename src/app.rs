@@ -18,6 +18,7 @@ use cairn_platform::http::{finish_router, metrics_router, probes_router, OpsStat
 use cairn_platform::nats::{self, Namespace};
 use cairn_platform::rooms::MessagePort;
 use cairn_platform::{db, telemetry, Settings};
+use cairn_query_api::realtime::{Realtime, RealtimeDeps};
 use cairn_query_api::{Consistency, QueryState};
 use cairn_relay::Relay;
 use sqlx::PgPool;
@@ -174,7 +175,6 @@ impl Application {
             let messages = MessageCommands::new(pool.clone(), sessions.clone(), wake.clone(), &settings);
             let message_port: Arc<dyn MessagePort> = Arc::new(messages.clone());
             // The realtime sockets (query side) take sends through `message_port`.
-            let _ = &message_port;
             if services.command_api {
                 let users =
                     UserCommands::new(pool.clone(), Passwords::from_settings(&settings), sessions, wake.clone());
@@ -193,8 +193,19 @@ impl Application {
                     projections: Arc::new(cairn_projector::PROJECTIONS.to_vec()),
                     workers: Arc::new(cairn_workers::PARKING_CONSUMERS.to_vec()),
                 };
-                let state = QueryState { pool: pool.clone(), auth, consistency, consumers };
+                let state =
+                    QueryState { pool: pool.clone(), auth: auth.clone(), consistency: consistency.clone(), consumers };
                 api = api.merge(cairn_query_api::router(state));
+                let deps = RealtimeDeps {
+                    pool: pool.clone(),
+                    auth,
+                    consistency,
+                    port: Some(message_port),
+                    client: client.clone(),
+                    ns: ns.clone(),
+                };
+                let realtime = Realtime::start(deps, &settings, &mut tasks, shutdown.clone()).await?;
+                api = api.merge(cairn_query_api::realtime::router(realtime));
             }
         }
         if services.relay {

@@ -6,9 +6,11 @@
 //! - [`rooms`]: chat rooms, their members and their messages.
 //! - [`admin`]: operators' view of projections and parked events.
 //! - [`consistency`]: the consistency-token wait.
+//! - [`realtime`]: the WebSocket route, its hub and the ordered consumer that feeds it.
 
 pub mod admin;
 pub mod consistency;
+pub mod realtime;
 pub mod rooms;
 pub mod users;
 
