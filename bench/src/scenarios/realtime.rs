@@ -394,7 +394,10 @@ struct RateStats {
     /// Error frames not about a send.
     receiver_errors: u64,
     memory: Option<Memory>,
+    /// CPU of both processes, in percent of one core.
     cpu_percent: Option<f64>,
+    /// CPU of this process (senders and receivers), in percent of one core.
+    bench_cpu_percent: Option<f64>,
 }
 
 /// Which user sends message `k`, in which room and how: rooms in turn, the room's members in
@@ -673,13 +676,15 @@ async fn open_sockets(
     clock: &Arc<Clock>,
     tracker: &Arc<Tracker>,
 ) -> anyhow::Result<(Vec<Socket>, Vec<Receiver>)> {
-    let urls: Vec<String> = cairn.apis_base().iter().map(|b| format!("{}/api/v1/ws", b.replacen("http", "ws", 1))).collect();
+    let urls: Vec<String> =
+        cairn.apis_base().iter().map(|b| format!("{}/api/v1/ws", b.replacen("http", "ws", 1))).collect();
     let mut receivers = Vec::with_capacity(cairn.tokens.len());
     let mut jobs = Vec::with_capacity(cairn.tokens.len());
     for (u, token) in cairn.tokens.iter().enumerate() {
         let inbox = Arc::new(Mutex::new(Inbox::default()));
         receivers.push(Receiver { room: u % ROOMS, inbox: inbox.clone() });
-        let (url, room, clock, tracker) = (&urls[process_of(u)], cairn.rooms[u % ROOMS], clock.clone(), tracker.clone());
+        let (url, room, clock, tracker) =
+            (&urls[process_of(u)], cairn.rooms[u % ROOMS], clock.clone(), tracker.clone());
         jobs.push(async move {
             let socket = Socket::open(url, token, room, clock, inbox, tracker)
                 .await
@@ -706,12 +711,7 @@ struct CairnRun {
     rates: Vec<(u32, RateStats)>,
 }
 
-async fn measure_cairn(
-    ctx: &Ctx,
-    cairn: &Cairn,
-    rates: &[u32],
-    window: Window,
-) -> anyhow::Result<CairnRun> {
+async fn measure_cairn(ctx: &Ctx, cairn: &Cairn, rates: &[u32], window: Window) -> anyhow::Result<CairnRun> {
     let users = cairn.tokens.len();
     let clock = Arc::new(Clock(Instant::now()));
     let tracker = Arc::new(Tracker::default());
@@ -736,7 +736,8 @@ async fn measure_cairn(
             let body = body_of(m.seq, m.sent_us);
             match m.via {
                 Via::Socket => {
-                    let frame = json!({ "type": "send", "room_id": rooms[m.room], "body": body, "client_id": client_id });
+                    let frame =
+                        json!({ "type": "send", "room_id": rooms[m.room], "body": body, "client_id": client_id });
                     if let Err(e) = outboxes[m.user].try_send(frame.to_string()) {
                         tracker.fail(m.seq, format!("the bench could not queue a send frame: {e}"));
                     }
@@ -758,10 +759,12 @@ async fn measure_cairn(
     for (phase, &rate) in rates.iter().enumerate() {
         crate::report::note(&format!("realtime: cairn at {rate} messages/s"));
         let cpu_before = cairn.cpu_seconds(ctx.ticks);
+        let bench_before = own_cpu_seconds(ctx);
         let began = Instant::now();
         let mut stats =
             run_rate(rate, phase as u64 + 1, window, users, &clock, &tracker, &receivers, &send, true).await;
         let seconds = began.elapsed().as_secs_f64();
+        stats.bench_cpu_percent = Some((own_cpu_seconds(ctx) - bench_before) / seconds * 100.0);
         stats.memory = cairn.memory();
         stats.cpu_percent = match (cpu_before, cairn.cpu_seconds(ctx.ticks)) {
             (Some(a), Some(b)) => Some((b - a) / seconds * 100.0),
@@ -775,8 +778,14 @@ async fn measure_cairn(
     Ok(CairnRun { idle_before, idle_with_sockets, connect_seconds, bench_rss_mib, rates: results })
 }
 
+/// CPU time this process has used, in seconds.
+fn own_cpu_seconds(ctx: &Ctx) -> f64 {
+    crate::service::cpu_seconds_of(std::process::id(), ctx.ticks).unwrap_or(0.0)
+}
+
 /// The same fan-out over plain NATS: one connection per receiver, one publisher.
 async fn measure_nats(
+    ctx: &Ctx,
     env: &BenchEnv,
     users: usize,
     rates: &[u32],
@@ -845,8 +854,11 @@ async fn measure_nats(
     let mut results = Vec::new();
     for (phase, &rate) in rates.iter().enumerate() {
         crate::report::note(&format!("realtime: NATS baseline at {rate} messages/s"));
-        let stats =
+        let bench_before = own_cpu_seconds(ctx);
+        let began = Instant::now();
+        let mut stats =
             run_rate(rate, phase as u64 + 1, window, users, &clock, &tracker, &receivers, &send, false).await;
+        stats.bench_cpu_percent = Some((own_cpu_seconds(ctx) - bench_before) / began.elapsed().as_secs_f64() * 100.0);
         results.push((rate, stats));
     }
     for (client, task) in subscribers {
@@ -886,7 +898,7 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
     let measured = measured?;
     stopped.0?;
     stopped.1?;
-    let baseline = measure_nats(env, users, &rates, window).await?;
+    let baseline = measure_nats(ctx, env, users, &rates, window).await?;
 
     out.note(format!(
         "{users} sockets, one per user, over 2 `cairn serve` processes (half each) and {ROOMS} public rooms \
@@ -917,8 +929,11 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
                 .memory(Some(before)),
         );
         out.rows.push(
-            Row::new(format!("RSS of both processes, {users} idle sockets open"), Measure::rate(with.rss_mib, "MiB", None))
-                .memory(Some(with)),
+            Row::new(
+                format!("RSS of both processes, {users} idle sockets open"),
+                Measure::rate(with.rss_mib, "MiB", None),
+            )
+            .memory(Some(with)),
         );
         let per_socket = (with.rss_mib - before.rss_mib) * 1024.0 / users as f64;
         out.rows.push(
@@ -947,9 +962,15 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
         )
         .errors(cairn.errors)
         .memory(cairn.memory)
-        .baseline(format!("NATS pub/sub, {users} connections"), Measure::rate(nats.frames_per_s, "frames/s", nats.latency))
+        .baseline(
+            format!("NATS pub/sub, {users} connections"),
+            Measure::rate(nats.frames_per_s, "frames/s", nats.latency),
+        )
         .target(
-            &format!("p99 <= {GOAL_P99_MS} ms, none lost or duplicated{}", if *rate == GOAL_RATE { " (the goal)" } else { "" }),
+            &format!(
+                "p99 <= {GOAL_P99_MS} ms, none lost or duplicated{}",
+                if *rate == GOAL_RATE { " (the goal)" } else { "" }
+            ),
             met,
         )
         .extra("messages_sent_in_window", cairn.sent as u64)
@@ -975,6 +996,12 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
         if let Some(cpu) = cairn.cpu_percent {
             row = row.extra("service_cpu_percent_both", cpu);
         }
+        if let Some(cpu) = cairn.bench_cpu_percent {
+            row = row.extra("bench_cpu_percent", cpu);
+        }
+        if let Some(cpu) = nats.bench_cpu_percent {
+            row = row.extra("baseline_bench_cpu_percent", cpu);
+        }
         if let Some(e) = &cairn.first_error {
             row = row.extra("first_error", e.clone());
             out.note(format!("{rate} messages/s: {} sends failed; first: {e}", cairn.errors));
@@ -995,8 +1022,12 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
             .map(|(via, s)| format!("{} p99 {:.1} ms", via_name(*via), s.map_or(0.0, |s| s.p99_ms)))
             .collect();
         out.note(format!(
-            "{rate} messages/s: delivery by way sent, then send → 2xx/ack by way: {}",
-            split.join(", ")
+            "{rate} messages/s: delivery p99 by way sent, then send → 2xx/ack p99 by way: {}; CPU of both processes \
+             {:.0} %, of the bench {:.0} % (in the baseline {:.0} %) of one core",
+            split.join(", "),
+            cairn.cpu_percent.unwrap_or(0.0),
+            cairn.bench_cpu_percent.unwrap_or(0.0),
+            nats.bench_cpu_percent.unwrap_or(0.0)
         ));
         out.rows.push(row);
     }
@@ -1008,7 +1039,9 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
         .extra("first_rate_missing_it", saturated_at.map_or(serde_json::Value::Null, serde_json::Value::from)),
     );
     match saturated_at {
-        Some(rate) => out.note(format!("saturation: the first rate missing p99 <= 100 ms or clean delivery is {rate} messages/s")),
+        Some(rate) => {
+            out.note(format!("saturation: the first rate missing p99 <= 100 ms or clean delivery is {rate} messages/s"))
+        }
         None => out.note("saturation: not reached at the rates swept".to_owned()),
     }
     if !delivered_any {
