@@ -198,6 +198,7 @@ impl Application {
             spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::UsersProjection);
             spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::SessionsProjection);
             spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::RolesProjection);
+            spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::RoomsProjection);
         }
         if services.workers {
             let (batch, replicas) = (settings.projector_batch, settings.stream_replicas);

@@ -201,6 +201,7 @@ async fn replay(settings: &Settings, projection: &str) -> anyhow::Result<()> {
         "users" => cairn_projector::rebuild(&pool, &cairn_projector::UsersProjection, 5000, true).await?,
         "sessions" => cairn_projector::rebuild(&pool, &cairn_projector::SessionsProjection, 5000, true).await?,
         "roles" => cairn_projector::rebuild(&pool, &cairn_projector::RolesProjection, 5000, true).await?,
+        "rooms" => cairn_projector::rebuild(&pool, &cairn_projector::RoomsProjection, 5000, true).await?,
         other => bail!("unknown projection '{other}' (known: {})", cairn_projector::PROJECTIONS.join(", ")),
     };
     let _ = writeln!(std::io::stdout(), "rebuilt {projection} from {events} events");

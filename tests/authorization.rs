@@ -68,6 +68,12 @@ fn policy(method: &str, path: &str) -> Option<(Policy, StatusCode)> {
         | ("POST", "/api/v1/admin/projections/{name}/parked/{event_id}/skip") => {
             (Permission("projections:manage"), S::NOT_FOUND)
         }
+        // Rooms the caller may read (none here): an empty page.
+        ("GET", "/api/v1/rooms") => (SignedIn, S::OK),
+        // `{id}` is a user's id, no room's: 404, as for a room the caller may not see.
+        ("GET", "/api/v1/rooms/{id}" | "/api/v1/rooms/{id}/members" | "/api/v1/rooms/{id}/messages") => {
+            (SignedIn, S::NOT_FOUND)
+        }
         _ => return None,
     })
 }

@@ -9,17 +9,21 @@
 //! - [`users`]: the `users` read model.
 //! - [`sessions`]: the `sessions` read model.
 //! - [`roles`]: the `roles` read model.
+//! - [`rooms`]: the `rooms`, `room_members` and `messages` read models.
 //! - [`runner`]: the checkpointed apply loop shared by every projection, and rebuilds.
 
 pub mod roles;
+pub mod rooms;
 pub mod runner;
 pub mod sessions;
 pub mod users;
 
 pub use roles::RolesProjection;
+pub use rooms::RoomsProjection;
 pub use runner::{rebuild, run, Projection};
 pub use sessions::SessionsProjection;
 pub use users::UsersProjection;
 
 /// The names of every projection, for checkpoints and rebuilds.
-pub const PROJECTIONS: &[&str] = &[UsersProjection::NAME, SessionsProjection::NAME, RolesProjection::NAME];
+pub const PROJECTIONS: &[&str] =
+    &[UsersProjection::NAME, SessionsProjection::NAME, RolesProjection::NAME, RoomsProjection::NAME];

@@ -36,11 +36,13 @@ pub enum ReadModel {
     Sessions,
     /// `roles`: the role catalogue.
     Roles,
+    /// `rooms`, `room_members`, `messages`: chat rooms, their members and their messages.
+    Rooms,
 }
 
 impl ReadModel {
     /// Every read model.
-    pub const ALL: [Self; 3] = [Self::Users, Self::Sessions, Self::Roles];
+    pub const ALL: [Self; 4] = [Self::Users, Self::Sessions, Self::Roles, Self::Rooms];
 
     /// The name of the projection that builds it (its checkpoint's name).
     #[must_use]
@@ -49,6 +51,7 @@ impl ReadModel {
             Self::Users => "users",
             Self::Sessions => "sessions",
             Self::Roles => "roles",
+            Self::Rooms => "rooms",
         }
     }
 

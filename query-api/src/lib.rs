@@ -3,11 +3,15 @@
 //! applied it, and says in `meta.consistent` whether it did.
 //!
 //! - [`users`]: the users read model, the caller's profile, the role catalogue.
+//! - [`rooms`]: chat rooms, their members and their messages.
 //! - [`admin`]: operators' view of projections and parked events.
 //! - [`consistency`]: the consistency-token wait.
+//! - [`realtime`]: the WebSocket route, its hub and the ordered consumer that feeds it.
 
 pub mod admin;
 pub mod consistency;
+pub mod realtime;
+pub mod rooms;
 pub mod users;
 
 use axum::extract::FromRef;
@@ -32,5 +36,5 @@ pub struct QueryState {
 
 /// The query API's routes, documented.
 pub fn router(state: QueryState) -> OpenApiRouter {
-    users::routes().merge(admin::routes()).with_state(state)
+    users::routes().merge(rooms::routes()).merge(admin::routes()).with_state(state)
 }

@@ -4,4 +4,4 @@ mod routes;
 mod store;
 
 pub use routes::routes;
-pub use store::{UserFilter, UserRow};
+pub use store::{Cursor, UserFilter, UserRow};

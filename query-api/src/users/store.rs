@@ -38,11 +38,13 @@ pub struct UserFilter {
     pub status: Option<String>,
 }
 
-/// A position in the list, newest first: `(created_at, id)`.
+/// A position in a list ordered newest first by `(created_at, id)` (users, rooms).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cursor {
-    created_at: DateTime<Utc>,
-    id: Uuid,
+    /// Creation time of the last item shown.
+    pub created_at: DateTime<Utc>,
+    /// Its id.
+    pub id: Uuid,
 }
 
 impl Cursor {
