@@ -17,6 +17,7 @@ use cairn_platform::http::limits::Limiter;
 use cairn_platform::http::{finish_router, metrics_router, probes_router, OpsState, OPS_ROUTES};
 use cairn_platform::nats::{self, Namespace};
 use cairn_platform::{db, telemetry, Settings};
+use cairn_query_api::realtime::{Realtime, RealtimeDeps};
 use cairn_query_api::{Consistency, QueryState};
 use cairn_relay::Relay;
 use sqlx::PgPool;
@@ -186,8 +187,18 @@ impl Application {
                     projections: Arc::new(cairn_projector::PROJECTIONS.to_vec()),
                     workers: Arc::new(cairn_workers::PARKING_CONSUMERS.to_vec()),
                 };
-                let state = QueryState { pool: pool.clone(), auth, consistency, consumers };
+                let state = QueryState { pool: pool.clone(), auth: auth.clone(), consistency: consistency.clone(), consumers };
                 api = api.merge(cairn_query_api::router(state));
+                let deps = RealtimeDeps {
+                    pool: pool.clone(),
+                    auth,
+                    consistency,
+                    port: None,
+                    client: client.clone(),
+                    ns: ns.clone(),
+                };
+                let realtime = Realtime::start(deps, &settings, &mut tasks, shutdown.clone()).await?;
+                api = api.merge(cairn_query_api::realtime::router(realtime));
             }
         }
         if services.relay {

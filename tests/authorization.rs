@@ -44,6 +44,8 @@ fn policy(method: &str, path: &str) -> Option<(Policy, StatusCode)> {
         }
         ("GET", "/docs/" | "/docs/{*rest}") => (Public, S::OK),
         ("GET", "/docs") => (Public, S::SEE_OTHER),
+        // The socket authenticates with its first frame; a plain GET is not an upgrade.
+        ("GET", "/api/v1/ws") => (Public, S::BAD_REQUEST),
         ("POST", "/api/v1/auth/refresh") => (RefreshToken, S::UNAUTHORIZED),
         ("POST", "/api/v1/auth/logout" | "/api/v1/auth/logout-all") => (SignedIn, S::OK),
         // A weak new password: nobody's password changes.

@@ -81,6 +81,24 @@ impl TestEnv {
         Settings::from_lookup(|k| vars.get(k).cloned()).unwrap()
     }
 
+    /// The same database, namespace and keys, for a second process beside the first (its
+    /// `cleanup` drops them too: clean up once).
+    pub fn sibling(&self) -> Self {
+        let keys = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(self.keys.path()).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), keys.path().join(entry.file_name())).unwrap();
+        }
+        Self {
+            database: self.database.clone(),
+            database_url: self.database_url.clone(),
+            nats_url: self.nats_url.clone(),
+            namespace: self.namespace.clone(),
+            keys,
+            smtp_port: self.smtp_port,
+        }
+    }
+
     /// A `cairn` child process with this environment.
     pub fn command(&self, args: &[&str]) -> std::process::Command {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));

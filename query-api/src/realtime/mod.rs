@@ -39,14 +39,21 @@ use utoipa_axum::routes;
 
 use crate::consistency::ReadModel;
 
-/// The read models a join reads (membership, messages). FIXME(merge h-reads): `ReadModel::Rooms`.
-const ROOMS: &[ReadModel] = &[];
+/// The read models a join reads (membership, messages).
+const ROOMS: &[ReadModel] = &[ReadModel::Rooms];
 use crate::Consistency;
 use hub::{Hub, HubLimits};
 use presence::TypingPublisher;
 
-/// The largest frame a client may send (and the largest message): 16 KiB.
+/// The largest frame a client may send (and the largest message): 16 KiB. Larger ones close the
+/// socket with 1009.
 pub const MAX_FRAME: usize = 16 * 1024;
+
+/// What the WebSocket layer reads at most before refusing on its own. Above [`MAX_FRAME`] so a
+/// frame somewhat too large is read whole and refused by the socket with its close frame, rather
+/// than cut off mid-frame, which leaves unread bytes and resets the connection before the client
+/// reads the close.
+const READ_LIMIT: usize = 4 * MAX_FRAME;
 
 /// Read buffer per socket: small, so an idle socket costs little.
 const READ_BUFFER: usize = 4 * 1024;
@@ -168,7 +175,7 @@ async fn connect(
         .hub
         .try_open()
         .ok_or_else(|| ApiError::ServiceUnavailable("too many sockets open on this server; try again".to_owned()))?;
-    let upgrade = upgrade.max_message_size(MAX_FRAME).max_frame_size(MAX_FRAME).read_buffer_size(READ_BUFFER);
+    let upgrade = upgrade.max_message_size(READ_LIMIT).max_frame_size(READ_LIMIT).read_buffer_size(READ_BUFFER);
     Ok(upgrade.write_buffer_size(0).on_upgrade(move |socket| socket::serve(socket, realtime, ctx, open)))
 }
 

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::hub::{CloseReason, FrameKind, OpenSocket, SocketAuth, SocketHandle, SubscribeError};
 use super::protocol::{self, close, ClientFrame, TypingKind};
-use super::Realtime;
+use super::{Realtime, MAX_FRAME};
 
 /// The first frame must be `auth`, within this.
 pub const AUTH_WITHIN: Duration = Duration::from_secs(5);
@@ -40,8 +40,13 @@ enum Inbound {
     Refused(CloseReason, &'static str),
 }
 
+fn too_big() -> Inbound {
+    Inbound::Refused(CloseReason::with_error(close::TOO_BIG, "PAYLOAD_TOO_LARGE", "frame over 16 KiB"), "too_big")
+}
+
 fn classify(read: Option<Result<Message, axum::Error>>) -> Inbound {
     match read {
+        Some(Ok(Message::Text(text))) if text.len() > MAX_FRAME => too_big(),
         Some(Ok(Message::Text(text))) => Inbound::Text(text),
         Some(Ok(Message::Ping(_) | Message::Pong(_))) => Inbound::Alive,
         Some(Ok(Message::Binary(_))) => Inbound::Refused(
@@ -53,10 +58,7 @@ fn classify(read: Option<Result<Message, axum::Error>>) -> Inbound {
             Ok(tungstenite::Error::Utf8(_)) => {
                 Inbound::Refused(CloseReason::with_error(close::INVALID_DATA, "MALFORMED_REQUEST", "text is not UTF-8"), "utf8")
             }
-            Ok(tungstenite::Error::Capacity(_)) => Inbound::Refused(
-                CloseReason::with_error(close::TOO_BIG, "PAYLOAD_TOO_LARGE", "frame over 16 KiB"),
-                "too_big",
-            ),
+            Ok(tungstenite::Error::Capacity(_)) => too_big(),
             _ => Inbound::Ended,
         },
     }
@@ -152,7 +154,16 @@ async fn write_close(socket: &mut WebSocket, reason: &CloseReason) {
             }
         }
         let frame = CloseFrame { code: reason.code, reason: Utf8Bytes::from(reason.reason.clone()) };
-        let _ = socket.send(Message::Close(Some(frame))).await;
+        if socket.send(Message::Close(Some(frame))).await.is_err() {
+            return;
+        }
+        // The close handshake: the client's close (or its end) comes back; what it sent
+        // meanwhile is read and dropped, so the connection is not reset under its close frame.
+        while let Some(Ok(message)) = socket.recv().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
     })
     .await;
 }
