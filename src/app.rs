@@ -10,12 +10,13 @@ use anyhow::Context;
 use async_nats::jetstream;
 use axum::Router;
 use cairn_command_api::passwords::Passwords;
-use cairn_command_api::{CommandState, UserCommands};
+use cairn_command_api::{CommandState, MessageCommands, UserCommands};
 use cairn_platform::auth::{AuthState, KeySet, SessionVersions, TokenIssuer};
 use cairn_platform::checkpoint::CheckpointWatcher;
 use cairn_platform::http::limits::Limiter;
 use cairn_platform::http::{finish_router, metrics_router, probes_router, OpsState, OPS_ROUTES};
 use cairn_platform::nats::{self, Namespace};
+use cairn_platform::rooms::MessagePort;
 use cairn_platform::{db, telemetry, Settings};
 use cairn_query_api::realtime::{Realtime, RealtimeDeps};
 use cairn_query_api::{Consistency, QueryState};
@@ -169,11 +170,16 @@ impl Application {
                 settings.rate_limit_user.and_then(|rate| Limiter::swept("user", rate, settings.rate_limit_sweep));
             let verified_email_for = Arc::new(settings.verified_email_for.clone());
             let auth = AuthState { tokens, sessions: sessions.clone(), user_limits, verified_email_for };
+            // One message service per process: HTTP sends and socket sends share its checks,
+            // rate limit and idempotency.
+            let messages = MessageCommands::new(pool.clone(), sessions.clone(), wake.clone(), &settings);
+            let message_port: Arc<dyn MessagePort> = Arc::new(messages.clone());
+            // The realtime sockets (query side) take sends through `message_port`.
             if services.command_api {
                 let users =
                     UserCommands::new(pool.clone(), Passwords::from_settings(&settings), sessions, wake.clone());
                 users.roles().seed().await.map_err(|e| anyhow::anyhow!("cannot define the seeded roles: {e}"))?;
-                let state = CommandState::new(pool.clone(), &settings, auth.clone(), users)?;
+                let state = CommandState::new(pool.clone(), &settings, auth.clone(), users, messages)?;
                 tasks.spawn(state.guard.clone().sweep_until(shutdown.clone()));
                 api = api.merge(cairn_command_api::router(state));
             }
@@ -193,7 +199,7 @@ impl Application {
                     pool: pool.clone(),
                     auth,
                     consistency,
-                    port: None,
+                    port: Some(message_port.clone()),
                     client: client.clone(),
                     ns: ns.clone(),
                 };

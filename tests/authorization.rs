@@ -6,7 +6,8 @@
 mod common;
 
 use base64::Engine;
-use common::TestApp;
+use cairn::app::Services;
+use common::{TestApp, TestEnv};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -76,6 +77,16 @@ fn policy(method: &str, path: &str) -> Option<(Policy, StatusCode)> {
         ("GET", "/api/v1/rooms/{id}" | "/api/v1/rooms/{id}/members" | "/api/v1/rooms/{id}/messages") => {
             (SignedIn, S::NOT_FOUND)
         }
+        ("POST", "/api/v1/rooms") => (Permission("rooms:write"), S::CREATED),
+        // The path's id is a user's, so no such room or message: an allowed caller gets 404.
+        ("PATCH" | "DELETE", "/api/v1/rooms/{id}")
+        | ("POST", "/api/v1/rooms/{id}/join" | "/api/v1/rooms/{id}/leave" | "/api/v1/rooms/{id}/members")
+        | ("DELETE", "/api/v1/rooms/{id}/members/{user_id}") => (Permission("rooms:write"), S::NOT_FOUND),
+        ("POST", "/api/v1/rooms/{id}/messages") | ("PATCH" | "DELETE", "/api/v1/messages/{id}") => {
+            (Permission("messages:write"), S::NOT_FOUND)
+        }
+        // Any member marks what they read (readonly members too).
+        ("POST", "/api/v1/rooms/{id}/read") => (SignedIn, S::NOT_FOUND),
         _ => return None,
     })
 }
@@ -104,6 +115,12 @@ fn body_for(method: &str, path: &str) -> Option<serde_json::Value> {
         }
         "/api/v1/roles/{name}" => json!({ "permissions": ["files:read", "files:write"] }),
         "/api/v1/auth/oauth/{provider}/callback" => json!({ "code": "c", "state": "s" }),
+        "/api/v1/rooms" => json!({ "name": "probe", "visibility": "public" }),
+        "/api/v1/rooms/{id}" if method == "PATCH" => json!({ "name": "renamed" }),
+        "/api/v1/rooms/{id}/members" => json!({ "user_id": uuid::Uuid::new_v4() }),
+        "/api/v1/rooms/{id}/messages" => json!({ "body": "hello" }),
+        "/api/v1/messages/{id}" if method == "PATCH" => json!({ "body": "edited" }),
+        "/api/v1/rooms/{id}/read" => json!({ "message_id": uuid::Uuid::new_v4() }),
         _ if method == "GET" || method == "DELETE" => return None,
         _ => json!({}),
     };
@@ -112,7 +129,8 @@ fn body_for(method: &str, path: &str) -> Option<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_route_answers_each_role_exactly_as_its_policy_says() {
-    let app = TestApp::spawn().await;
+    // Permissions alone decide here; the verified-address rule has its own tests (rooms, email flows).
+    let app = TestApp::spawn_with(TestEnv::new(), Services::all(), &[("CAIRN_VERIFIED_EMAIL_FOR", "none")]).await;
     let (_, admin) = app.admin_token().await;
     // One account per seeded role; each holds that role only.
     let mut accounts: Vec<(&str, Option<String>, Vec<String>)> = vec![("anonymous", None, vec![])];
@@ -159,6 +177,7 @@ async fn every_route_answers_each_role_exactly_as_its_policy_says() {
             let name = if path.starts_with("/api/v1/admin/projections") { "users" } else { "readonly" };
             let url = path
                 .replace("/users/me/sessions/{id}", &format!("/users/me/sessions/{}", uuid::Uuid::new_v4()))
+                .replace("{user_id}", &target)
                 .replace("{id}", &target)
                 .replace("{event_id}", &uuid::Uuid::new_v4().to_string())
                 .replace("{role}", "operator")

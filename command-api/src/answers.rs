@@ -149,3 +149,63 @@ pub struct Jwks {
     /// Every key that verifies.
     pub keys: Vec<Jwk>,
 }
+
+/// A room created.
+#[derive(Debug, ToSchema)]
+pub struct RoomData {
+    /// Id.
+    pub id: Uuid,
+    /// Name.
+    pub name: String,
+    /// Topic.
+    pub topic: Option<String>,
+    /// `public` or `private`.
+    #[schema(pattern = "^(public|private)$")]
+    pub visibility: String,
+    /// The creator.
+    pub owner_id: Uuid,
+    /// Always `false` for a new room.
+    pub archived: bool,
+}
+
+/// The room a command was about.
+#[derive(Debug, ToSchema)]
+pub struct RoomIdData {
+    /// The room.
+    pub id: Uuid,
+}
+
+/// A membership change.
+#[derive(Debug, ToSchema)]
+pub struct RoomMemberData {
+    /// The room.
+    pub room_id: Uuid,
+    /// The member.
+    pub user_id: Uuid,
+}
+
+/// A message sent or edited, as readers see it.
+#[derive(Debug, ToSchema)]
+pub struct MessageData {
+    /// The message.
+    pub message: cairn_platform::rooms::MessageView,
+}
+
+/// The message a command was about.
+#[derive(Debug, ToSchema)]
+pub struct MessageIdData {
+    /// The message.
+    pub id: Uuid,
+}
+
+/// A read marker moved.
+#[derive(Debug, ToSchema)]
+pub struct ReadMarkerData {
+    /// The room.
+    pub room_id: Uuid,
+    /// The last message read.
+    pub message_id: Uuid,
+    /// Its position, `<transaction>.<position>`.
+    #[schema(example = "7421.1093")]
+    pub position: String,
+}

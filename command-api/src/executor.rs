@@ -52,7 +52,14 @@ where
     /// Each committed command signals `wake`.
     #[must_use]
     pub fn new(pool: PgPool, sessions: SessionVersions, wake: RelayWakeup) -> Self {
-        let store = CachedStore::new(pool.clone(), CACHED_AGGREGATES);
+        Self::with_cache(pool, sessions, wake, CACHED_AGGREGATES)
+    }
+
+    /// As [`Self::new`], keeping up to `cached` aggregates in memory (fewer for large, rarely
+    /// changed aggregates such as messages).
+    #[must_use]
+    pub fn with_cache(pool: PgPool, sessions: SessionVersions, wake: RelayWakeup, cached: usize) -> Self {
+        let store = CachedStore::new(pool.clone(), cached);
         let cqrs = Arc::new(CqrsFramework::new(store.share(), vec![], ()));
         Self { cqrs, store: Arc::new(store), pool, sessions, wake }
     }

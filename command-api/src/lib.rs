@@ -8,6 +8,8 @@
 //!   email verification (the `Session` aggregate).
 //! - [`oauth`]: OAuth 2.0 / OpenID Connect sign-in with PKCE.
 //! - [`roles`]: defining and editing roles (the `Role` aggregate).
+//! - [`rooms`]: chat rooms, their members and their messages (the `Room` and `Message` aggregates),
+//!   and read markers; [`MessageCommands`] is also the socket's send path.
 //! - [`answers`]: the shapes of the answers, for the OpenAPI document.
 //! - [`passwords`]: argon2id hashing on a bounded blocking pool, and the password policy.
 
@@ -18,6 +20,7 @@ pub mod executor;
 pub mod oauth;
 pub mod passwords;
 pub mod roles;
+pub mod rooms;
 pub mod store;
 pub mod users;
 
@@ -34,6 +37,7 @@ use utoipa_axum::router::OpenApiRouter;
 
 pub use auth::{LoginGuard, RefreshCookie, SessionService};
 pub use roles::RoleCatalog;
+pub use rooms::{MessageCommands, RoomCommands};
 pub use users::UserCommands;
 
 /// Everything the command handlers share.
@@ -45,6 +49,10 @@ pub struct CommandState {
     pub sessions: SessionService,
     /// Roles.
     pub roles: RoleCatalog,
+    /// Rooms and their members.
+    pub rooms: RoomCommands,
+    /// Messages (the same service a socket's `send` goes through).
+    pub messages: MessageCommands,
     /// Operators' decisions about parked events.
     pub parked: admin::ParkedEvents,
     /// Token issuing and verification.
@@ -70,11 +78,17 @@ pub struct CommandState {
 }
 
 impl CommandState {
-    /// Builds the command side's services from settings.
+    /// Builds the command side's services from settings; `messages` is shared with the sockets.
     ///
     /// # Errors
     /// When a duration is out of range.
-    pub fn new(pool: PgPool, settings: &Settings, auth: AuthState, users: UserCommands) -> anyhow::Result<Self> {
+    pub fn new(
+        pool: PgPool,
+        settings: &Settings,
+        auth: AuthState,
+        users: UserCommands,
+        messages: MessageCommands,
+    ) -> anyhow::Result<Self> {
         let policy = SessionPolicy {
             absolute: chrono::Duration::from_std(settings.session_lifetime)?,
             idle: chrono::Duration::from_std(settings.session_idle)?,
@@ -101,6 +115,8 @@ impl CommandState {
             ),
             clock: settings.clock.clone(),
             roles: users.roles().clone(),
+            rooms: RoomCommands::new(pool.clone(), auth.sessions.clone(), users.wake().clone()),
+            messages,
             parked: admin::ParkedEvents::new(pool.clone(), auth.sessions.clone(), users.wake().clone()),
             users,
             auth,
@@ -123,5 +139,6 @@ pub fn router(state: CommandState) -> OpenApiRouter {
         .merge(oauth::routes())
         .merge(roles::routes())
         .merge(admin::routes())
+        .merge(rooms::routes())
         .with_state(state)
 }

@@ -10,25 +10,25 @@
 //! - [`message`]: the `Message` aggregate (one chat message, its edits and deletion).
 //! - [`parked`]: the `ParkedEvent` aggregate (operators' retries and skips of parked events).
 //! - [`upcast`]: reading events stored under older versions as the current shape.
-//! - [`values`]: newtypes that parse input (`Email`, `DisplayName`, `RoleName`), and `Secret`, which never prints.
+//! - [`values`]: newtypes that parse input (`Email`, `DisplayName`, `RoleName`, `RoomName`, `Topic`, `MessageBody`), and `Secret`, which never prints.
 
 pub mod message;
 pub mod parked;
-pub mod room;
 pub mod role;
 pub mod roles;
+pub mod room;
 pub mod session;
 pub mod upcast;
 pub mod user;
 pub mod values;
 
-pub use message::MessageEvent;
+pub use message::{Message, MessageCommand, MessageError, MessageEvent, RoomAccess};
 pub use parked::{parked_event_id, ParkedEvent, ParkedEventCommand, ParkedEventError, ParkedEventEvent};
 pub use role::{Role, RoleCommand, RoleError, RoleEvent};
-pub use room::{RoomEvent, RoomVisibility};
+pub use room::{Actor, Room, RoomCommand, RoomError, RoomEvent, RoomVisibility};
 pub use session::{RefreshOutcome, RevokeReason, Session, SessionCommand, SessionError, SessionEvent, SessionPolicy};
 pub use user::{AccountLock, LockoutPolicy, SessionsEndedReason, User, UserCommand, UserError, UserEvent, UserStatus};
-pub use values::{DisplayName, Email, RoleName, Secret, ValueError};
+pub use values::{DisplayName, Email, MessageBody, RoleName, RoomName, Secret, Topic, ValueError};
 
 #[cfg(test)]
 mod redaction_tests {

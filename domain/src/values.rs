@@ -204,6 +204,130 @@ impl RoleName {
     }
 }
 
+/// Refuses raw text longer than `max_chars` characters could ever be in bytes (4 bytes a
+/// character), before anything else is done with it.
+fn bounded_raw(raw: &str, field: &str, max_chars: usize) -> Result<(), ValueError> {
+    if raw.len() > max_chars.saturating_mul(4).saturating_add(MAX_RAW_BYTES) {
+        return Err(ValueError(format!("{field} is longer than {max_chars} characters")));
+    }
+    Ok(())
+}
+
+/// A room's name: 1 to 100 characters after trimming, no control characters. Kept as typed
+/// (not normalised): a name is shown, never compared as an identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RoomName(String);
+
+impl RoomName {
+    /// Parses a room name.
+    ///
+    /// # Errors
+    /// A [`ValueError`] when empty, longer than 100 characters or holding control characters.
+    pub fn parse(raw: &str) -> Result<Self, ValueError> {
+        bounded_raw(raw, "name", 100)?;
+        let name = raw.trim();
+        if name.is_empty() {
+            return Err(ValueError("name is required".into()));
+        }
+        if name.chars().count() > 100 {
+            return Err(ValueError("name is longer than 100 characters".into()));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(ValueError("name must not contain control characters".into()));
+        }
+        Ok(Self(name.to_owned()))
+    }
+
+    /// The name, trimmed.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A room's topic: up to 500 characters after trimming, no control characters but newline and
+/// tab. An empty topic is no topic ([`Topic::parse`] gives `None`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Topic(String);
+
+impl Topic {
+    /// Parses a topic; blank means none.
+    ///
+    /// # Errors
+    /// A [`ValueError`] when longer than 500 characters or holding control characters.
+    pub fn parse(raw: &str) -> Result<Option<Self>, ValueError> {
+        bounded_raw(raw, "topic", 500)?;
+        let topic = raw.trim();
+        if topic.is_empty() {
+            return Ok(None);
+        }
+        if topic.chars().count() > 500 {
+            return Err(ValueError("topic is longer than 500 characters".into()));
+        }
+        if topic.chars().any(is_forbidden_in_text) {
+            return Err(ValueError("topic must not contain control characters other than newline and tab".into()));
+        }
+        Ok(Some(Self(topic.to_owned())))
+    }
+
+    /// The topic, trimmed.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The longest message body, in characters (not bytes).
+pub const MAX_MESSAGE_CHARS: usize = 4_000;
+
+/// Control characters other than newline and tab: what free text refuses.
+fn is_forbidden_in_text(c: char) -> bool {
+    c.is_control() && c != '\n' && c != '\t'
+}
+
+/// A message's text: 1 to 4,000 characters after trimming, no control characters but newline
+/// and tab. Stored exactly as given after trimming: never escaped, never interpreted (HTML is
+/// text like any other; escaping is the renderer's job).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct MessageBody(String);
+
+impl MessageBody {
+    /// Parses a message body.
+    ///
+    /// # Errors
+    /// A [`ValueError`] when blank, longer than 4,000 characters or holding control characters
+    /// other than newline and tab.
+    pub fn parse(raw: &str) -> Result<Self, ValueError> {
+        bounded_raw(raw, "body", MAX_MESSAGE_CHARS)?;
+        let body = raw.trim();
+        if body.is_empty() {
+            return Err(ValueError("body is required".into()));
+        }
+        if body.chars().count() > MAX_MESSAGE_CHARS {
+            return Err(ValueError(format!("body is longer than {MAX_MESSAGE_CHARS} characters")));
+        }
+        if body.chars().any(is_forbidden_in_text) {
+            return Err(ValueError("body must not contain control characters other than newline and tab".into()));
+        }
+        Ok(Self(body.to_owned()))
+    }
+
+    /// The text.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The text, owned.
+    #[must_use]
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,5 +438,52 @@ mod tests {
         assert!(RoleName::parse("Admin").is_err());
         assert!(RoleName::parse("1st").is_err());
         assert!(RoleName::parse("").is_err());
+    }
+    #[test]
+    fn message_bodies_are_trimmed_bounded_in_characters_and_kept_verbatim() {
+        let at_limit = "é".repeat(MAX_MESSAGE_CHARS);
+        assert_eq!(MessageBody::parse(&at_limit).map(MessageBody::into_string), Ok(at_limit.clone()));
+        assert_eq!(
+            MessageBody::parse(&"x".repeat(MAX_MESSAGE_CHARS + 1)),
+            Err(ValueError("body is longer than 4000 characters".into()))
+        );
+        // The limit is on characters after trimming: padding around 4,000 characters is fine.
+        assert!(MessageBody::parse(&format!("  {}\n ", "x".repeat(MAX_MESSAGE_CHARS))).is_ok());
+        for blank in ["", "  ", "\n\t \n"] {
+            assert_eq!(MessageBody::parse(blank), Err(ValueError("body is required".into())), "{blank:?}");
+        }
+        for bad in ["\u{0007}", "a\u{0000}b", "a\rb", "x\u{001b}[31m", "a\u{0085}b"] {
+            assert_eq!(
+                MessageBody::parse(bad),
+                Err(ValueError("body must not contain control characters other than newline and tab".into())),
+                "{bad:?}"
+            );
+        }
+        for verbatim in
+            ["<b>x</b>", "<script>alert(1)</script>", "a &amp; b", "line one\n\tline two", "\u{05E9}\u{05DC}"]
+        {
+            assert_eq!(MessageBody::parse(verbatim).map(MessageBody::into_string), Ok(verbatim.to_owned()));
+        }
+        assert_eq!(MessageBody::parse("  hi \n").map(MessageBody::into_string), Ok("hi".to_owned()));
+    }
+
+    #[test]
+    fn room_names_are_trimmed_and_bounded() {
+        assert_eq!(RoomName::parse("  general ").map(|n| n.0), Ok("general".into()));
+        assert!(RoomName::parse(&"n".repeat(100)).is_ok());
+        assert_eq!(RoomName::parse(&"n".repeat(101)), Err(ValueError("name is longer than 100 characters".into())));
+        assert_eq!(RoomName::parse("   "), Err(ValueError("name is required".into())));
+        assert!(RoomName::parse("a\nb").is_err());
+        assert!(RoomName::parse("a\u{0007}").is_err());
+        assert_eq!(RoomName::parse("<i>dev</i>").map(|n| n.0), Ok("<i>dev</i>".into()));
+    }
+
+    #[test]
+    fn topics_may_be_empty_and_are_bounded() {
+        assert_eq!(Topic::parse("  "), Ok(None));
+        assert_eq!(Topic::parse(" talk\nabout x "), Ok(Some(Topic("talk\nabout x".into()))));
+        assert!(Topic::parse(&"t".repeat(500)).is_ok());
+        assert_eq!(Topic::parse(&"t".repeat(501)), Err(ValueError("topic is longer than 500 characters".into())));
+        assert!(Topic::parse("a\u{0000}").is_err());
     }
 }
