@@ -63,8 +63,9 @@ const SETUP_CONCURRENCY: usize = 16;
 const SETTLE: Duration = Duration::from_secs(10);
 /// A socket's outbound queue in the bench (frames it has yet to write).
 const OUTBOX: usize = 64;
-/// The settings both processes run with: no verified email needed to post.
-const SERVICE_ENV: [(&str, &str); 1] = [("CAIRN_VERIFIED_EMAIL_FOR", "")];
+/// The settings both processes run with: no permission needs a verified email (an empty value
+/// means the default list, so the value names no permission).
+const SERVICE_ENV: [(&str, &str); 1] = [("CAIRN_VERIFIED_EMAIL_FOR", "none")];
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -101,6 +102,7 @@ enum State {
 #[derive(Debug, Clone, Copy)]
 struct Record {
     room: usize,
+    user: usize,
     sent_us: u64,
     /// Sent inside the measured window.
     counted: bool,
@@ -174,6 +176,8 @@ impl Inbox {
 /// A socket or a NATS subscriber, in its room.
 struct Receiver {
     room: usize,
+    /// The process its socket is on (0 for the baseline).
+    process: usize,
     inbox: Arc<Mutex<Inbox>>,
 }
 
@@ -379,6 +383,8 @@ struct RateStats {
     /// Latency send → each receiver's frame, of messages sent in the window.
     latency: Option<Summary>,
     by_via: Vec<(Via, Option<Summary>)>,
+    /// Latency by (process sent through, process received on).
+    by_route: Vec<((usize, usize), Option<Summary>)>,
     /// Send → 2xx or `ack`, by way.
     accepted: Vec<(Via, Option<Summary>)>,
     /// Sends refused or never accepted, over the whole rate (warm-up included).
@@ -455,7 +461,7 @@ async fn run_rate(
         k += 1;
         let sent_us = clock.micros();
         let counted = tick >= measure_from;
-        tracker.begin(seq, Record { room, sent_us, counted, via, state: State::Pending, accepted_us: None });
+        tracker.begin(seq, Record { room, user, sent_us, counted, via, state: State::Pending, accepted_us: None });
         send(Outgoing { seq, user, room, via, sent_us });
     }
     // Settle: every send answered and every accepted message received everywhere, or time's up.
@@ -485,6 +491,7 @@ fn count(
     let mut stats = RateStats { first_error, ..RateStats::default() };
     let mut latencies = Vec::new();
     let mut by_via: HashMap<Via, Vec<Duration>> = HashMap::new();
+    let mut by_route: std::collections::BTreeMap<(usize, usize), Vec<Duration>> = std::collections::BTreeMap::new();
     let mut accepted: HashMap<Via, Vec<Duration>> = HashMap::new();
     for record in records.values() {
         if record.counted {
@@ -523,6 +530,7 @@ fn count(
                         let latency = Duration::from_micros(u64::from(latency));
                         latencies.push(latency);
                         by_via.entry(record.via).or_default().push(latency);
+                        by_route.entry((process_of(record.user), receiver.process)).or_default().push(latency);
                         counted_frames += 1;
                     }
                 }
@@ -537,6 +545,7 @@ fn count(
     }
     stats.frames_per_s = counted_frames as f64 / window.measure.as_secs_f64();
     stats.latency = Summary::of(&latencies);
+    stats.by_route = by_route.iter().map(|(route, l)| (*route, Summary::of(l))).collect();
     for via in [Via::Http, Via::Socket, Via::Nats] {
         if let Some(l) = by_via.get(&via) {
             stats.by_via.push((via, Summary::of(l)));
@@ -682,7 +691,7 @@ async fn open_sockets(
     let mut jobs = Vec::with_capacity(cairn.tokens.len());
     for (u, token) in cairn.tokens.iter().enumerate() {
         let inbox = Arc::new(Mutex::new(Inbox::default()));
-        receivers.push(Receiver { room: u % ROOMS, inbox: inbox.clone() });
+        receivers.push(Receiver { room: u % ROOMS, process: process_of(u), inbox: inbox.clone() });
         let (url, room, clock, tracker) =
             (&urls[process_of(u)], cairn.rooms[u % ROOMS], clock.clone(), tracker.clone());
         jobs.push(async move {
@@ -798,7 +807,7 @@ async fn measure_nats(
     let mut jobs = Vec::with_capacity(users);
     for u in 0..users {
         let inbox = Arc::new(Mutex::new(Inbox::default()));
-        receivers.push(Receiver { room: u % ROOMS, inbox: inbox.clone() });
+        receivers.push(Receiver { room: u % ROOMS, process: 0, inbox: inbox.clone() });
         let (subject, clock, tracker) = (subject(u % ROOMS), clock.clone(), tracker.clone());
         jobs.push(async move {
             let client = async_nats::ConnectOptions::new()
@@ -866,6 +875,11 @@ async fn measure_nats(
         drop(client);
     }
     Ok(results)
+}
+
+/// Whether the rate has a latency split by process (the baseline has one process, none).
+fn via_socket_rows(stats: &RateStats) -> bool {
+    !stats.by_route.is_empty()
 }
 
 fn via_name(via: Via) -> &'static str {
@@ -1029,6 +1043,22 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
             cairn.bench_cpu_percent.unwrap_or(0.0),
             nats.bench_cpu_percent.unwrap_or(0.0)
         ));
+        if via_socket_rows(cairn) {
+            let routes: Vec<String> = cairn
+                .by_route
+                .iter()
+                .map(|((from, to), s)| {
+                    format!(
+                        "sent through {} → socket on {}: p50 {:.1} / p99 {:.1} ms",
+                        ["A", "B"][*from % 2],
+                        ["A", "B"][*to % 2],
+                        s.map_or(0.0, |s| s.p50_ms),
+                        s.map_or(0.0, |s| s.p99_ms)
+                    )
+                })
+                .collect();
+            out.note(format!("{rate} messages/s by process (A, B): {}", routes.join("; ")));
+        }
         out.rows.push(row);
     }
     out.rows.push(
