@@ -1036,8 +1036,14 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
             .map(|(via, s)| format!("{} p99 {:.1} ms", via_name(*via), s.map_or(0.0, |s| s.p99_ms)))
             .collect();
         out.note(format!(
-            "{rate} messages/s: delivery p99 by way sent, then send → 2xx/ack p99 by way: {}; CPU of both processes \
+            "{rate} messages/s: {} sent in the window, {} receptions lost, {} duplicated (NATS: {} lost, {} \
+             duplicated); delivery p99 by way sent, then send → 2xx/ack p99 by way: {}; CPU of both processes \
              {:.0} %, of the bench {:.0} % (in the baseline {:.0} %) of one core",
+            cairn.sent,
+            cairn.lost,
+            cairn.duplicated,
+            nats.lost,
+            nats.duplicated,
             split.join(", "),
             cairn.cpu_percent.unwrap_or(0.0),
             cairn.bench_cpu_percent.unwrap_or(0.0),
