@@ -193,13 +193,14 @@ impl Application {
                     projections: Arc::new(cairn_projector::PROJECTIONS.to_vec()),
                     workers: Arc::new(cairn_workers::PARKING_CONSUMERS.to_vec()),
                 };
-                let state = QueryState { pool: pool.clone(), auth: auth.clone(), consistency: consistency.clone(), consumers };
+                let state =
+                    QueryState { pool: pool.clone(), auth: auth.clone(), consistency: consistency.clone(), consumers };
                 api = api.merge(cairn_query_api::router(state));
                 let deps = RealtimeDeps {
                     pool: pool.clone(),
                     auth,
                     consistency,
-                    port: Some(message_port.clone()),
+                    port: Some(message_port),
                     client: client.clone(),
                     ns: ns.clone(),
                 };

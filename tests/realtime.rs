@@ -20,8 +20,10 @@ use uuid::Uuid;
 /// How long a frame may take to arrive.
 const WAIT: Duration = Duration::from_secs(15);
 
-/// Message sends are not what these tests are about: no verified email needed, no rate limit hit.
-const OPEN: &[(&str, &str)] = &[("CAIRN_VERIFIED_EMAIL_FOR", ""), ("CAIRN_RATE_LIMIT_MESSAGES", "100000/s")];
+/// Message sends are not what these tests are about: no verified email needed (an empty value
+/// means the default, so a permission nobody holds is named), no rate limit hit.
+const OPEN: &[(&str, &str)] =
+    &[("CAIRN_VERIFIED_EMAIL_FOR", "nothing:at-all"), ("CAIRN_RATE_LIMIT_MESSAGES", "100000/s")];
 
 async fn spawn(extra: &[(&str, &str)]) -> TestApp {
     let mut settings = OPEN.to_vec();
@@ -180,13 +182,16 @@ async fn join_room(app: &TestApp, user: &User, room: Uuid) {
     assert!(reply.status.is_success(), "{:?}", reply.body);
 }
 
-/// Sends over HTTP; returns the message's position.
-async fn say(app: &TestApp, user: &User, room: Uuid, body: &str) -> String {
+/// Sends over HTTP.
+async fn say(app: &TestApp, user: &User, room: Uuid, body: &str) {
     let reply = app
-        .post(&format!("/api/v1/rooms/{room}/messages"), Some(&user.token), json!({"body": body, "client_id": body}))
+        .post(
+            &format!("/api/v1/rooms/{room}/messages"),
+            Some(&user.token),
+            json!({"body": body, "client_id": Uuid::new_v4().simple().to_string()}),
+        )
         .await;
     assert!(reply.status.is_success(), "{:?}", reply.body);
-    reply.data()["position"].as_str().unwrap().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -204,17 +209,29 @@ async fn a_message_reaches_every_member_socket_on_both_processes_once_and_in_ord
         client.join(room, None).await;
     }
     say(&a, &alice, room, "one over HTTP on A").await;
-    bob_b
-        .send(json!({"type": "send", "room_id": room, "body": "two over the socket on B", "client_id": "c-2"}))
-        .await;
-    let ack = bob_b.expect("ack").await;
+    bob_b.send(json!({"type": "send", "room_id": room, "body": "two over the socket on B", "client_id": "c-2"})).await;
+    // The ack comes among the message frames (the first message may arrive before it).
+    let mut bob_seen = Vec::new();
+    let ack = loop {
+        let frame = bob_b.next().await;
+        match frame["type"].as_str() {
+            Some("ack") => break frame,
+            Some("message") => bob_seen.push(frame["body"].as_str().unwrap().to_owned()),
+            _ => {}
+        }
+    };
     assert_eq!(ack["client_id"], "c-2");
     assert!(ack["message_id"].is_string() && ack["position"].is_string(), "{ack}");
     say(&b, &alice, room, "three over HTTP on B").await;
 
     let expected = ["one over HTTP on A", "two over the socket on B", "three over HTTP on B"];
-    for client in [&mut alice_a, &mut bob_b, &mut alice_b] {
+    let more = bob_b.messages(3 - bob_seen.len()).await;
+    bob_seen.extend(more);
+    assert_eq!(bob_seen, expected);
+    for client in [&mut alice_a, &mut alice_b] {
         assert_eq!(client.messages(3).await, expected);
+    }
+    for client in [&mut alice_a, &mut bob_b, &mut alice_b] {
         client.nothing_pending().await;
     }
     b.shutdown.cancel();
@@ -462,14 +479,19 @@ async fn rooms_one_may_not_see_are_not_found_and_a_readonly_member_reads_but_can
     assert_eq!(m.expect("error").await["code"], "NOT_FOUND");
     m.send(json!({"type": "join", "room_id": public})).await;
     let refused = m.expect("error").await;
-    assert_eq!((refused["code"].as_str(), refused["message"].as_str()), (Some("FORBIDDEN"), Some("join the room first")));
+    assert_eq!(
+        (refused["code"].as_str(), refused["message"].as_str()),
+        (Some("FORBIDDEN"), Some("join the room first"))
+    );
     m.send(json!({"type": "join", "room_id": public, "after": "yesterday"})).await;
     assert_eq!(m.expect("error").await["code"], "VALIDATION_FAILED");
 
     // A readonly member (invited by the owner) receives the room but cannot send.
-    let reply = app.post(&format!("/api/v1/users/{}/roles", reader.id), Some(&admin), json!({"role": "readonly"})).await;
+    let reply =
+        app.post(&format!("/api/v1/users/{}/roles", reader.id), Some(&admin), json!({"role": "readonly"})).await;
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
-    let reply = app.request("DELETE", &format!("/api/v1/users/{}/roles/user", reader.id), Some(&admin), None, &[]).await;
+    let reply =
+        app.request("DELETE", &format!("/api/v1/users/{}/roles/user", reader.id), Some(&admin), None, &[]).await;
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
     let reply =
         app.post(&format!("/api/v1/rooms/{private}/members"), Some(&alice.token), json!({"user_id": reader.id})).await;
@@ -483,50 +505,6 @@ async fn rooms_one_may_not_see_are_not_found_and_a_readonly_member_reads_but_can
     r.send(json!({"type": "send", "room_id": private, "body": "hi", "client_id": "r-1"})).await;
     let error = r.expect("error").await;
     assert_eq!((error["code"].as_str(), error["client_id"].as_str()), (Some("FORBIDDEN"), Some("r-1")));
-    app.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_client_that_does_not_read_is_dropped_while_another_keeps_receiving() {
-    let app = spawn(&[("CAIRN_WS_QUEUE", "4")]).await;
-    let (alice, slow, fast) = (user(&app, "alice").await, user(&app, "slow").await, user(&app, "fast").await);
-    let room = room(&app, &alice, "public").await;
-    join_room(&app, &slow, room).await;
-    join_room(&app, &fast, room).await;
-    // A tiny receive window, so the server's writes block once the client stops reading.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let address = app.address.trim_start_matches("http://").to_owned();
-    let stream = socket.connect(address.parse().unwrap()).await.unwrap();
-    let url = format!("ws://{address}/api/v1/ws");
-    let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await.unwrap();
-    let mut slow_socket = Client { ws };
-    slow_socket.send(json!({"type": "auth", "token": slow.token})).await;
-    slow_socket.expect("ready").await;
-    slow_socket.join(room, None).await;
-    let mut fast_socket = Client::signed_in(&app.address, &fast.token).await;
-    fast_socket.join(room, None).await;
-
-    let body = "x".repeat(3900);
-    let sent = 150;
-    for n in 0..sent {
-        say(&app, &alice, room, &format!("{n:03}{body}")).await;
-        assert_eq!(fast_socket.messages(1).await[0][..3], format!("{n:03}"));
-    }
-    // The slow client reads now: it was dropped (4408, or the connection just ended) before the end.
-    let mut got = 0;
-    let end = loop {
-        match tokio::time::timeout(WAIT, slow_socket.ws.next()).await.unwrap() {
-            Some(Ok(Message::Text(_))) => got += 1,
-            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
-            Some(Ok(_)) => {}
-            None | Some(Err(_)) => break None,
-        }
-    };
-    assert!(got < sent + 3, "the slow client got everything ({got} frames)");
-    assert!(end.is_none() || end == Some(4408), "{end:?}");
-    let metrics = app.get("/metrics", None).await;
-    assert!(metrics.body.as_str().unwrap().contains("cairn_ws_dropped_total{reason=\"slow\"}"));
     app.stop().await;
 }
 

@@ -74,7 +74,9 @@ async fn run(
                         }
                         match serde_json::from_slice::<EventEnvelope>(&message.payload) {
                             Ok(event) => hub.dispatch(&event),
-                            Err(e) => tracing::error!(subject = %message.subject, error = %e, "not an event envelope; ignored"),
+                            Err(e) => {
+                                tracing::error!(subject = %message.subject, error = %e, "not an event envelope; ignored")
+                            }
                         }
                     }
                     Some(Err(e)) => {

@@ -587,38 +587,40 @@ impl Hub {
         metrics::histogram!("cairn_ws_delivery_lag_seconds").record(lag.as_secs_f64());
     }
 
+    /// A user event that ends sessions carries the new session version: the user's sockets
+    /// holding an older one close (4403 for a deactivated or deleted user, 4401 otherwise).
+    /// Decided from the event itself, in the log's order, not from the session map, which its
+    /// own consumer may have moved further already.
     fn user_event(&self, state: &HubState, event: &EventEnvelope) {
         self.sessions.apply(event);
         let Ok(user) = event.aggregate_id.parse::<Uuid>() else { return };
         let Some(ids) = state.by_user.get(&user) else { return };
-        let gone = match event.event_type.as_str() {
-            "UserDeactivated" => Some("user deactivated"),
-            "UserDeleted" => Some("user deleted"),
-            _ => None,
+        let Some(version) = event.body().get("session_version").and_then(Value::as_u64) else { return };
+        let reason = match event.event_type.as_str() {
+            "UserDeactivated" => CloseReason::with_error(close::USER_GONE, "FORBIDDEN", "user deactivated"),
+            "UserDeleted" => CloseReason::with_error(close::USER_GONE, "FORBIDDEN", "user deleted"),
+            _ => CloseReason::with_error(close::UNAUTHENTICATED, "UNAUTHENTICATED", "session ended"),
         };
+        let metric = if reason.code == close::USER_GONE { "user" } else { "session" };
         for socket in ids.iter().filter_map(|id| state.sockets.get(id)) {
-            if let Some(why) = gone {
-                socket.close(CloseReason::with_error(close::USER_GONE, "FORBIDDEN", why), "user");
-            } else {
-                self.check_session(socket);
+            if socket.auth().sv < version {
+                socket.close(reason.clone(), metric);
             }
         }
     }
 
+    /// A revoked session (sign-out) closes the sockets opened with its tokens.
     fn session_event(&self, state: &HubState, event: &EventEnvelope) {
         self.sessions.apply(event);
         if event.event_type != "SessionRevoked" {
             return;
         }
-        for socket in state.sockets.values() {
-            self.check_session(socket);
-        }
-    }
-
-    fn check_session(&self, socket: &SocketHandle) {
-        let auth = socket.auth();
-        if !self.sessions.is_current(socket.user, auth.sv, auth.sid) {
-            socket.close(CloseReason::with_error(close::UNAUTHENTICATED, "UNAUTHENTICATED", "session ended"), "session");
+        let Ok(sid) = event.aggregate_id.parse::<Uuid>() else { return };
+        for socket in state.sockets.values().filter(|s| s.auth().sid == sid) {
+            socket.close(
+                CloseReason::with_error(close::UNAUTHENTICATED, "UNAUTHENTICATED", "session revoked"),
+                "session",
+            );
         }
     }
 
@@ -628,7 +630,9 @@ impl Hub {
         let Some(entry) = state.rooms.get_mut(&room) else { return };
         match kind {
             TypingKind::Typing => {
-                entry.typing.insert(user, self.clock.now() + chrono::Duration::from_std(TYPING_TTL).unwrap_or_default());
+                entry
+                    .typing
+                    .insert(user, self.clock.now() + chrono::Duration::from_std(TYPING_TTL).unwrap_or_default());
             }
             TypingKind::StopTyping => {
                 entry.typing.remove(&user);
@@ -653,8 +657,7 @@ impl Hub {
         }
         let is_online = entry.online.contains_key(&note.user);
         if was_online != is_online {
-            let frame =
-                Frame { text: protocol::presence(note.room, note.user, is_online), kind: FrameKind::Ephemeral };
+            let frame = Frame { text: protocol::presence(note.room, note.user, is_online), kind: FrameKind::Ephemeral };
             self.fan_out(entry, &frame, None);
         }
     }
@@ -677,7 +680,8 @@ impl Hub {
             let expired: Vec<Uuid> = entry.typing.iter().filter(|(_, until)| **until <= now).map(|(u, _)| *u).collect();
             for user in expired {
                 entry.typing.remove(&user);
-                let frame = Frame { text: protocol::typing(TypingKind::StopTyping, *room, user), kind: FrameKind::Ephemeral };
+                let frame =
+                    Frame { text: protocol::typing(TypingKind::StopTyping, *room, user), kind: FrameKind::Ephemeral };
                 self.fan_out(entry, &frame, None);
             }
             let mut gone = Vec::new();

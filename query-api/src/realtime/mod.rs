@@ -119,15 +119,8 @@ impl Realtime {
             token.cancelled().await;
             let _ = feed.await;
         });
-        let typing = presence::start(
-            Arc::clone(&hub),
-            deps.client,
-            &deps.ns,
-            announcements,
-            tasks,
-            shutdown.clone(),
-        )
-        .await?;
+        let typing =
+            presence::start(Arc::clone(&hub), deps.client, &deps.ns, announcements, tasks, shutdown.clone()).await?;
         Ok(Self {
             hub,
             pool: deps.pool,
@@ -178,4 +171,3 @@ async fn connect(
     let upgrade = upgrade.max_message_size(READ_LIMIT).max_frame_size(READ_LIMIT).read_buffer_size(READ_BUFFER);
     Ok(upgrade.write_buffer_size(0).on_upgrade(move |socket| socket::serve(socket, realtime, ctx, open)))
 }
-

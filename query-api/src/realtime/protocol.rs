@@ -134,7 +134,9 @@ pub fn message(view: &MessageView) -> Utf8Bytes {
 /// `{"type":"message_edited","id","room_id","body","edited_at","position"}`.
 #[must_use]
 pub fn message_edited(id: Uuid, room: Uuid, body: Option<&str>, at: DateTime<Utc>, position: &str) -> Utf8Bytes {
-    text(&json!({"type": "message_edited", "id": id, "room_id": room, "body": body, "edited_at": at, "position": position}))
+    text(
+        &json!({"type": "message_edited", "id": id, "room_id": room, "body": body, "edited_at": at, "position": position}),
+    )
 }
 
 /// `{"type":"message_deleted","id","room_id","deleted_at","position"}`.

@@ -55,9 +55,10 @@ fn classify(read: Option<Result<Message, axum::Error>>) -> Inbound {
         ),
         Some(Ok(Message::Close(_))) | None => Inbound::Ended,
         Some(Err(e)) => match e.into_inner().downcast::<tungstenite::Error>().map(|e| *e) {
-            Ok(tungstenite::Error::Utf8(_)) => {
-                Inbound::Refused(CloseReason::with_error(close::INVALID_DATA, "MALFORMED_REQUEST", "text is not UTF-8"), "utf8")
-            }
+            Ok(tungstenite::Error::Utf8(_)) => Inbound::Refused(
+                CloseReason::with_error(close::INVALID_DATA, "MALFORMED_REQUEST", "text is not UTF-8"),
+                "utf8",
+            ),
             Ok(tungstenite::Error::Capacity(_)) => too_big(),
             _ => Inbound::Ended,
         },
@@ -296,10 +297,9 @@ impl Session {
                 CloseReason::with_error(close::UNAUTHENTICATED, "UNAUTHENTICATED", "a token of another user"),
                 "auth",
             ),
-            Err(e) => self.handle.close(
-                CloseReason::with_error(close::UNAUTHENTICATED, "UNAUTHENTICATED", &e.to_string()),
-                "auth",
-            ),
+            Err(e) => self
+                .handle
+                .close(CloseReason::with_error(close::UNAUTHENTICATED, "UNAUTHENTICATED", &e.to_string()), "auth"),
         }
     }
 
@@ -391,7 +391,12 @@ impl Session {
             Some((_, false)) => return Err(ApiError::Forbidden("join the room first".to_owned())),
             Some(_) => {}
         }
-        if !self.write(protocol::joined(room, &self.rt.hub.presence(room))).await {
+        // Online there now: whoever any process announced, and the joiner.
+        let mut presence = self.rt.hub.presence(room);
+        if !presence.contains(&self.caller.id()) {
+            presence.push(self.caller.id());
+        }
+        if !self.write(protocol::joined(room, &presence)).await {
             return Ok(None);
         }
         let mut covered = HashMap::new();
