@@ -130,8 +130,8 @@ async fn list_members(
         ),
         None => None,
     };
-    // Members are users: their display names come from the users read model.
-    let consistency = consistency.wait(&[ReadModel::Rooms, ReadModel::Users]).await?;
+    // Display names come from the users read model, which a room command's token does not concern.
+    let consistency = consistency.wait(&[ReadModel::Rooms]).await?;
     if !store::can_see(&pool, reader(&caller), id).await? {
         return Err(room_not_found());
     }
