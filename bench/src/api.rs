@@ -147,6 +147,58 @@ impl Api {
         Ok(())
     }
 
+    /// Sends and returns the body when the status is any 2xx.
+    async fn send_success(request: RequestBuilder) -> anyhow::Result<Value> {
+        let response = request.send().await?;
+        let status = response.status();
+        let body = response.bytes().await?;
+        if !status.is_success() {
+            bail!("HTTP {status}: {}", String::from_utf8_lossy(&body[..body.len().min(300)]));
+        }
+        serde_json::from_slice(&body).context("the answer is not JSON")
+    }
+
+    /// `POST /api/v1/rooms` (a public room): the new room's id.
+    ///
+    /// # Errors
+    /// Any answer but a 2xx with the id in `data.room_id` or `data.id`.
+    pub async fn create_room(&self, token: &str, name: &str) -> anyhow::Result<Uuid> {
+        let request = self
+            .http
+            .post(self.url("/api/v1/rooms"))
+            .bearer_auth(token)
+            .json(&json!({ "name": name, "visibility": "public" }));
+        let envelope = Self::send_success(request).await?;
+        let id = envelope
+            .pointer("/data/room_id")
+            .or_else(|| envelope.pointer("/data/id"))
+            .and_then(Value::as_str)
+            .context("the answer has no data.room_id")?;
+        Uuid::parse_str(id).context("the room id is not a UUID")
+    }
+
+    /// `POST /api/v1/rooms/{room}/join`.
+    ///
+    /// # Errors
+    /// Any answer but a 2xx.
+    pub async fn join_room(&self, token: &str, room: Uuid) -> anyhow::Result<()> {
+        let request = self.http.post(self.url(&format!("/api/v1/rooms/{room}/join"))).bearer_auth(token);
+        Self::send_success(request).await.map(|_| ())
+    }
+
+    /// `POST /api/v1/rooms/{room}/messages {body, client_id}`.
+    ///
+    /// # Errors
+    /// Any answer but a 2xx.
+    pub async fn send_message(&self, token: &str, room: Uuid, body: &str, client_id: &str) -> anyhow::Result<()> {
+        let request = self
+            .http
+            .post(self.url(&format!("/api/v1/rooms/{room}/messages")))
+            .bearer_auth(token)
+            .json(&json!({ "body": body, "client_id": client_id }));
+        Self::send_success(request).await.map(|_| ())
+    }
+
     /// `GET /api/v1/users/me`.
     ///
     /// # Errors

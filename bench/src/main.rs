@@ -70,12 +70,15 @@ enum Scenario {
     /// Memory after 20,000 unknown emails from 20,000 forwarded addresses; sign-in timing of
     /// unknown, locked and ordinary accounts.
     Hostile,
+    /// 1,000 sockets over two processes in 10 rooms: send → every receiver, beside plain NATS
+    /// publish/subscribe.
+    Realtime,
     /// Every scenario, one after another.
     All,
 }
 
 impl Scenario {
-    const EACH: [Self; 10] = [
+    const EACH: [Self; 11] = [
         Self::Write,
         Self::WriteLong,
         Self::Lag,
@@ -86,6 +89,7 @@ impl Scenario {
         Self::Memory,
         Self::StalledSmtp,
         Self::Hostile,
+        Self::Realtime,
     ];
 
     fn name(self) -> &'static str {
@@ -100,6 +104,7 @@ impl Scenario {
             Self::Memory => "memory",
             Self::StalledSmtp => "stalled-smtp",
             Self::Hostile => "hostile",
+            Self::Realtime => "realtime",
             Self::All => "all",
         }
     }
@@ -116,6 +121,7 @@ impl Scenario {
             Self::Memory => scenarios::memory::run(ctx, env, out).await,
             Self::StalledSmtp => scenarios::stalled_smtp::run(ctx, env, out).await,
             Self::Hostile => scenarios::hostile::run(ctx, env, out).await,
+            Self::Realtime => scenarios::realtime::run(ctx, env, out).await,
             Self::All => anyhow::bail!("`all` is not a single scenario"),
         }
     }

@@ -6,6 +6,7 @@ pub mod lag;
 pub mod login;
 pub mod memory;
 pub mod read;
+pub mod realtime;
 pub mod rebuild;
 pub mod relay;
 pub mod stalled_smtp;
