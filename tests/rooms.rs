@@ -470,13 +470,21 @@ async fn messages_are_rate_limited_per_user() {
     let (_, other) = user(&app, "other").await;
     let room = create_room(&app, &owner, "public").await;
     assert_eq!(app.post(&format!("/api/v1/rooms/{room}/join"), Some(&other), json!({})).await.status, StatusCode::OK);
-    for n in 0..3 {
+    let first = send(&app, &owner, room, json!({ "body": "message 0", "client_id": "m-0" })).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{:?}", first.body);
+    for n in 1..3 {
         send_ok(&app, &owner, room, &format!("message {n}")).await;
     }
     let limited = send(&app, &owner, room, json!({ "body": "one too many" })).await;
     assert_refused(&limited, StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED", "the fourth message in a minute");
     let retry_after: u64 = limited.headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=60).contains(&retry_after), "Retry-After: {retry_after}");
+    // A new message with a key is refused too; a retry of one already sent is answered with it.
+    let new_key = send(&app, &owner, room, json!({ "body": "new", "client_id": "m-9" })).await;
+    assert_refused(&new_key, StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED", "a new message over the limit");
+    let retry = send(&app, &owner, room, json!({ "body": "message 0", "client_id": "m-0" })).await;
+    assert_eq!(retry.status, StatusCode::OK, "{:?}", retry.body);
+    assert_eq!(retry.data()["message"], first.data()["message"]);
     // Per user: someone else still sends.
     send_ok(&app, &other, room, "my turn").await;
     let sent: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'MessageSent'")

@@ -398,14 +398,24 @@ impl MessageCommands {
         let (Some(body), true) = (body, problems.is_empty()) else {
             return Err(ApiError::Validation { message: "message is invalid".to_owned(), details: problems });
         };
-        if let Some(limiter) = &self.limiter {
-            limiter.check(&caller.id())?;
-        }
         let author = caller.id();
         let id = match &input.client_id {
             Some(client_id) => message_id_for(author, input.room_id, client_id),
             None => Uuid::now_v7(),
         };
+        if let Some(limiter) = &self.limiter {
+            if let Err(limited) = limiter.check(&author) {
+                // A retry of a message already sent is answered with it, limit or not: the
+                // client is told what it needs to stop retrying, and nothing is appended.
+                if input.client_id.is_some() {
+                    if let Some(message) = message_view(self.pool(), id).await? {
+                        let token = message.position.parse().unwrap_or_default();
+                        return Ok(SentMessage { message, created: false, token });
+                    }
+                }
+                return Err(limited);
+            }
+        }
         let room = self.rooms.load(&input.room_id.to_string()).await?;
         let access = if !room.created {
             RoomAccess::Missing
