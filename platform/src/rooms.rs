@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::auth::Caller;
-use crate::envelope::ConsistencyToken;
+use crate::envelope::{ConsistencyToken, EventEnvelope};
 use crate::http::{ApiError, RequestContext};
 
 /// A message as every reader sees it.
@@ -64,6 +64,40 @@ impl MessageView {
             created_at: row.try_get("created_at")?,
             edited_at: row.try_get("edited_at")?,
             deleted_at: row.try_get("deleted_at")?,
+        })
+    }
+}
+
+impl MessageView {
+    /// A message as its `MessageSent` event states it (not edited, not deleted): what the command
+    /// side answers and what sockets receive before the read model has it. `None` when `event` is
+    /// not a readable `MessageSent`.
+    #[must_use]
+    pub fn from_sent(event: &EventEnvelope) -> Option<Self> {
+        #[derive(Deserialize)]
+        struct Sent {
+            room_id: Uuid,
+            author_id: Uuid,
+            body: String,
+            client_id: Option<String>,
+            #[serde(default)]
+            attachments: Vec<Uuid>,
+        }
+        if event.event_type != "MessageSent" {
+            return None;
+        }
+        let sent = Sent::deserialize(event.body()).ok()?;
+        Some(Self {
+            id: event.aggregate_id.parse().ok()?,
+            room_id: sent.room_id,
+            author_id: sent.author_id,
+            body: Some(sent.body),
+            client_id: sent.client_id,
+            attachments: sent.attachments,
+            position: event.position().to_string(),
+            created_at: event.recorded_at,
+            edited_at: None,
+            deleted_at: None,
         })
     }
 }

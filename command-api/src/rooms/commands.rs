@@ -309,20 +309,7 @@ pub async fn message_view(pool: &PgPool, id: Uuid) -> Result<Option<MessageView>
         let payload: MessageEvent = serde_json::from_value(event.payload.clone())
             .map_err(|e| ApiError::Internal(anyhow::anyhow!("message {id}: unreadable event: {e}")))?;
         match payload {
-            MessageEvent::MessageSent { room_id, author_id, body, client_id, attachments } => {
-                view = Some(MessageView {
-                    id,
-                    room_id,
-                    author_id,
-                    body: Some(body),
-                    client_id,
-                    attachments,
-                    position: event.position().to_string(),
-                    created_at: event.recorded_at,
-                    edited_at: None,
-                    deleted_at: None,
-                });
-            }
+            MessageEvent::MessageSent { .. } => view = MessageView::from_sent(&event),
             MessageEvent::MessageEdited { body, .. } => {
                 if let Some(view) = view.as_mut() {
                     view.body = Some(body);

@@ -556,22 +556,7 @@ impl Hub {
         let at = position.to_string();
         let text = match event.event_type.as_str() {
             "MessageSent" => {
-                let Some(author_id) = uuid_field(body, "author_id") else { return };
-                let view = MessageView {
-                    id,
-                    room_id: room,
-                    author_id,
-                    body: body.get("body").and_then(Value::as_str).map(str::to_owned),
-                    client_id: body.get("client_id").and_then(Value::as_str).map(str::to_owned),
-                    attachments: body
-                        .get("attachments")
-                        .and_then(|a| serde_json::from_value(a.clone()).ok())
-                        .unwrap_or_default(),
-                    position: at,
-                    created_at: event.recorded_at,
-                    edited_at: None,
-                    deleted_at: None,
-                };
+                let Some(view) = MessageView::from_sent(event) else { return };
                 protocol::message(&view)
             }
             "MessageEdited" => {
