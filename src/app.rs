@@ -148,6 +148,14 @@ impl Application {
         let wake = cairn_relay::RelayWakeup::new(pool.clone());
         let mut api = OpenApiRouter::new();
         let serves_api = services.command_api || services.query_api;
+        // Every process that touches file bytes opens the store at start, so a misconfigured
+        // store (keys, bucket, credentials) stops it there rather than at the first upload.
+        let files = if serves_api || services.workers {
+            Some(cairn_storage::FileStore::open(&settings.files, settings.is_production()).await?)
+        } else {
+            None
+        };
+        let store = || files.clone().context("the file store is opened by every API and worker process");
         if serves_api {
             let keys = KeySet::load_with_ttl(&settings.keys_dir, settings.is_production(), settings.access_token_ttl)?;
             let tokens = TokenIssuer::new(
@@ -179,7 +187,7 @@ impl Application {
                 let users =
                     UserCommands::new(pool.clone(), Passwords::from_settings(&settings), sessions, wake.clone());
                 users.roles().seed().await.map_err(|e| anyhow::anyhow!("cannot define the seeded roles: {e}"))?;
-                let state = CommandState::new(pool.clone(), &settings, auth.clone(), users, messages)?;
+                let state = CommandState::new(pool.clone(), &settings, auth.clone(), users, messages, store()?)?;
                 tasks.spawn(state.guard.clone().sweep_until(shutdown.clone()));
                 api = api.merge(cairn_command_api::router(state));
             }
@@ -193,8 +201,13 @@ impl Application {
                     projections: Arc::new(cairn_projector::PROJECTIONS.to_vec()),
                     workers: Arc::new(cairn_workers::PARKING_CONSUMERS.to_vec()),
                 };
-                let state =
-                    QueryState { pool: pool.clone(), auth: auth.clone(), consistency: consistency.clone(), consumers };
+                let state = QueryState {
+                    pool: pool.clone(),
+                    auth: auth.clone(),
+                    consistency: consistency.clone(),
+                    consumers,
+                    files: store()?,
+                };
                 api = api.merge(cairn_query_api::router(state));
                 let deps = RealtimeDeps {
                     pool: pool.clone(),

@@ -72,6 +72,8 @@ pub struct CommandState {
     pub sessions_lifetime_secs: i64,
     /// Which sign-in attempts get their password checked (the lockout).
     pub guard: LoginGuard,
+    /// Where uploaded files' bytes go.
+    pub files: cairn_storage::FileStore,
     /// Where time comes from.
     #[from_ref(skip)]
     pub clock: SharedClock,
@@ -88,6 +90,7 @@ impl CommandState {
         auth: AuthState,
         users: UserCommands,
         messages: MessageCommands,
+        files: cairn_storage::FileStore,
     ) -> anyhow::Result<Self> {
         let policy = SessionPolicy {
             absolute: chrono::Duration::from_std(settings.session_lifetime)?,
@@ -114,6 +117,7 @@ impl CommandState {
                 settings.request_timeout + std::time::Duration::from_secs(30),
             ),
             clock: settings.clock.clone(),
+            files,
             roles: users.roles().clone(),
             rooms: RoomCommands::new(pool.clone(), auth.sessions.clone(), users.wake().clone()),
             messages,

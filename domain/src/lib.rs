@@ -8,10 +8,12 @@
 //! - [`roles`]: the seeded role catalogue and its permissions.
 //! - [`room`]: the `Room` aggregate (settings and membership of a chat room).
 //! - [`message`]: the `Message` aggregate (one chat message, its edits and deletion).
+//! - [`file`]: the `File` aggregate (a stored file's facts, its shares and its deletion).
 //! - [`parked`]: the `ParkedEvent` aggregate (operators' retries and skips of parked events).
 //! - [`upcast`]: reading events stored under older versions as the current shape.
-//! - [`values`]: newtypes that parse input (`Email`, `DisplayName`, `RoleName`, `RoomName`, `Topic`, `MessageBody`), and `Secret`, which never prints.
+//! - [`values`]: newtypes that parse input (`Email`, `DisplayName`, `RoleName`, `RoomName`, `Topic`, `MessageBody`, `FileName`), and `Secret`, which never prints.
 
+pub mod file;
 pub mod message;
 pub mod parked;
 pub mod role;
@@ -22,13 +24,14 @@ pub mod upcast;
 pub mod user;
 pub mod values;
 
+pub use file::{File, FileActor, FileCommand, FileError, FileEvent, FileVisibility};
 pub use message::{Message, MessageCommand, MessageError, MessageEvent, RoomAccess};
 pub use parked::{parked_event_id, ParkedEvent, ParkedEventCommand, ParkedEventError, ParkedEventEvent};
 pub use role::{Role, RoleCommand, RoleError, RoleEvent};
 pub use room::{Actor, Room, RoomCommand, RoomError, RoomEvent, RoomVisibility};
 pub use session::{RefreshOutcome, RevokeReason, Session, SessionCommand, SessionError, SessionEvent, SessionPolicy};
 pub use user::{AccountLock, LockoutPolicy, SessionsEndedReason, User, UserCommand, UserError, UserEvent, UserStatus};
-pub use values::{DisplayName, Email, MessageBody, RoleName, RoomName, Secret, Topic, ValueError};
+pub use values::{DisplayName, Email, FileName, MessageBody, RoleName, RoomName, Secret, Topic, ValueError};
 
 #[cfg(test)]
 mod redaction_tests {

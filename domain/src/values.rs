@@ -487,3 +487,89 @@ mod tests {
         assert!(Topic::parse("a\u{0000}").is_err());
     }
 }
+
+/// A file's original name, sanitised rather than refused: whatever a client sends as a multipart
+/// filename, what is kept is safe to show and to put in a `Content-Disposition` header. Only the
+/// last path component is kept (after `/` or `\`), control characters (NUL, CR, LF…) and
+/// invisible format characters are dropped, the result is trimmed of spaces and dots, cut to
+/// 255 characters keeping the extension, and an empty or all-dots result becomes `file`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct FileName(String);
+
+/// The longest file name kept, in characters.
+pub const FILE_NAME_MAX_CHARS: usize = 255;
+
+impl FileName {
+    /// Sanitises `raw` (never fails).
+    #[must_use]
+    pub fn sanitise(raw: &str) -> Self {
+        let last = raw.rsplit(['/', '\\']).next().unwrap_or_default();
+        let cleaned: String = last
+            .chars()
+            .filter(|c| !c.is_control() && c.general_category() != GeneralCategory::Format)
+            .collect();
+        let trimmed = cleaned.trim_matches(|c: char| c.is_whitespace() || c == '.');
+        let mut name = if trimmed.is_empty() { "file".to_owned() } else { trimmed.to_owned() };
+        if name.chars().count() > FILE_NAME_MAX_CHARS {
+            // Keep a short extension (up to 16 characters) and cut the stem.
+            let extension = name
+                .rsplit_once('.')
+                .map(|(_, ext)| ext)
+                .filter(|ext| !ext.is_empty() && ext.chars().count() <= 16)
+                .map(|ext| format!(".{ext}"))
+                .unwrap_or_default();
+            let keep = FILE_NAME_MAX_CHARS - extension.chars().count();
+            let stem: String = name.chars().take(keep).collect();
+            name = format!("{}{extension}", stem.trim_end_matches(|c: char| c.is_whitespace() || c == '.'));
+        }
+        Self(name)
+    }
+
+    /// The sanitised name.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The sanitised name, owned.
+    #[must_use]
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod file_name_tests {
+    use super::*;
+
+    #[test]
+    fn only_the_last_path_component_is_kept() {
+        assert_eq!(FileName::sanitise("../../etc/passwd").as_str(), "passwd");
+        assert_eq!(FileName::sanitise("C:\\Users\\ada\\report.pdf").as_str(), "report.pdf");
+        assert_eq!(FileName::sanitise("a/b/").as_str(), "file");
+    }
+
+    #[test]
+    fn control_and_format_characters_are_dropped() {
+        assert_eq!(FileName::sanitise("evil\0name\r\n.txt").as_str(), "evilname.txt");
+        assert_eq!(FileName::sanitise("in\u{202e}voice.pdf").as_str(), "invoice.pdf");
+    }
+
+    #[test]
+    fn empty_and_dot_names_become_file() {
+        assert_eq!(FileName::sanitise("").as_str(), "file");
+        assert_eq!(FileName::sanitise("..").as_str(), "file");
+        assert_eq!(FileName::sanitise("  . ").as_str(), "file");
+    }
+
+    #[test]
+    fn long_names_are_cut_keeping_the_extension() {
+        let long = format!("{}.png", "a".repeat(1000));
+        let name = FileName::sanitise(&long);
+        assert_eq!(name.as_str().chars().count(), FILE_NAME_MAX_CHARS);
+        assert!(name.as_str().ends_with(".png"));
+        let no_ext = "b".repeat(1000);
+        assert_eq!(FileName::sanitise(&no_ext).as_str().chars().count(), FILE_NAME_MAX_CHARS);
+    }
+}

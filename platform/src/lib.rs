@@ -9,6 +9,7 @@
 //! - [`envelope`]: the event envelope published on NATS, and the consistency token.
 //! - [`checkpoint`]: projection checkpoints and waiting for one to reach a consistency token.
 //! - [`parking`]: events a consumer could not apply, and operators' retries and skips.
+//! - [`files`]: the one shape of a file, as uploads answer and reads show it.
 //! - [`rooms`]: the one shape of a chat message, and the port a socket sends messages through.
 //! - [`secrets`]: random tokens and their hashes.
 //! - [`auth`]: signing keys, access tokens, the session-version map, the authenticated caller.
@@ -20,6 +21,7 @@ pub mod clock;
 pub mod db;
 pub mod envelope;
 pub mod failure;
+pub mod files;
 pub mod http;
 pub mod nats;
 pub mod parking;

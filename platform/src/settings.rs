@@ -127,8 +127,179 @@ pub struct Settings {
     pub ws_max_sockets: usize,
     /// `CAIRN_WS_MAX_ROOMS`: rooms one socket may have joined at once (default 200).
     pub ws_max_rooms: usize,
+    /// File storage: which store, its limits and its keys (`CAIRN_FILES_*`, `S3_*`).
+    pub files: FilesSettings,
     /// Where time comes from: the system clock, except in tests (never read from the environment).
     pub clock: crate::clock::SharedClock,
+}
+
+/// Which store keeps the bytes of uploaded files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileStoreKind {
+    /// A local directory, encrypted at rest.
+    Local,
+    /// An S3-compatible object store.
+    S3,
+}
+
+/// Where and how uploaded files are kept.
+#[derive(Clone)]
+pub struct FilesSettings {
+    /// `CAIRN_FILES_STORE`: `local` (default) or `s3`.
+    pub store: FileStoreKind,
+    /// `CAIRN_FILES_DIR`: the local store's directory (default `data/files`).
+    pub dir: PathBuf,
+    /// `CAIRN_FILES_MASTER_KEY_FILE`: the local store's master keys, one `<key id>:<base64 key>`
+    /// per line, the last one writing. Unset in development: a built-in development key, which
+    /// production refuses.
+    pub master_key_file: Option<PathBuf>,
+    /// `CAIRN_MAX_UPLOAD_BYTES`: the largest file (default 100 MiB), enforced while streaming.
+    pub max_upload_bytes: u64,
+    /// `CAIRN_USER_QUOTA_BYTES`: the bytes each user may keep stored (default 1 GiB).
+    pub user_quota_bytes: u64,
+    /// `CAIRN_FILES_URL_TTL_SECS`: how long a presigned URL or a download token lives (default 300).
+    pub url_ttl: Duration,
+    /// `CAIRN_FILES_ALLOWED_TYPES`: comma-separated content types uploads may have (sniffed).
+    pub allowed_types: Vec<String>,
+    /// `CAIRN_FILES_INLINE_TYPES`: content types served `inline` rather than as an attachment.
+    pub inline_types: Vec<String>,
+    /// `CAIRN_FILES_ORPHAN_GRACE_SECS`: how old stored bytes that no event names must be before
+    /// the sweeper removes them (default 3600).
+    pub orphan_grace: Duration,
+    /// `CAIRN_FILES_SWEEP_SECS`: how often the orphan sweeper runs (default 300).
+    pub sweep_every: Duration,
+    /// `S3_*`: the S3 store.
+    pub s3: S3Settings,
+}
+
+impl std::fmt::Debug for FilesSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FilesSettings")
+            .field("store", &self.store)
+            .field("dir", &self.dir)
+            .field("master_key_file", &self.master_key_file)
+            .field("max_upload_bytes", &self.max_upload_bytes)
+            .field("user_quota_bytes", &self.user_quota_bytes)
+            .field("url_ttl", &self.url_ttl)
+            .field("allowed_types", &self.allowed_types)
+            .field("inline_types", &self.inline_types)
+            .field("orphan_grace", &self.orphan_grace)
+            .field("sweep_every", &self.sweep_every)
+            .field("s3", &self.s3)
+            .finish()
+    }
+}
+
+/// The S3-compatible store.
+#[derive(Clone)]
+pub struct S3Settings {
+    /// `S3_ENDPOINT`: the server's URL (MinIO, s3s-fs, …); unset means AWS.
+    pub endpoint: Option<String>,
+    /// `S3_BUCKET` (default `cairn`).
+    pub bucket: String,
+    /// `S3_REGION` (default `us-east-1`).
+    pub region: String,
+    /// `S3_ACCESS_KEY_ID`; unset means the AWS default chain is not consulted and requests are
+    /// refused at start (set both keys).
+    pub access_key_id: Option<String>,
+    /// `S3_SECRET_ACCESS_KEY` or the file named by `S3_SECRET_ACCESS_KEY_FILE`.
+    pub secret_access_key: Option<String>,
+    /// `S3_FORCE_PATH_STYLE`: `http://host/bucket/key` addressing (default true when
+    /// `S3_ENDPOINT` is set, as MinIO and most S3-compatible servers need).
+    pub force_path_style: bool,
+    /// `S3_PART_SIZE`: uploads larger than this go up in parts of this size (default 8 MiB,
+    /// at least 5 MiB as S3 requires).
+    pub part_size: u64,
+}
+
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "REDACTED"))
+            .field("force_path_style", &self.force_path_style)
+            .field("part_size", &self.part_size)
+            .finish()
+    }
+}
+
+/// The content types uploads may have unless `CAIRN_FILES_ALLOWED_TYPES` says otherwise.
+pub const DEFAULT_ALLOWED_TYPES: &str = "image/png,image/jpeg,image/gif,image/webp,application/pdf,text/plain,\
+text/csv,application/json,application/zip,application/gzip,audio/mpeg,audio/ogg,video/mp4,video/webm,application/octet-stream";
+
+/// The content types served inline unless `CAIRN_FILES_INLINE_TYPES` says otherwise: images a
+/// browser shows without running anything (no SVG, which can carry script).
+pub const DEFAULT_INLINE_TYPES: &str = "image/png,image/jpeg,image/gif,image/webp";
+
+fn list(raw: &str) -> Vec<String> {
+    raw.split(',').map(|t| t.trim().to_ascii_lowercase()).filter(|t| !t.is_empty()).collect()
+}
+
+impl FilesSettings {
+    fn from_lookup(
+        lookup: &impl Fn(&str) -> Option<String>,
+        get: &impl Fn(&str, &str) -> String,
+        num: &impl Fn(&str, u64) -> anyhow::Result<u64>,
+        environment: Environment,
+    ) -> anyhow::Result<Self> {
+        let store = match get("CAIRN_FILES_STORE", "local").as_str() {
+            "local" => FileStoreKind::Local,
+            "s3" => FileStoreKind::S3,
+            other => bail!("CAIRN_FILES_STORE must be 'local' or 's3', not '{other}'"),
+        };
+        let master_key_file = lookup("CAIRN_FILES_MASTER_KEY_FILE").filter(|v| !v.is_empty()).map(PathBuf::from);
+        if environment == Environment::Production && store == FileStoreKind::Local && master_key_file.is_none() {
+            bail!("CAIRN_FILES_MASTER_KEY_FILE is required in production with the local file store (run `cairn admin rotate-files-key` to create one)");
+        }
+        let endpoint = lookup("S3_ENDPOINT").filter(|v| !v.is_empty());
+        let secret_access_key = match (lookup("S3_SECRET_ACCESS_KEY").filter(|v| !v.is_empty()), lookup("S3_SECRET_ACCESS_KEY_FILE").filter(|v| !v.is_empty())) {
+            (Some(_), Some(_)) => bail!("set S3_SECRET_ACCESS_KEY or S3_SECRET_ACCESS_KEY_FILE, not both"),
+            (Some(secret), None) => Some(secret),
+            (None, Some(file)) => Some(
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("S3_SECRET_ACCESS_KEY_FILE: cannot read {file}"))?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        let force_path_style = match lookup("S3_FORCE_PATH_STYLE").filter(|v| !v.is_empty()) {
+            None => endpoint.is_some(),
+            Some(v) => v.parse::<bool>().context("S3_FORCE_PATH_STYLE must be true or false")?,
+        };
+        let part_size = num("S3_PART_SIZE", 8 * 1024 * 1024)?;
+        if part_size < 5 * 1024 * 1024 {
+            bail!("S3_PART_SIZE must be at least 5 MiB (5242880), as S3 requires");
+        }
+        let allowed_types = list(&get("CAIRN_FILES_ALLOWED_TYPES", DEFAULT_ALLOWED_TYPES));
+        if allowed_types.is_empty() {
+            bail!("CAIRN_FILES_ALLOWED_TYPES must name at least one content type");
+        }
+        Ok(Self {
+            store,
+            dir: PathBuf::from(get("CAIRN_FILES_DIR", "data/files")),
+            master_key_file,
+            max_upload_bytes: num("CAIRN_MAX_UPLOAD_BYTES", 100 * 1024 * 1024)?.max(1),
+            user_quota_bytes: num("CAIRN_USER_QUOTA_BYTES", 1024 * 1024 * 1024)?,
+            url_ttl: Duration::from_secs(num("CAIRN_FILES_URL_TTL_SECS", 300)?.clamp(1, 7 * 24 * 3600)),
+            allowed_types,
+            inline_types: list(&get("CAIRN_FILES_INLINE_TYPES", DEFAULT_INLINE_TYPES)),
+            orphan_grace: Duration::from_secs(num("CAIRN_FILES_ORPHAN_GRACE_SECS", 3600)?),
+            sweep_every: Duration::from_secs(num("CAIRN_FILES_SWEEP_SECS", 300)?.max(1)),
+            s3: S3Settings {
+                endpoint,
+                bucket: get("S3_BUCKET", "cairn"),
+                region: get("S3_REGION", "us-east-1"),
+                access_key_id: lookup("S3_ACCESS_KEY_ID").filter(|v| !v.is_empty()),
+                secret_access_key,
+                force_path_style,
+                part_size,
+            },
+        })
+    }
 }
 
 impl std::fmt::Debug for Settings {
@@ -151,6 +322,7 @@ impl std::fmt::Debug for Settings {
             .field("trusted_proxies", &self.trusted_proxies)
             .field("allowed_origins", &self.allowed_origins)
             .field("oauth_providers", &self.oauth_providers)
+            .field("files", &self.files)
             .finish_non_exhaustive()
     }
 }
@@ -430,6 +602,7 @@ impl Settings {
             ws_heartbeat: Duration::from_secs(num("CAIRN_WS_HEARTBEAT_SECS", 10)?.max(1)),
             ws_max_sockets: usize::try_from(num("CAIRN_WS_MAX_SOCKETS", 20_000)?)?.max(1),
             ws_max_rooms: usize::try_from(num("CAIRN_WS_MAX_ROOMS", 200)?)?.max(1),
+            files: FilesSettings::from_lookup(&lookup, &get, &num, environment)?,
             clock: crate::clock::system(),
         })
     }

@@ -32,6 +32,8 @@ pub struct QueryState {
     pub consistency: Consistency,
     /// The consumers this deployment runs, for the operators' view.
     pub consumers: admin::Consumers,
+    /// Where uploaded files' bytes are read from.
+    pub files: cairn_storage::FileStore,
 }
 
 /// The query API's routes, documented.

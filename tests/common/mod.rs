@@ -37,6 +37,8 @@ pub struct TestEnv {
     pub keys: tempfile::TempDir,
     /// Where the email worker sends mail (nothing listens unless a test starts a catcher there).
     pub smtp_port: u16,
+    /// The local file store's directory (shared with siblings).
+    pub files: Arc<tempfile::TempDir>,
 }
 
 impl TestEnv {
@@ -50,6 +52,7 @@ impl TestEnv {
             namespace: format!("t{}", &id[..12]),
             keys: tempfile::tempdir().unwrap(),
             smtp_port: free_port(),
+            files: Arc::new(tempfile::tempdir().unwrap()),
         }
     }
 
@@ -70,6 +73,7 @@ impl TestEnv {
             ("CAIRN_RATE_LIMIT_USER".to_owned(), "1000000/min".to_owned()),
             ("SMTP_HOST".to_owned(), "127.0.0.1".to_owned()),
             ("SMTP_PORT".to_owned(), self.smtp_port.to_string()),
+            ("CAIRN_FILES_DIR".to_owned(), self.files.path().display().to_string()),
         ])
     }
 
@@ -96,6 +100,7 @@ impl TestEnv {
             namespace: self.namespace.clone(),
             keys,
             smtp_port: self.smtp_port,
+            files: Arc::clone(&self.files),
         }
     }
 
