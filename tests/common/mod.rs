@@ -43,8 +43,10 @@ pub fn s3_credentials() -> (String, String) {
 /// Fails the test (never skips it) when nothing listens at the S3 endpoint.
 pub fn require_s3() {
     let endpoint = s3_endpoint();
-    let url = reqwest::Url::parse(&endpoint).unwrap_or_else(|e| panic!("TEST_S3_ENDPOINT {endpoint:?} is not a URL: {e}"));
-    let addrs = url.socket_addrs(|| Some(80)).unwrap_or_else(|e| panic!("cannot resolve the S3 endpoint {endpoint}: {e}"));
+    let url =
+        reqwest::Url::parse(&endpoint).unwrap_or_else(|e| panic!("TEST_S3_ENDPOINT {endpoint:?} is not a URL: {e}"));
+    let addrs =
+        url.socket_addrs(|| Some(80)).unwrap_or_else(|e| panic!("cannot resolve the S3 endpoint {endpoint}: {e}"));
     let listening = addrs.iter().any(|addr| std::net::TcpStream::connect_timeout(addr, Duration::from_secs(2)).is_ok());
     assert!(
         listening,
