@@ -126,7 +126,8 @@ async fn whole_and_ranged_reads_give_the_plaintext() {
             (10.min(last), (2 * chunk + 7).min(last)),
             (last, last + 1000),
         ];
-        for (start, end) in ranges {
+        // The caller hands over non-empty ranges only (a 1-byte file has no byte 1).
+        for (start, end) in ranges.into_iter().filter(|&(start, end)| start <= end && start <= last) {
             let got = read_ok(&store, &key, Some(ByteRange { start, end })).await;
             let want = &data[start as usize..=end.min(last) as usize];
             assert_eq!(got, want, "range {start}-{end} of {len} bytes");
