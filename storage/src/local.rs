@@ -262,6 +262,7 @@ impl LocalStore {
         Ok(Opened { stream, aad, header_len, chunks, size })
     }
 
+    /// Stores `body` under `key`, all or nothing (see [`crate::FileStore::put`]).
     pub async fn put(&self, key: &str, mut body: ByteStream) -> Result<u64, StoreError> {
         let target = self.path(key)?;
         let partial = self.dir.join("partial").join(format!("{}.{}", Uuid::new_v4(), key.replace('/', "_")));
@@ -311,6 +312,7 @@ impl LocalStore {
         Ok(size)
     }
 
+    /// Reads `key` back, whole or a range (see [`crate::FileStore::get`]).
     pub async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Object, StoreError> {
         let path = self.path(key)?;
         let (keys, owned_key) = (Arc::clone(&self.keys), key.to_owned());
@@ -366,6 +368,7 @@ impl LocalStore {
         Ok(Object { size, body })
     }
 
+    /// Removes `key`; what is not there is already removed.
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         match tokio::fs::remove_file(self.path(key)?).await {
             Ok(()) => Ok(()),

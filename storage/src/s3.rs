@@ -107,6 +107,7 @@ impl S3Store {
         Ok(Self { client, bucket, part_size })
     }
 
+    /// Stores `body` under `key`, all or nothing (see [`crate::FileStore::put`]).
     pub async fn put(&self, key: &str, mut body: ByteStream) -> Result<u64, StoreError> {
         let mut reader = PartReader { carry: Bytes::new(), ended: false, size: 0, part_size: self.part_size };
         let first = reader.fill(&mut body).await?;
@@ -199,6 +200,7 @@ impl S3Store {
         Ok(())
     }
 
+    /// Reads `key` back, whole or a range (see [`crate::FileStore::get`]).
     pub async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Object, StoreError> {
         let mut request = self.client.get_object().bucket(&self.bucket).key(key);
         if let Some(r) = range {
@@ -239,6 +241,7 @@ impl S3Store {
         }
     }
 
+    /// A GET URL signed for `ttl` that answers with the given type and disposition.
     pub async fn presigned_get(
         &self,
         key: &str,
@@ -261,6 +264,7 @@ impl S3Store {
         Ok(request.uri().to_owned())
     }
 
+    /// Removes `key`; what is not there is already removed.
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         match self.client.delete_object().bucket(&self.bucket).key(key).send().await {
             Ok(_) => Ok(()),
@@ -269,6 +273,8 @@ impl S3Store {
         }
     }
 
+    /// Objects under `files/` last written before `before`, a page at a time; stale multipart
+    /// uploads are aborted first.
     pub fn list_before(&self, before: DateTime<Utc>) -> BoxStream<'static, Result<StoredObject, StoreError>> {
         let (client, bucket) = (self.client.clone(), self.bucket.clone());
         let aborted = abort_stale_uploads(client.clone(), bucket.clone(), before);
