@@ -73,12 +73,15 @@ enum Scenario {
     /// 1,000 sockets over two processes in 10 rooms: send → every receiver, beside plain NATS
     /// publish/subscribe.
     Realtime,
+    /// Upload and download MiB/s of 1 MiB and 100 MiB files at 1 and 8 clients on each store,
+    /// beside aws-sdk-s3 directly and plain file I/O; RSS moved by a 1 GiB upload.
+    Files,
     /// Every scenario, one after another.
     All,
 }
 
 impl Scenario {
-    const EACH: [Self; 11] = [
+    const EACH: [Self; 12] = [
         Self::Write,
         Self::WriteLong,
         Self::Lag,
@@ -90,6 +93,7 @@ impl Scenario {
         Self::StalledSmtp,
         Self::Hostile,
         Self::Realtime,
+        Self::Files,
     ];
 
     fn name(self) -> &'static str {
@@ -105,6 +109,7 @@ impl Scenario {
             Self::StalledSmtp => "stalled-smtp",
             Self::Hostile => "hostile",
             Self::Realtime => "realtime",
+            Self::Files => "files",
             Self::All => "all",
         }
     }
@@ -122,6 +127,7 @@ impl Scenario {
             Self::StalledSmtp => scenarios::stalled_smtp::run(ctx, env, out).await,
             Self::Hostile => scenarios::hostile::run(ctx, env, out).await,
             Self::Realtime => scenarios::realtime::run(ctx, env, out).await,
+            Self::Files => scenarios::files::run(ctx, env, out).await,
             Self::All => anyhow::bail!("`all` is not a single scenario"),
         }
     }
