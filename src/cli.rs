@@ -85,6 +85,10 @@ enum AdminCommand {
     },
     /// Add a new signing key; the newest key signs, older ones keep verifying.
     RotateKey,
+    /// Run one pass of the file sweeper now: remove stored bytes that no event names (uploads that
+    /// died) and that are older than CAIRN_FILES_ORPHAN_GRACE_SECS. Does nothing while a running
+    /// process is sweeping.
+    SweepFiles,
 }
 
 /// Parses the command line and runs it.
@@ -260,6 +264,27 @@ async fn admin(settings: &Settings, command: AdminCommand) -> anyhow::Result<()>
                 "created signing key {kid} in {}; running processes sign with it within a minute",
                 settings.keys_dir.display()
             );
+            Ok(())
+        }
+        AdminCommand::SweepFiles => {
+            let pool = db::connect_and_migrate(&settings.database_url, 2).await?;
+            let store = cairn_storage::FileStore::open(&settings.files, settings.is_production()).await?;
+            let report = cairn_workers::FileSweeper::new(pool, store, settings).sweep().await?;
+            let mut out = std::io::stdout().lock();
+            if !report.swept {
+                writeln!(out, "another process is sweeping the file store right now; nothing done")?;
+                return Ok(());
+            }
+            writeln!(
+                out,
+                "uploads that died: {}; objects removed: {}; kept (a file or an upload names them): {}; \
+                 keys of another shape left: {}; removals that failed (left for the next pass): {}",
+                report.uploads_reaped,
+                report.objects_removed,
+                report.objects_kept,
+                report.foreign_keys,
+                report.failures
+            )?;
             Ok(())
         }
         AdminCommand::CreateUser { email, roles, display_name } => {
