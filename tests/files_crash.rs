@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cairn::Services;
-use cairn_platform::clock::TestClock;
+use cairn_platform::clock::{Clock, TestClock};
 use cairn_storage::{ByteStream, FileStore, StoreError};
 use cairn_workers::FileSweeper;
 use common::{Serve, TestApp, TestEnv};
