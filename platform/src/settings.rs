@@ -255,7 +255,10 @@ impl FilesSettings {
             bail!("CAIRN_FILES_MASTER_KEY_FILE is required in production with the local file store (run `cairn admin rotate-files-key` to create one)");
         }
         let endpoint = lookup("S3_ENDPOINT").filter(|v| !v.is_empty());
-        let secret_access_key = match (lookup("S3_SECRET_ACCESS_KEY").filter(|v| !v.is_empty()), lookup("S3_SECRET_ACCESS_KEY_FILE").filter(|v| !v.is_empty())) {
+        let secret_access_key = match (
+            lookup("S3_SECRET_ACCESS_KEY").filter(|v| !v.is_empty()),
+            lookup("S3_SECRET_ACCESS_KEY_FILE").filter(|v| !v.is_empty()),
+        ) {
             (Some(_), Some(_)) => bail!("set S3_SECRET_ACCESS_KEY or S3_SECRET_ACCESS_KEY_FILE, not both"),
             (Some(secret), None) => Some(secret),
             (None, Some(file)) => Some(
