@@ -300,7 +300,7 @@ async fn downloads_stream_whole_and_ranged_bytes_with_etag_304_and_disposition()
     assert_eq!(header(&headers, "cache-control"), "private");
     assert_eq!(
         header(&headers, "content-disposition"),
-        "inline; filename=\"holiday photo __n__code.png\"; filename*=UTF-8''holiday%20photo%20%C3%BCn%C3%AFcode.png"
+        "inline; filename=\"holiday photo _n_code.png\"; filename*=UTF-8''holiday%20photo%20%C3%BCn%C3%AFcode.png"
     );
     let (_, headers, _) = download(&app, pdf, &alice, &[]).await;
     assert!(header(&headers, "content-disposition").starts_with("attachment; filename=\"report.pdf\""));
@@ -312,7 +312,7 @@ async fn downloads_stream_whole_and_ranged_bytes_with_etag_304_and_disposition()
         (format!("bytes={}-{}", size - 1, size - 1), size - 1, size - 1),
         ("bytes=-10".into(), size - 10, size - 1),
         ("bytes=131000-".into(), 131_000, size - 1),
-        (format!("bytes=200000-{}", size * 2), 200_000, size - 1),
+        (format!("bytes=190000-{}", size * 2), 190_000, size - 1),
     ];
     for (range, start, end) in cases {
         let (status, headers, body) = download(&app, id, &alice, &[("Range", &range)]).await;
