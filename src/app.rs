@@ -207,6 +207,7 @@ impl Application {
                     consistency: consistency.clone(),
                     consumers,
                     files: store()?,
+                    downloads: cairn_query_api::files::FileDownloads::from_settings(&settings.files),
                 };
                 api = api.merge(cairn_query_api::router(state));
                 let deps = RealtimeDeps {
@@ -230,6 +231,7 @@ impl Application {
             spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::SessionsProjection);
             spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::RolesProjection);
             spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::RoomsProjection);
+            spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::FilesProjection);
         }
         if services.workers {
             let (batch, replicas) = (settings.projector_batch, settings.stream_replicas);

@@ -206,6 +206,7 @@ async fn replay(settings: &Settings, projection: &str) -> anyhow::Result<()> {
         "sessions" => cairn_projector::rebuild(&pool, &cairn_projector::SessionsProjection, 5000, true).await?,
         "roles" => cairn_projector::rebuild(&pool, &cairn_projector::RolesProjection, 5000, true).await?,
         "rooms" => cairn_projector::rebuild(&pool, &cairn_projector::RoomsProjection, 5000, true).await?,
+        "files" => cairn_projector::rebuild(&pool, &cairn_projector::FilesProjection, 5000, true).await?,
         other => bail!("unknown projection '{other}' (known: {})", cairn_projector::PROJECTIONS.join(", ")),
     };
     let _ = writeln!(std::io::stdout(), "rebuilt {projection} from {events} events");

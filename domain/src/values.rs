@@ -505,10 +505,8 @@ impl FileName {
     #[must_use]
     pub fn sanitise(raw: &str) -> Self {
         let last = raw.rsplit(['/', '\\']).next().unwrap_or_default();
-        let cleaned: String = last
-            .chars()
-            .filter(|c| !c.is_control() && c.general_category() != GeneralCategory::Format)
-            .collect();
+        let cleaned: String =
+            last.chars().filter(|c| !c.is_control() && c.general_category() != GeneralCategory::Format).collect();
         let trimmed = cleaned.trim_matches(|c: char| c.is_whitespace() || c == '.');
         let mut name = if trimmed.is_empty() { "file".to_owned() } else { trimmed.to_owned() };
         if name.chars().count() > FILE_NAME_MAX_CHARS {

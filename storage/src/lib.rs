@@ -116,7 +116,9 @@ impl FileStore {
     pub async fn open(settings: &FilesSettings, production: bool) -> Result<Self, StoreError> {
         let _ = production;
         match settings.store {
-            FileStoreKind::Local => Ok(Self { inner: Arc::new(Inner::Local(local::LocalStore::open(&settings.dir).await?)) }),
+            FileStoreKind::Local => {
+                Ok(Self { inner: Arc::new(Inner::Local(local::LocalStore::open(&settings.dir).await?)) })
+            }
             FileStoreKind::S3 => Err(StoreError::Config("the S3 store is not built yet".into())),
         }
     }

@@ -106,7 +106,8 @@ impl LocalStore {
             })
             .try_flatten()
             .try_filter_map(move |entry| async move {
-                let modified: DateTime<Utc> = entry.metadata().await.map_err(unavailable)?.modified().map_err(unavailable)?.into();
+                let modified: DateTime<Utc> =
+                    entry.metadata().await.map_err(unavailable)?.modified().map_err(unavailable)?.into();
                 let name = entry.file_name().to_string_lossy().into_owned();
                 Ok((modified < before).then(|| StoredObject { key: format!("files/{name}"), modified }))
             })
