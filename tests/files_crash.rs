@@ -125,6 +125,9 @@ async fn an_upload_killed_before_its_event_leaves_an_orphan_the_sweeper_removes_
     let kept_id: Uuid = kept["data"]["file"]["id"].as_str().unwrap().parse().unwrap();
     let kept_key = FileStore::key_for(kept_id);
     assert_eq!(read(&store, &kept_key).await.unwrap(), kept_bytes);
+    // Read back before the second process starts: what a SIGKILLed consumer had in hand waits
+    // out JetStream's ack wait, and this test is not about that.
+    app.wait_count(&format!("SELECT count(*) FROM files WHERE id = '{kept_id}'"), 1, Duration::from_secs(20)).await;
     let (stored, reserved) = quota(&app.pool, owner).await;
     assert_eq!((stored, reserved), (kept_bytes.len() as i64, 0));
 
@@ -195,6 +198,15 @@ async fn an_upload_killed_before_its_event_leaves_an_orphan_the_sweeper_removes_
     assert_eq!(quota(&app.pool, owner).await, (stored, 0));
     assert_eq!(read(&store, &kept_key).await.unwrap(), kept_bytes);
     assert_eq!(file_events(&app.pool, orphan_id).await, 0);
+    let download = app
+        .client
+        .get(format!("{}/api/v1/files/{kept_id}/download", app.address))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(download.status(), StatusCode::OK);
+    assert_eq!(download.bytes().await.unwrap().as_ref(), kept_bytes.as_slice());
 
     // A second pass finds nothing more to do.
     let report = sweeper.sweep().await.unwrap();
