@@ -91,7 +91,11 @@ async fn append_raw(pool: &PgPool, aggregate_type: &str, id: &str, event_type: &
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_deleted_files_bytes_leave_the_store_and_a_second_delivery_is_harmless() {
-    let app = TestApp::spawn_with(TestEnv::new(), Services::all(), SETTINGS).await;
+    deleted_bytes_leave(TestEnv::new()).await;
+}
+
+async fn deleted_bytes_leave(env: TestEnv) {
+    let app = TestApp::spawn_with(env, Services::all(), SETTINGS).await;
     app.register_ok("owner@example.com").await;
     let token = app.login("owner@example.com").await;
     let store = FileStore::open(&app.env.settings(SETTINGS).files, false).await.unwrap();

@@ -111,7 +111,11 @@ async fn open_store(env: &TestEnv) -> FileStore {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_upload_killed_before_its_event_leaves_an_orphan_the_sweeper_removes_and_nothing_else() {
-    let app = TestApp::spawn_with(TestEnv::new(), Services::all(), SETTINGS).await;
+    killed_upload(TestEnv::new()).await;
+}
+
+async fn killed_upload(env: TestEnv) {
+    let app = TestApp::spawn_with(env, Services::all(), SETTINGS).await;
     let owner = app.register_ok("owner@example.com").await;
     let token = app.login("owner@example.com").await;
     let store = open_store(&app.env).await;
@@ -219,6 +223,7 @@ async fn an_upload_killed_before_its_event_leaves_an_orphan_the_sweeper_removes_
 /// Registers an upload in flight, as the command side does before storing its first byte.
 async fn upload_row(
     pool: &PgPool,
+    store: &FileStore,
     file_id: Uuid,
     owner: Uuid,
     reserved: i64,
@@ -226,10 +231,11 @@ async fn upload_row(
 ) {
     sqlx::query(
         "INSERT INTO file_uploads (file_id, owner_id, backend, storage_key, reserved_bytes, started_at) \
-         VALUES ($1, $2, 'local', $3, $4, $5)",
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(file_id)
     .bind(owner)
+    .bind(store.backend().as_str())
     .bind(FileStore::key_for(file_id))
     .bind(reserved)
     .bind(started_at)
@@ -264,8 +270,11 @@ async fn append_file_event(pool: &PgPool, file_id: Uuid, event_type: &str, body:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_sweeper_removes_only_bytes_nothing_names_and_one_process_sweeps_at_a_time() {
+    only_the_unnamed(TestEnv::new()).await;
+}
+
+async fn only_the_unnamed(env: TestEnv) {
     common::quiet_logs();
-    let env = TestEnv::new();
     let pool = cairn_platform::db::connect_and_migrate(&env.database_url, 5).await.unwrap();
     let store = open_store(&env).await;
     let clock = TestClock::new();
@@ -284,14 +293,14 @@ async fn the_sweeper_removes_only_bytes_nothing_names_and_one_process_sweeps_at_
     for id in [file, deleted] {
         let uploaded = serde_json::json!({
             "owner_id": owner, "name": "a.png", "size": 2017, "content_type": "image/png", "sha256": "00",
-            "visibility": "private", "backend": "local", "key": FileStore::key_for(id),
+            "visibility": "private", "backend": store.backend().as_str(), "key": FileStore::key_for(id),
         });
         append_file_event(&pool, id, "FileUploaded", uploaded).await;
     }
-    let gone = serde_json::json!({"by": owner, "owner_id": owner, "size": 2017, "backend": "local", "key": FileStore::key_for(deleted)});
+    let gone = serde_json::json!({"by": owner, "owner_id": owner, "size": 2017, "backend": store.backend().as_str(), "key": FileStore::key_for(deleted)});
     append_file_event(&pool, deleted, "FileDeleted", gone).await;
     clock.advance(grace + Duration::from_secs(60));
-    upload_row(&pool, running, owner, 2017, clock.now()).await;
+    upload_row(&pool, &store, running, owner, 2017, clock.now()).await;
 
     // While another process holds the sweeper's lock, a pass does nothing.
     let mut other = pool.acquire().await.unwrap().detach();
