@@ -89,6 +89,9 @@ enum AdminCommand {
     /// died) and that are older than CAIRN_FILES_ORPHAN_GRACE_SECS. Does nothing while a running
     /// process is sweeping.
     SweepFiles,
+    /// Add a new master key to CAIRN_FILES_MASTER_KEY_FILE (created, mode 0600, when missing):
+    /// new files are encrypted under it once processes restart, older files stay readable.
+    RotateFilesKey,
 }
 
 /// Parses the command line and runs it.
@@ -286,6 +289,18 @@ async fn admin(settings: &Settings, command: AdminCommand) -> anyhow::Result<()>
                 report.foreign_keys,
                 report.failures
             )?;
+            Ok(())
+        }
+        AdminCommand::RotateFilesKey => {
+            let file = settings.files.master_key_file.as_deref().context(
+                "set CAIRN_FILES_MASTER_KEY_FILE to the file that holds (or is to hold) the local store's master keys",
+            )?;
+            let id = cairn_storage::keys::append_new_key(file, settings.clock.now())?;
+            let _ = writeln!(
+                std::io::stdout(),
+                "added master key {id} to {}; processes encrypt new files with it once restarted, and keep reading files under the older keys",
+                file.display()
+            );
             Ok(())
         }
         AdminCommand::CreateUser { email, roles, display_name } => {
