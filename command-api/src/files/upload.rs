@@ -446,9 +446,13 @@ impl PendingUpload {
         self.0 = None;
     }
 
+    /// Cleans up on a task of its own, awaited: a request dropped meanwhile does not cut it short.
     async fn clean_up(&mut self) {
         if let Some(cleanup) = self.0.take() {
-            cleanup.run().await;
+            let file_id = cleanup.file_id;
+            if let Err(e) = tokio::spawn(cleanup.run()).await {
+                tracing::warn!(file_id = %file_id, error = %e, "cleaning up an unrecorded upload failed");
+            }
         }
     }
 }
