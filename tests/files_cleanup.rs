@@ -94,6 +94,11 @@ async fn a_deleted_files_bytes_leave_the_store_and_a_second_delivery_is_harmless
     deleted_bytes_leave(TestEnv::new()).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deleted_files_bytes_leave_the_store_and_a_second_delivery_is_harmless_on_s3() {
+    deleted_bytes_leave(TestEnv::new().with_s3()).await;
+}
+
 async fn deleted_bytes_leave(env: TestEnv) {
     let app = TestApp::spawn_with(env, Services::all(), SETTINGS).await;
     app.register_ok("owner@example.com").await;

@@ -114,6 +114,11 @@ async fn an_upload_killed_before_its_event_leaves_an_orphan_the_sweeper_removes_
     killed_upload(TestEnv::new()).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upload_killed_before_its_event_leaves_an_orphan_the_sweeper_removes_and_nothing_else_on_s3() {
+    killed_upload(TestEnv::new().with_s3()).await;
+}
+
 async fn killed_upload(env: TestEnv) {
     let app = TestApp::spawn_with(env, Services::all(), SETTINGS).await;
     let owner = app.register_ok("owner@example.com").await;
@@ -271,6 +276,11 @@ async fn append_file_event(pool: &PgPool, file_id: Uuid, event_type: &str, body:
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_sweeper_removes_only_bytes_nothing_names_and_one_process_sweeps_at_a_time() {
     only_the_unnamed(TestEnv::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sweeper_removes_only_bytes_nothing_names_and_one_process_sweeps_at_a_time_on_s3() {
+    only_the_unnamed(TestEnv::new().with_s3()).await;
 }
 
 async fn only_the_unnamed(env: TestEnv) {
