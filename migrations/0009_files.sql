@@ -37,8 +37,9 @@ CREATE INDEX file_shares_user_order ON file_shares (user_id, position DESC);
 CREATE INDEX messages_attachments ON messages USING gin (attachments) WHERE deleted_at IS NULL;
 
 -- An upload in flight: registered before the first byte is stored, gone in the transaction that
--- appends its FileUploaded (the trigger below). A row older than the sweeper's grace period is
--- an upload that died: its bytes are removed and its reservation given back.
+-- appends its FileUploaded (the trigger below), which refuses a FileUploaded without one. A row
+-- older than the sweeper's grace period is an upload that died: its bytes are removed and its
+-- reservation given back.
 CREATE TABLE file_uploads (
     file_id        uuid        PRIMARY KEY,
     owner_id       uuid        NOT NULL,
@@ -66,6 +67,12 @@ BEGIN
     IF NEW.event_type = 'FileUploaded' THEN
         DELETE FROM file_uploads WHERE file_id = NEW.aggregate_id::uuid
             RETURNING reserved_bytes INTO reserved;
+        -- No row: the sweeper gave this upload up (it stalled past the grace period) and removed
+        -- its bytes, so the file must not be recorded; the append fails and the upload with it.
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'file % is not an upload in flight (given up by the sweeper?)', NEW.aggregate_id
+                USING ERRCODE = 'P0002';
+        END IF;
         INSERT INTO file_quota AS q (owner_id, stored_bytes)
             VALUES ((NEW.payload -> 'FileUploaded' ->> 'owner_id')::uuid,
                     (NEW.payload -> 'FileUploaded' ->> 'size')::bigint)

@@ -301,6 +301,8 @@ async fn only_the_unnamed(env: TestEnv) {
         put(&store, &FileStore::key_for(id), png(2000, 1)).await;
     }
     for id in [file, deleted] {
+        // Recorded as the command side does: the trigger takes the upload's row with the append.
+        upload_row(&pool, &store, id, owner, 2017, clock.now()).await;
         let uploaded = serde_json::json!({
             "owner_id": owner, "name": "a.png", "size": 2017, "content_type": "image/png", "sha256": "00",
             "visibility": "private", "backend": store.backend().as_str(), "key": FileStore::key_for(id),

@@ -616,3 +616,65 @@ async fn next_of(ws: &mut Socket, kind: &str) -> Value {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_body_is_not_cut_but_one_that_stalls_is_and_leaves_nothing() {
+    // An upload has no overall timeout, but a body that sends nothing for
+    // CAIRN_REQUEST_TIMEOUT_SECS is given up by the server itself.
+    let app = spawn(&[("CAIRN_REQUEST_TIMEOUT_SECS", "1")]).await;
+    let (_, token) = user(&app, "stall").await;
+    let data = png(256 * 1024);
+    let body = multipart(&[file_part("slow.png", None, &data)]);
+    let before = traces(&app).await;
+
+    // A slow client that keeps sending is not cut, however long the whole upload takes: six
+    // pieces 400 ms apart take 2 s, twice the limit.
+    let (address, slow_token, slow_body) = (app.address.clone(), token.clone(), body.clone());
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(address.trim_start_matches("http://")).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let head = format!(
+            "POST /api/v1/files HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {slow_token}\r\n\
+             Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            slow_body.len()
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        for piece in slow_body.chunks(slow_body.len().div_ceil(6)) {
+            std::thread::sleep(Duration::from_millis(400));
+            stream.write_all(piece).unwrap();
+            stream.flush().unwrap();
+        }
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    let before = traces(&app).await;
+    assert_eq!(before.file_events, 1, "{before:?}");
+
+    let address = app.address.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(address.trim_start_matches("http://")).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let head = format!(
+            "POST /api/v1/files HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(&body[..body.len() / 2]).unwrap();
+        stream.flush().unwrap();
+        // Send nothing more, and keep the connection open: the answer comes from the server.
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("MALFORMED_REQUEST") && answer.contains("sent nothing"), "{answer}");
+    wait_traces(&app, &before).await;
+    app.stop().await;
+}

@@ -128,7 +128,7 @@ impl CommandState {
                 auth.sessions.clone(),
                 users.wake().clone(),
                 files.clone(),
-                files::UploadLimits::from_settings(&settings.files),
+                files::UploadLimits::from_settings(&settings.files, settings.request_timeout),
                 settings.clock.clone(),
             ),
             files,

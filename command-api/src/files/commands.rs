@@ -31,13 +31,17 @@ pub struct UploadLimits {
     pub allowed_types: Arc<Vec<String>>,
     /// A test knob: how long a stored upload waits before its FileUploaded is appended.
     pub fault_pause: Duration,
+    /// How long the body may send nothing before the upload is given up
+    /// (`CAIRN_REQUEST_TIMEOUT_SECS`: an upload as a whole takes as long as its bytes take).
+    pub body_idle: Duration,
 }
 
 impl UploadLimits {
     /// The limits `settings` give.
     #[must_use]
-    pub fn from_settings(settings: &FilesSettings) -> Self {
+    pub fn from_settings(settings: &FilesSettings, body_idle: Duration) -> Self {
         Self {
+            body_idle,
             max_upload_bytes: settings.max_upload_bytes,
             quota_bytes: settings.user_quota_bytes,
             allowed_types: Arc::new(settings.allowed_types.clone()),

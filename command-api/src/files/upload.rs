@@ -102,7 +102,7 @@ impl FileCommands {
     ) -> Result<(FileView, ConsistencyToken), ApiError> {
         let mut visibility = None;
         let mut stored: Option<StoredFile> = None;
-        while let Some(mut field) = multipart.next_field().await.map_err(multipart_error)? {
+        while let Some(mut field) = idle(self.limits.body_idle, multipart.next_field()).await? {
             match field.name().unwrap_or_default() {
                 "file" if stored.is_some() => {
                     return Err(ApiError::field("file", "exactly one 'file' field is taken, not two"));
@@ -172,7 +172,7 @@ impl FileCommands {
         let mut head = Vec::with_capacity(SNIFF_BYTES);
         let mut ended = false;
         while head.len() < SNIFF_BYTES {
-            match field.chunk().await.map_err(multipart_error)? {
+            match idle(self.limits.body_idle, field.chunk()).await? {
                 Some(chunk) => {
                     if (head.len() + chunk.len()) as u64 > max {
                         return Err(too_large(max));
@@ -211,11 +211,20 @@ impl FileCommands {
             receiver.recv().await.map(|item| (item, receiver))
         })
         .boxed();
-        let pool = &self.pool;
+        let (pool, body_idle) = (&self.pool, self.limits.body_idle);
         let feeding = async {
-            let fed =
-                feed(field, Bytes::from(head), ended, &sender, pool, &mut reservation, &mut digest, &mut size, max)
-                    .await;
+            let fed = feed(
+                field,
+                Bytes::from(head),
+                ended,
+                &sender,
+                pool,
+                &mut reservation,
+                &mut digest,
+                &mut size,
+                (max, body_idle),
+            )
+            .await;
             if fed.is_err() {
                 // The store sees the body fail and keeps nothing under the key.
                 let _ = sender.send(Err(io::Error::other("the upload was refused"))).await;
@@ -277,13 +286,13 @@ async fn feed(
     reservation: &mut Reservation,
     digest: &mut ring::digest::Context,
     size: &mut u64,
-    max: u64,
+    (max, body_idle): (u64, std::time::Duration),
 ) -> Result<(), Feed> {
     sender.send(Ok(head)).await.map_err(|_| Feed::StoreStopped)?;
     if ended {
         return Ok(());
     }
-    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+    while let Some(chunk) = idle(body_idle, field.chunk()).await? {
         let total = *size + chunk.len() as u64;
         if total > max {
             return Err(too_large(max).into());
@@ -390,6 +399,18 @@ fn too_large(max: u64) -> ApiError {
 
 /// A body that is no valid multipart, is over the route's limit, or stops before its end (the
 /// client went away) is the client's failure.
+/// One read of the body, given up when the client sends nothing for `limit`: the route has no
+/// overall timeout (a large file takes as long as its bytes take), so a stalled body is cut here.
+async fn idle<T>(
+    limit: std::time::Duration,
+    read: impl std::future::Future<Output = Result<T, MultipartError>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(limit, read).await {
+        Ok(read) => read.map_err(multipart_error),
+        Err(_) => Err(ApiError::Malformed(format!("the body sent nothing for {} s", limit.as_secs()))),
+    }
+}
+
 fn multipart_error(e: MultipartError) -> ApiError {
     match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
@@ -481,7 +502,9 @@ mod tests {
     fn the_type_comes_from_the_bytes() {
         assert_eq!(sniff(PNG, true), "image/png");
         assert_eq!(sniff(b"%PDF-1.7\n", true), "application/pdf");
-        assert_eq!(sniff(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x02\0>\0", true), "application/x-executable");
+        let mut elf = b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x02\0>\0\x01\0\0\0".to_vec();
+        elf.resize(64, 0);
+        assert_eq!(sniff(&elf, true), "application/x-executable");
         assert_eq!(sniff("plain words, accents é".as_bytes(), true), "text/plain");
         assert_eq!(sniff(b"", true), "text/plain");
         assert_eq!(sniff(b"text\0with a NUL", true), "application/octet-stream");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
@@ -15,7 +15,6 @@ use serde_json::json;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
-use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument;
 
 use super::context::{client_ip, REQUEST_ID_HEADER};
@@ -40,7 +39,7 @@ pub fn finish_router(router: Router, settings: &Settings) -> Router {
         .fallback(|| async { ApiError::NotFound("no such route".to_owned()) })
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
         .layer(CatchPanicLayer::new())
-        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, settings.request_timeout))
+        .layer(middleware::from_fn_with_state(settings.request_timeout, request_timeout))
         .layer(middleware::from_fn_with_state(edge, request_envelope))
         .layer(cors(&settings.allowed_origins))
         .layer(header_layer(header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
@@ -51,6 +50,24 @@ pub fn finish_router(router: Router, settings: &Settings) -> Router {
         router = router.layer(header_layer(header::STRICT_TRANSPORT_SECURITY, "max-age=63072000; includeSubDomains"));
     }
     router
+}
+
+/// Routes whose request body is a file: they take as long as their bytes take, and cut a body
+/// that stalls for `CAIRN_REQUEST_TIMEOUT_SECS` themselves instead.
+pub const STREAMED_UPLOADS: &[(&str, &str)] = &[("POST", "/api/v1/files")];
+
+/// Every other request gets `CAIRN_REQUEST_TIMEOUT_SECS` as a whole; past it, 503 (the envelope
+/// layer words it).
+async fn request_timeout(State(limit): State<std::time::Duration>, req: Request, next: Next) -> Response {
+    let streamed =
+        STREAMED_UPLOADS.iter().any(|(method, path)| req.method().as_str() == *method && req.uri().path() == *path);
+    if streamed {
+        return next.run(req).await;
+    }
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::ServiceUnavailable("the request timed out".to_owned()).into_response(),
+    }
 }
 
 fn header_layer(name: HeaderName, value: &'static str) -> SetResponseHeaderLayer<HeaderValue> {
