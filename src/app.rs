@@ -207,6 +207,7 @@ impl Application {
                     consistency: consistency.clone(),
                     consumers,
                     files: store()?,
+                    downloads: cairn_query_api::files::FileDownloads::from_settings(&settings.files),
                 };
                 api = api.merge(cairn_query_api::router(state));
                 let deps = RealtimeDeps {
@@ -230,6 +231,7 @@ impl Application {
             spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::SessionsProjection);
             spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::RolesProjection);
             spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::RoomsProjection);
+            spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::FilesProjection);
         }
         if services.workers {
             let (batch, replicas) = (settings.projector_batch, settings.stream_replicas);
@@ -245,6 +247,21 @@ impl Application {
             if settings.is_production() {
                 email_settings.check_production()?;
             }
+            // Deleted files' bytes, and what uploads that died left behind, in the process's own store.
+            let remover = cairn_workers::FileRemover::new(store()?);
+            let (js_files, ns_files, pool_files, token) = (js.clone(), ns.clone(), pool.clone(), shutdown.clone());
+            tasks.spawn(retrying("file remover", token.clone(), move || {
+                remover.clone().run(
+                    pool_files.clone(),
+                    js_files.clone(),
+                    ns_files.clone(),
+                    batch,
+                    replicas,
+                    token.clone(),
+                )
+            }));
+            let sweeper = cairn_workers::FileSweeper::new(pool.clone(), store()?, &settings);
+            tasks.spawn(sweeper.run(shutdown.clone()));
             let email = cairn_workers::EmailWorker::new(pool.clone(), email_settings)?;
             let (js_email, ns_email, token) = (js.clone(), ns.clone(), shutdown.clone());
             tasks.spawn(retrying("email worker", token.clone(), move || {

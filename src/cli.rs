@@ -85,6 +85,10 @@ enum AdminCommand {
     },
     /// Add a new signing key; the newest key signs, older ones keep verifying.
     RotateKey,
+    /// Run one pass of the file sweeper now: remove stored bytes that no event names (uploads that
+    /// died) and that are older than CAIRN_FILES_ORPHAN_GRACE_SECS. Does nothing while a running
+    /// process is sweeping.
+    SweepFiles,
     /// Add a new master key to CAIRN_FILES_MASTER_KEY_FILE (created, mode 0600, when missing):
     /// new files are encrypted under it once processes restart, older files stay readable.
     RotateFilesKey,
@@ -205,6 +209,7 @@ async fn replay(settings: &Settings, projection: &str) -> anyhow::Result<()> {
         "sessions" => cairn_projector::rebuild(&pool, &cairn_projector::SessionsProjection, 5000, true).await?,
         "roles" => cairn_projector::rebuild(&pool, &cairn_projector::RolesProjection, 5000, true).await?,
         "rooms" => cairn_projector::rebuild(&pool, &cairn_projector::RoomsProjection, 5000, true).await?,
+        "files" => cairn_projector::rebuild(&pool, &cairn_projector::FilesProjection, 5000, true).await?,
         other => bail!("unknown projection '{other}' (known: {})", cairn_projector::PROJECTIONS.join(", ")),
     };
     let _ = writeln!(std::io::stdout(), "rebuilt {projection} from {events} events");
@@ -263,6 +268,27 @@ async fn admin(settings: &Settings, command: AdminCommand) -> anyhow::Result<()>
                 "created signing key {kid} in {}; running processes sign with it within a minute",
                 settings.keys_dir.display()
             );
+            Ok(())
+        }
+        AdminCommand::SweepFiles => {
+            let pool = db::connect_and_migrate(&settings.database_url, 2).await?;
+            let store = cairn_storage::FileStore::open(&settings.files, settings.is_production()).await?;
+            let report = cairn_workers::FileSweeper::new(pool, store, settings).sweep().await?;
+            let mut out = std::io::stdout().lock();
+            if !report.swept {
+                writeln!(out, "another process is sweeping the file store right now; nothing done")?;
+                return Ok(());
+            }
+            writeln!(
+                out,
+                "uploads that died: {}; objects removed: {}; kept (a file or an upload names them): {}; \
+                 keys of another shape left: {}; removals that failed (left for the next pass): {}",
+                report.uploads_reaped,
+                report.objects_removed,
+                report.objects_kept,
+                report.foreign_keys,
+                report.failures
+            )?;
             Ok(())
         }
         AdminCommand::RotateFilesKey => {

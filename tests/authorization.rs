@@ -94,6 +94,10 @@ fn policy(method: &str, path: &str) -> Option<(Policy, StatusCode)> {
         ("GET", "/api/v1/rooms/{id}" | "/api/v1/rooms/{id}/members" | "/api/v1/rooms/{id}/messages") => {
             (SignedIn, S::NOT_FOUND)
         }
+        // The caller's own files (none here): an empty page.
+        ("GET", "/api/v1/files") => (Permission("files:read"), S::OK),
+        // `{id}` is a user's id, no file's: 404, as for a file the caller may not read.
+        ("GET", "/api/v1/files/{id}" | "/api/v1/files/{id}/download") => (Permission("files:read"), S::NOT_FOUND),
         _ => return None,
     })
 }

@@ -10,14 +10,17 @@
 //! - [`sessions`]: the `sessions` read model.
 //! - [`roles`]: the `roles` read model.
 //! - [`rooms`]: the `rooms`, `room_members` and `messages` read models.
+//! - [`files`]: the `files` and `file_shares` read models.
 //! - [`runner`]: the checkpointed apply loop shared by every projection, and rebuilds.
 
+pub mod files;
 pub mod roles;
 pub mod rooms;
 pub mod runner;
 pub mod sessions;
 pub mod users;
 
+pub use files::FilesProjection;
 pub use roles::RolesProjection;
 pub use rooms::RoomsProjection;
 pub use runner::{rebuild, run, Projection};
@@ -25,5 +28,10 @@ pub use sessions::SessionsProjection;
 pub use users::UsersProjection;
 
 /// The names of every projection, for checkpoints and rebuilds.
-pub const PROJECTIONS: &[&str] =
-    &[UsersProjection::NAME, SessionsProjection::NAME, RolesProjection::NAME, RoomsProjection::NAME];
+pub const PROJECTIONS: &[&str] = &[
+    UsersProjection::NAME,
+    SessionsProjection::NAME,
+    RolesProjection::NAME,
+    RoomsProjection::NAME,
+    FilesProjection::NAME,
+];

@@ -38,11 +38,13 @@ pub enum ReadModel {
     Roles,
     /// `rooms`, `room_members`, `messages`: chat rooms, their members and their messages.
     Rooms,
+    /// `files`, `file_shares`: uploaded files and whom they are shared with.
+    Files,
 }
 
 impl ReadModel {
     /// Every read model.
-    pub const ALL: [Self; 4] = [Self::Users, Self::Sessions, Self::Roles, Self::Rooms];
+    pub const ALL: [Self; 5] = [Self::Users, Self::Sessions, Self::Roles, Self::Rooms, Self::Files];
 
     /// The name of the projection that builds it (its checkpoint's name).
     #[must_use]
@@ -52,6 +54,7 @@ impl ReadModel {
             Self::Sessions => "sessions",
             Self::Roles => "roles",
             Self::Rooms => "rooms",
+            Self::Files => "files",
         }
     }
 

@@ -2,13 +2,17 @@
 //!
 //! - [`audit`]: writes every event into the `audit_log` table.
 //! - [`email`]: mails users about their account (verification, password reset, notices) over SMTP.
+//! - [`files`]: removes the bytes of deleted files, and sweeps the bytes of uploads that died.
 
 pub mod audit;
 pub mod email;
+pub mod files;
 
 pub use audit::AuditWorker;
 
 /// The names under which the workers (and each API process's session map) park events they
 /// cannot apply, as the operators' view lists them.
-pub const PARKING_CONSUMERS: &[&str] = &["audit", "email", cairn_platform::auth::SESSION_MAP];
+pub const PARKING_CONSUMERS: &[&str] =
+    &["audit", "email", files::remover::PARKING_NAME, cairn_platform::auth::SESSION_MAP];
 pub use email::{EmailSettings, EmailWorker};
+pub use files::{FileRemover, FileSweeper, SweepReport};

@@ -117,6 +117,37 @@ impl AuthState {
         claims.perms = self.sessions.still_granted(&claims.roles, std::mem::take(&mut claims.perms));
         Ok(Caller { claims, verified_email_for: Arc::clone(&self.verified_email_for) })
     }
+
+    /// The caller a download token for `file_id` stands for: its user, with the access token's
+    /// session still current, holding `files:read` only if one of its roles still grants it.
+    /// The per-user rate limit applies as to a bearer token.
+    ///
+    /// # Errors
+    /// UNAUTHENTICATED when the token is malformed, expired, wrongly signed, for another file, or
+    /// its session is over; RATE_LIMITED.
+    pub fn download_caller(&self, token: &str, file_id: Uuid) -> Result<Caller, ApiError> {
+        let download = self.tokens.verify_download(token, file_id).map_err(|e| ApiError::Unauthenticated(e.0))?;
+        if !self.sessions.is_current(download.sub, download.sv, download.sid) {
+            return Err(ApiError::Unauthenticated("session has ended; sign in again".into()));
+        }
+        if let Some(limits) = &self.user_limits {
+            limits.check(&download.sub)?;
+        }
+        let perms = self.sessions.still_granted(&download.roles, vec!["files:read".to_owned()]);
+        let claims = Claims {
+            sub: download.sub,
+            roles: download.roles,
+            perms,
+            sv: download.sv,
+            sid: download.sid,
+            ev: download.ev,
+            iat: download.iat,
+            exp: download.exp,
+            iss: download.iss,
+            aud: download.aud,
+        };
+        Ok(Caller { claims, verified_email_for: Arc::clone(&self.verified_email_for) })
+    }
 }
 
 impl<S> FromRequestParts<S> for Caller

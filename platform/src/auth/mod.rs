@@ -9,4 +9,4 @@ mod tokens;
 pub use caller::{AuthState, Caller};
 pub use keys::{KeyError, KeySet};
 pub use sessions::{SessionVersions, SESSION_MAP};
-pub use tokens::{Claims, TokenError, TokenIssuer, TokenSubject};
+pub use tokens::{Claims, DownloadClaims, TokenError, TokenIssuer, TokenSubject};

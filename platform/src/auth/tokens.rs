@@ -36,6 +36,35 @@ pub struct Claims {
     pub aud: String,
 }
 
+/// What a download token says: one user may download one file until `exp`. Its audience is the
+/// access tokens' with `:download` appended, so neither kind is ever accepted as the other. It
+/// carries the session and roles of the access token it was issued against, so that signing out,
+/// a role lost or the session version moving ends it as it ends that access token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownloadClaims {
+    /// The user id.
+    pub sub: Uuid,
+    /// The file it downloads.
+    pub file: Uuid,
+    /// Roles the user held at issue.
+    pub roles: Vec<String>,
+    /// Session version at issue.
+    pub sv: u64,
+    /// Session id.
+    pub sid: Uuid,
+    /// Whether the email address was verified at issue.
+    #[serde(default)]
+    pub ev: bool,
+    /// Issued at (seconds since the epoch).
+    pub iat: i64,
+    /// Expires at (seconds since the epoch).
+    pub exp: i64,
+    /// Issuer.
+    pub iss: String,
+    /// Audience: `<access audience>:download`.
+    pub aud: String,
+}
+
 /// Whom a token is for.
 #[derive(Debug, Clone)]
 pub struct TokenSubject {
@@ -192,6 +221,53 @@ impl TokenIssuer {
         Ok(jsonwebtoken::encode(&header, &claims, key)?)
     }
 
+    /// The audience of download tokens.
+    fn download_audience(&self) -> String {
+        format!("{}:download", self.audience)
+    }
+
+    /// Signs a token that lets the holder of `access` download `file_id` for `ttl` (by this
+    /// issuer's clock), with no `Authorization` header: for `<img src>` and plain links.
+    ///
+    /// # Errors
+    /// When there is no signing key or signing fails.
+    pub fn issue_download(&self, file_id: Uuid, access: &Claims, ttl: Duration) -> anyhow::Result<String> {
+        let keys = self.current();
+        let (kid, key) = keys.signing().ok_or_else(|| anyhow::anyhow!("no signing key"))?;
+        let now = self.clock.now().timestamp();
+        let claims = DownloadClaims {
+            sub: access.sub,
+            file: file_id,
+            roles: access.roles.clone(),
+            sv: access.sv,
+            sid: access.sid,
+            ev: access.ev,
+            iat: now,
+            exp: now + i64::try_from(ttl.as_secs()).unwrap_or(300),
+            iss: self.issuer.clone(),
+            aud: self.download_audience(),
+        };
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(kid.to_owned());
+        Ok(jsonwebtoken::encode(&header, &claims, key)?)
+    }
+
+    /// Verifies a download token as [`TokenIssuer::verify`] verifies an access token, and that it
+    /// is for `file_id`: a token for another file is refused like a forged one.
+    ///
+    /// # Errors
+    /// A [`TokenError`] saying why.
+    pub fn verify_download(&self, token: &str, file_id: Uuid) -> Result<DownloadClaims, TokenError> {
+        let (claims, _) = self.verify_signed::<DownloadClaims>(token, &self.download_audience())?;
+        if claims.exp < self.clock.now().timestamp() - LEEWAY_SECS {
+            return Err(TokenError("download token expired".into()));
+        }
+        if claims.file != file_id {
+            return Err(TokenError("download token is for another file".into()));
+        }
+        Ok(claims)
+    }
+
     /// Verifies signature, algorithm (EdDSA only: `none` and HS256 are refused), key id,
     /// expiry, issuer and audience.
     ///
@@ -211,7 +287,7 @@ impl TokenIssuer {
                 cache.remove(&fingerprint);
             }
         }
-        let (claims, kid) = self.verify_signed(token)?;
+        let (claims, kid) = self.verify_signed::<Claims>(token, &self.audience)?;
         // Expiry is judged by this issuer's clock (the library would read the system's).
         if claims.exp < now - LEEWAY_SECS {
             return Err(TokenError("token expired".into()));
@@ -228,8 +304,12 @@ impl TokenIssuer {
         Ok(claims)
     }
 
-    /// Checks the signature and the claims; returns them with the signing key's id.
-    fn verify_signed(&self, token: &str) -> Result<(Claims, String), TokenError> {
+    /// Checks the signature and the claims, for `audience`; returns them with the signing key's id.
+    fn verify_signed<C: serde::de::DeserializeOwned>(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<(C, String), TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError("malformed token".into()))?;
         if header.alg != Algorithm::EdDSA {
             return Err(TokenError("token algorithm not accepted".into()));
@@ -239,11 +319,11 @@ impl TokenIssuer {
         let key = keys.decoding(&kid).ok_or_else(|| TokenError("token signed by an unknown or retired key".into()))?;
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[&self.issuer]);
-        validation.set_audience(&[&self.audience]);
+        validation.set_audience(&[audience]);
         validation.leeway = LEEWAY_SECS.unsigned_abs();
         validation.validate_exp = false;
         validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
-        jsonwebtoken::decode::<Claims>(token, key, &validation).map(|d| (d.claims, kid)).map_err(|e| {
+        jsonwebtoken::decode::<C>(token, key, &validation).map(|d| (d.claims, kid)).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             TokenError(
                 match e.kind() {
@@ -343,6 +423,29 @@ mod tests {
         let fresh = issuer(dir.path(), "api").with_clock(clock.clone());
         let issued_later = fresh.issue(subject(Uuid::new_v4(), 1)).expect("issue");
         assert!(fresh.verify(&issued_later).is_ok(), "a token issued on the moved clock is valid on it");
+    }
+
+    #[test]
+    fn download_tokens_and_access_tokens_are_never_taken_for_each_other() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = crate::clock::TestClock::new();
+        let tokens = issuer(dir.path(), "api").with_clock(clock.clone());
+        let access = tokens.issue(subject(Uuid::new_v4(), 2)).expect("issue");
+        let claims = tokens.verify(&access).expect("verifies");
+        let (file, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let download = tokens.issue_download(file, &claims, Duration::from_secs(30)).expect("issue download");
+
+        let verified = tokens.verify_download(&download, file).expect("a download token for its file");
+        assert_eq!((verified.sub, verified.file, verified.sv, verified.sid), (claims.sub, file, 2, claims.sid));
+        assert_eq!(
+            tokens.verify_download(&download, other).expect_err("another file").0,
+            "download token is for another file"
+        );
+        assert!(tokens.verify(&download).is_err(), "a download token is no access token");
+        assert!(tokens.verify_download(&access, file).is_err(), "an access token is no download token");
+
+        clock.advance(Duration::from_secs(30 + u64::try_from(LEEWAY_SECS).unwrap_or(5) + 1));
+        assert_eq!(tokens.verify_download(&download, file).expect_err("expired").0, "download token expired");
     }
 
     #[test]

@@ -57,6 +57,13 @@ pub enum ApiError {
     /// 415 UNSUPPORTED_MEDIA_TYPE.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// 416 RANGE_NOT_SATISFIABLE with `Content-Range: bytes */<size>`: the `Range` asked for
+    /// starts past the end of the file.
+    #[error("the requested range is outside the file ({size} bytes)")]
+    RangeNotSatisfiable {
+        /// The file's size.
+        size: u64,
+    },
     /// 423 ACCOUNT_LOCKED: too many failed sign-ins; `details.retry_after_s` and `Retry-After`.
     #[error("account is locked after too many failed sign-ins; try again later")]
     AccountLocked {
@@ -121,6 +128,7 @@ impl ApiError {
             Self::Conflict(_) => (StatusCode::CONFLICT, "CONFLICT"),
             Self::PayloadTooLarge | Self::LimitExceeded { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
             Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE"),
+            Self::RangeNotSatisfiable { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_NOT_SATISFIABLE"),
             Self::AccountLocked { .. } => (StatusCode::LOCKED, "ACCOUNT_LOCKED"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED"),
             Self::ServiceUnavailable(_) | Self::Overloaded { .. } => {
@@ -141,6 +149,7 @@ impl ApiError {
             StatusCode::UNAUTHORIZED => ("UNAUTHENTICATED", "authentication required"),
             StatusCode::FORBIDDEN => ("FORBIDDEN", "forbidden"),
             StatusCode::TOO_MANY_REQUESTS => ("RATE_LIMITED", "too many requests; slow down"),
+            StatusCode::RANGE_NOT_SATISFIABLE => ("RANGE_NOT_SATISFIABLE", "the requested range is outside the file"),
             StatusCode::REQUEST_TIMEOUT | StatusCode::GATEWAY_TIMEOUT => {
                 ("SERVICE_UNAVAILABLE", "the request timed out")
             }
@@ -156,6 +165,11 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         let message = self.to_string();
+        // The size a client needs to ask again travels in the header RFC 9110 gives it.
+        let content_range = match &self {
+            Self::RangeNotSatisfiable { size } => axum::http::HeaderValue::from_str(&format!("bytes */{size}")).ok(),
+            _ => None,
+        };
         let plain = |message: String| ErrorBody { code, message, details: None, internal: None, retry_after: None };
         let body = match self {
             Self::Internal(e) => {
@@ -188,6 +202,9 @@ impl IntoResponse for ApiError {
             _ => plain(message),
         };
         let mut response = status.into_response();
+        if let Some(value) = content_range {
+            response.headers_mut().insert(axum::http::header::CONTENT_RANGE, value);
+        }
         response.extensions_mut().insert(body);
         response
     }
@@ -341,6 +358,18 @@ mod tests {
     fn other_internal_errors_keep_their_whole_chain() {
         let line = logged(ApiError::Internal(anyhow::anyhow!("the pool stopped").context("hashing a password")));
         assert_eq!(line, "hashing a password: the pool stopped");
+    }
+
+    #[test]
+    fn a_range_past_the_end_is_a_416_naming_the_size() {
+        let response = ApiError::RangeNotSatisfiable { size: 42 }.into_response();
+        assert_eq!(response.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+        assert_eq!(
+            response.headers().get(axum::http::header::CONTENT_RANGE).map(|v| v.as_bytes()),
+            Some(&b"bytes */42"[..])
+        );
+        let body = response.extensions().get::<ErrorBody>().cloned().expect("an error body");
+        assert_eq!(body.code, "RANGE_NOT_SATISFIABLE");
     }
 
     #[test]

@@ -74,6 +74,8 @@ pub enum ErrorCode {
     PAYLOAD_TOO_LARGE,
     /// 415.
     UNSUPPORTED_MEDIA_TYPE,
+    /// 416: the `Range` starts past the end of the file; `Content-Range: bytes */<size>`.
+    RANGE_NOT_SATISFIABLE,
     /// 423: `details.retry_after_s`.
     ACCOUNT_LOCKED,
     /// 429: `Retry-After`.
