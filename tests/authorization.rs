@@ -79,6 +79,13 @@ fn policy(method: &str, path: &str) -> Option<(Policy, StatusCode)> {
         ("POST", "/api/v1/rooms/{id}/messages") | ("PATCH" | "DELETE", "/api/v1/messages/{id}") => {
             (Permission("messages:write"), S::NOT_FOUND)
         }
+        // A JSON body, not a multipart one: an allowed caller is told the body's type is wrong.
+        ("POST", "/api/v1/files") => (Permission("files:write"), S::UNSUPPORTED_MEDIA_TYPE),
+        // The path's id is a user's, so no such file: an allowed caller gets 404.
+        ("POST", "/api/v1/files/{id}/shares")
+        | ("DELETE", "/api/v1/files/{id}" | "/api/v1/files/{id}/shares/{user_id}") => {
+            (Permission("files:write"), S::NOT_FOUND)
+        }
         // Any member marks what they read (readonly members too).
         ("POST", "/api/v1/rooms/{id}/read") => (SignedIn, S::NOT_FOUND),
         // Rooms the caller may read (none here): an empty page.
@@ -125,6 +132,7 @@ fn body_for(method: &str, path: &str) -> Option<serde_json::Value> {
         "/api/v1/rooms/{id}/messages" => json!({ "body": "hello" }),
         "/api/v1/messages/{id}" if method == "PATCH" => json!({ "body": "edited" }),
         "/api/v1/rooms/{id}/read" => json!({ "message_id": uuid::Uuid::new_v4() }),
+        "/api/v1/files/{id}/shares" => json!({ "user_id": uuid::Uuid::new_v4() }),
         _ if method == "GET" || method == "DELETE" => return None,
         _ => json!({}),
     };

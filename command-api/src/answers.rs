@@ -209,3 +209,26 @@ pub struct ReadMarkerData {
     #[schema(example = "7421.1093")]
     pub position: String,
 }
+
+/// A file uploaded, as every reader sees it.
+#[derive(Debug, ToSchema)]
+pub struct FileData {
+    /// The file.
+    pub file: cairn_platform::files::FileView,
+}
+
+/// The file a command was about.
+#[derive(Debug, ToSchema)]
+pub struct FileIdData {
+    /// The file.
+    pub id: Uuid,
+}
+
+/// A share granted or taken back.
+#[derive(Debug, ToSchema)]
+pub struct FileShareData {
+    /// The file.
+    pub file_id: Uuid,
+    /// The user it is (or was) shared with.
+    pub user_id: Uuid,
+}

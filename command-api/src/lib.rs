@@ -8,6 +8,8 @@
 //!   email verification (the `Session` aggregate).
 //! - [`oauth`]: OAuth 2.0 / OpenID Connect sign-in with PKCE.
 //! - [`roles`]: defining and editing roles (the `Role` aggregate).
+//! - [`files`]: uploads streamed to the file store, sharing and deleting files (the `File`
+//!   aggregate), and the quota.
 //! - [`rooms`]: chat rooms, their members and their messages (the `Room` and `Message` aggregates),
 //!   and read markers; [`MessageCommands`] is also the socket's send path.
 //! - [`answers`]: the shapes of the answers, for the OpenAPI document.
@@ -17,6 +19,7 @@ pub mod admin;
 pub mod answers;
 pub mod auth;
 pub mod executor;
+pub mod files;
 pub mod oauth;
 pub mod passwords;
 pub mod roles;
@@ -36,6 +39,7 @@ use sqlx::PgPool;
 use utoipa_axum::router::OpenApiRouter;
 
 pub use auth::{LoginGuard, RefreshCookie, SessionService};
+pub use files::FileCommands;
 pub use roles::RoleCatalog;
 pub use rooms::{MessageCommands, RoomCommands};
 pub use users::UserCommands;
@@ -74,6 +78,8 @@ pub struct CommandState {
     pub guard: LoginGuard,
     /// Where uploaded files' bytes go.
     pub files: cairn_storage::FileStore,
+    /// Uploads, shares and deletions of files.
+    pub file_commands: FileCommands,
     /// Where time comes from.
     #[from_ref(skip)]
     pub clock: SharedClock,
@@ -117,6 +123,14 @@ impl CommandState {
                 settings.request_timeout + std::time::Duration::from_secs(30),
             ),
             clock: settings.clock.clone(),
+            file_commands: FileCommands::new(
+                pool.clone(),
+                auth.sessions.clone(),
+                users.wake().clone(),
+                files.clone(),
+                files::UploadLimits::from_settings(&settings.files),
+                settings.clock.clone(),
+            ),
             files,
             roles: users.roles().clone(),
             rooms: RoomCommands::new(pool.clone(), auth.sessions.clone(), users.wake().clone()),
@@ -138,11 +152,13 @@ impl CommandState {
 
 /// The command API's routes, documented.
 pub fn router(state: CommandState) -> OpenApiRouter {
+    let upload_body_limit = state.file_commands.limits().body_limit();
     users::routes()
         .merge(auth::routes())
         .merge(oauth::routes())
         .merge(roles::routes())
         .merge(admin::routes())
         .merge(rooms::routes())
+        .merge(files::routes(upload_body_limit))
         .with_state(state)
 }

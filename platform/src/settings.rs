@@ -168,6 +168,10 @@ pub struct FilesSettings {
     pub orphan_grace: Duration,
     /// `CAIRN_FILES_SWEEP_SECS`: how often the orphan sweeper runs (default 300).
     pub sweep_every: Duration,
+    /// `CAIRN_FAULT_UPLOAD_PAUSE_MS`: a test knob, refused in production. An upload whose bytes
+    /// are stored waits this long before its FileUploaded is appended, so a test can kill the
+    /// process in between and see what a crash there leaves (default 0: no pause).
+    pub fault_upload_pause: Duration,
     /// `S3_*`: the S3 store.
     pub s3: S3Settings,
 }
@@ -185,6 +189,7 @@ impl std::fmt::Debug for FilesSettings {
             .field("inline_types", &self.inline_types)
             .field("orphan_grace", &self.orphan_grace)
             .field("sweep_every", &self.sweep_every)
+            .field("fault_upload_pause", &self.fault_upload_pause)
             .field("s3", &self.s3)
             .finish()
     }
@@ -281,6 +286,10 @@ impl FilesSettings {
         if allowed_types.is_empty() {
             bail!("CAIRN_FILES_ALLOWED_TYPES must name at least one content type");
         }
+        let fault_upload_pause = Duration::from_millis(num("CAIRN_FAULT_UPLOAD_PAUSE_MS", 0)?);
+        if environment == Environment::Production && !fault_upload_pause.is_zero() {
+            bail!("CAIRN_FAULT_UPLOAD_PAUSE_MS is a test knob; production refuses it");
+        }
         Ok(Self {
             store,
             dir: PathBuf::from(get("CAIRN_FILES_DIR", "data/files")),
@@ -292,6 +301,7 @@ impl FilesSettings {
             inline_types: list(&get("CAIRN_FILES_INLINE_TYPES", DEFAULT_INLINE_TYPES)),
             orphan_grace: Duration::from_secs(num("CAIRN_FILES_ORPHAN_GRACE_SECS", 3600)?),
             sweep_every: Duration::from_secs(num("CAIRN_FILES_SWEEP_SECS", 300)?.max(1)),
+            fault_upload_pause,
             s3: S3Settings {
                 endpoint,
                 bucket: get("S3_BUCKET", "cairn"),
@@ -670,6 +680,23 @@ mod tests {
     fn production_refuses_insecure_cookies() {
         assert!(settings(&[("CAIRN_COOKIE_SECURE", "false")]).is_ok());
         assert!(settings(&[("CAIRN_ENV", "production"), ("CAIRN_COOKIE_SECURE", "false")]).is_err());
+    }
+
+    #[test]
+    fn production_refuses_the_upload_fault_knob() -> anyhow::Result<()> {
+        let s = settings(&[("CAIRN_FAULT_UPLOAD_PAUSE_MS", "250")])?;
+        assert_eq!(s.files.fault_upload_pause, Duration::from_millis(250));
+        assert_eq!(settings(&[])?.files.fault_upload_pause, Duration::ZERO);
+        let err = settings(&[
+            ("CAIRN_ENV", "production"),
+            ("CAIRN_FILES_MASTER_KEY_FILE", "keys"),
+            ("CAIRN_FAULT_UPLOAD_PAUSE_MS", "250"),
+        ])
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("CAIRN_FAULT_UPLOAD_PAUSE_MS"), "{err}");
+        Ok(())
     }
 
     #[test]

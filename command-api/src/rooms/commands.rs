@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use cairn_domain::{
-    Actor, Message, MessageBody, MessageCommand, MessageError, MessageEvent, Room, RoomAccess, RoomCommand, RoomError,
-    RoomName, RoomVisibility, Topic, User, UserStatus,
+    Actor, File, Message, MessageBody, MessageCommand, MessageError, MessageEvent, Room, RoomAccess, RoomCommand,
+    RoomError, RoomName, RoomVisibility, Topic, User, UserStatus,
 };
 use cairn_platform::auth::{Caller, SessionVersions};
 use cairn_platform::envelope::{from_row, ConsistencyToken, EVENT_COLUMNS};
@@ -25,6 +25,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::executor::{Executor, Refusal};
+use crate::files::attachment_problem;
 
 /// At most this many attachments on one message.
 pub const MAX_ATTACHMENTS: usize = 10;
@@ -61,9 +62,14 @@ fn client_id_ok(raw: &str) -> bool {
         && raw.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
 }
 
+/// Whether the caller holds the admin role: moderates every room, manages every file.
+pub(crate) fn holds_admin_role(caller: &Caller) -> bool {
+    caller.claims.roles.iter().any(|r| r == "admin")
+}
+
 /// The caller as the room rules see it.
 fn actor(caller: &Caller) -> Actor {
-    Actor { id: caller.id(), admin: caller.claims.roles.iter().any(|r| r == "admin") }
+    Actor { id: caller.id(), admin: holds_admin_role(caller) }
 }
 
 /// The message body, or VALIDATION_FAILED naming `body`.
@@ -333,6 +339,8 @@ pub async fn message_view(pool: &PgPool, id: Uuid) -> Result<Option<MessageView>
 pub struct MessageCommands {
     messages: Executor<Message>,
     rooms: Executor<Room>,
+    /// Files, for the attachments' check.
+    files: Executor<File>,
     /// Sends per user (`CAIRN_RATE_LIMIT_MESSAGES`; none when `off`).
     limiter: Option<Arc<Limiter<Uuid>>>,
 }
@@ -343,7 +351,8 @@ impl MessageCommands {
     pub fn new(pool: PgPool, sessions: SessionVersions, wake: RelayWakeup, settings: &Settings) -> Self {
         Self {
             messages: Executor::with_cache(pool.clone(), sessions.clone(), wake.clone(), CACHED_MESSAGES),
-            rooms: Executor::new(pool, sessions, wake),
+            rooms: Executor::new(pool.clone(), sessions.clone(), wake.clone()),
+            files: Executor::new(pool, sessions, wake),
             limiter: settings
                 .rate_limit_messages
                 .and_then(|rate| Limiter::swept("messages", rate, settings.rate_limit_sweep)),
@@ -413,7 +422,24 @@ impl MessageCommands {
         } else {
             RoomAccess::Member
         };
-        // Files are not stored by this service yet: attachment ids are kept as given.
+        // Each attachment must be a live file of the sender's, read from its aggregate (always
+        // current). A retry of a message sent before is answered with it, even if a file it
+        // carried has been deleted since.
+        // Only a member's send gets that far: anyone else is refused by the room's rules first.
+        let checked = if matches!(access, RoomAccess::Member) {
+            attachment_problem(&self.files, author, &input.attachments).await?
+        } else {
+            None
+        };
+        if let Some(problem) = checked {
+            if input.client_id.is_some() {
+                if let Some(message) = message_view(self.pool(), id).await? {
+                    let token = message.position.parse().unwrap_or_default();
+                    return Ok(SentMessage { message, created: false, token });
+                }
+            }
+            return Err(ApiError::field("attachments", problem));
+        }
         let command = MessageCommand::SendMessage {
             room_id: input.room_id,
             author_id: author,

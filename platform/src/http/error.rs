@@ -44,6 +44,16 @@ pub enum ApiError {
     /// 413 PAYLOAD_TOO_LARGE.
     #[error("request body is too large")]
     PayloadTooLarge,
+    /// 413 PAYLOAD_TOO_LARGE naming the limit passed, with its figures in `details` (an upload
+    /// over `CAIRN_MAX_UPLOAD_BYTES`: `max_bytes`; over the owner's quota: `quota_bytes` and
+    /// `stored_bytes`).
+    #[error("{message}")]
+    LimitExceeded {
+        /// Which limit was passed.
+        message: String,
+        /// The limit's figures, in bytes.
+        details: BTreeMap<String, u64>,
+    },
     /// 415 UNSUPPORTED_MEDIA_TYPE.
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -116,7 +126,7 @@ impl ApiError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "CONFLICT"),
-            Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
+            Self::PayloadTooLarge | Self::LimitExceeded { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
             Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE"),
             Self::RangeNotSatisfiable { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_NOT_SATISFIABLE"),
             Self::AccountLocked { .. } => (StatusCode::LOCKED, "ACCOUNT_LOCKED"),
@@ -170,6 +180,9 @@ impl IntoResponse for ApiError {
                 ..plain("a backing service is unavailable; nothing was written, try again".to_owned())
             },
             Self::Validation { details, .. } => {
+                ErrorBody { details: Some(serde_json::json!(details)), ..plain(message) }
+            }
+            Self::LimitExceeded { details, .. } => {
                 ErrorBody { details: Some(serde_json::json!(details)), ..plain(message) }
             }
             Self::UnknownField(field) => {
