@@ -448,12 +448,43 @@ async fn only_the_owner_admins_shared_users_and_members_of_a_room_it_is_attached
         assert_eq!((status, envelope["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("UNAUTHENTICATED")));
     }
 
+    // The write routes: the owner and admins only (the owner shared above; an admin unshares
+    // below). A user the file is shared with may read it, so is told 403; anyone else 404, as
+    // for a file that does not exist; no token, or a download token as a bearer, 401.
+    let shares = format!("/api/v1/files/{id}/shares");
+    let writes = [
+        ("POST", shares.clone(), Some(json!({ "user_id": other.id }))),
+        ("DELETE", format!("{shares}/{}", shared.id), None),
+        ("DELETE", meta.clone(), None),
+    ];
+    let link_token = read(&app, &meta, Some(&owner.token), &consistency).await.data()["download_url"]
+        .as_str()
+        .unwrap()
+        .split("token=")
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    for (method, path, body) in &writes {
+        let callers: [(Option<&str>, StatusCode); 5] = [
+            (Some(&shared.token), StatusCode::FORBIDDEN),
+            (Some(&member.token), StatusCode::NOT_FOUND),
+            (Some(&other.token), StatusCode::NOT_FOUND),
+            (None, StatusCode::UNAUTHORIZED),
+            (Some(&link_token), StatusCode::UNAUTHORIZED),
+        ];
+        for (token, expected) in callers {
+            let reply = app.request(method, path, token, body.clone(), &[]).await;
+            assert_eq!(reply.status, expected, "{method} {path}: {:?}", reply.body);
+        }
+    }
+    assert_eq!(fetch(&url, Some(&link_token), &[]).await.0, StatusCode::UNAUTHORIZED, "a download token is no bearer");
+
     // A download token is re-checked on use: unsharing stops the shared user's at once.
     let link =
         read(&app, &meta, Some(&shared.token), &consistency).await.data()["download_url"].as_str().unwrap().to_owned();
     let link = format!("{}{link}", app.address);
     assert_eq!(fetch(&link, None, &[]).await.0, StatusCode::OK);
-    let unshared = unshare(&app, id, &shared, &owner).await;
+    let unshared = unshare(&app, id, &shared, &root).await;
     assert_eq!(read(&app, &meta, Some(&shared.token), &unshared).await.status, StatusCode::NOT_FOUND);
     assert_eq!(fetch(&link, None, &[]).await.0, StatusCode::NOT_FOUND, "an unshare revokes the download token");
 
@@ -469,6 +500,16 @@ async fn only_the_owner_admins_shared_users_and_members_of_a_room_it_is_attached
         (status, envelope["error"]["message"].as_str()),
         (StatusCode::UNAUTHORIZED, Some("download token expired"))
     );
+    // An expired access token (900 s by default): 401 on every file route, read or write.
+    assert_eq!(fetch(&url, Some(&owner.token), &[]).await.0, StatusCode::OK, "the owner's access token still works");
+    app.clock.advance(Duration::from_secs(900));
+    for (method, path, body) in
+        writes.into_iter().chain([("GET", meta.clone(), None), ("GET", "/api/v1/files".to_owned(), None)])
+    {
+        let reply = app.request(method, &path, Some(&owner.token), body, &[]).await;
+        assert_eq!((reply.status, reply.code()), (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"), "{method} {path}");
+    }
+    assert_eq!(fetch(&url, Some(&owner.token), &[]).await.0, StatusCode::UNAUTHORIZED);
     app.stop().await;
 }
 
