@@ -85,6 +85,9 @@ enum AdminCommand {
     },
     /// Add a new signing key; the newest key signs, older ones keep verifying.
     RotateKey,
+    /// Add a new master key to CAIRN_FILES_MASTER_KEY_FILE (created, mode 0600, when missing):
+    /// new files are encrypted under it once processes restart, older files stay readable.
+    RotateFilesKey,
 }
 
 /// Parses the command line and runs it.
@@ -260,6 +263,18 @@ async fn admin(settings: &Settings, command: AdminCommand) -> anyhow::Result<()>
                 std::io::stdout(),
                 "created signing key {kid} in {}; running processes sign with it within a minute",
                 settings.keys_dir.display()
+            );
+            Ok(())
+        }
+        AdminCommand::RotateFilesKey => {
+            let file = settings.files.master_key_file.as_deref().context(
+                "set CAIRN_FILES_MASTER_KEY_FILE to the file that holds (or is to hold) the local store's master keys",
+            )?;
+            let id = cairn_storage::keys::append_new_key(file, settings.clock.now())?;
+            let _ = writeln!(
+                std::io::stdout(),
+                "added master key {id} to {}; processes encrypt new files with it once restarted, and keep reading files under the older keys",
+                file.display()
             );
             Ok(())
         }

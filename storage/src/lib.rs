@@ -3,6 +3,10 @@
 //! facts about a file (owner, name, type, sha256) are events in the log.
 //!
 //! Keys are `files/<file id>`: the sweeper can tell from a key alone which file it would be.
+//!
+//! - `local`: the encrypted local store (its format in the module's header);
+//! - `keys`: the master keys that wrap each local file's own key, and their rotation;
+//! - `s3`: the S3 store (multipart above a part size, presigned downloads).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +18,12 @@ use uuid::Uuid;
 
 use cairn_platform::settings::{FileStoreKind, FilesSettings};
 
+pub mod keys;
 mod local;
+mod s3;
+
+pub use keys::{MasterKey, MasterKeys};
+pub use local::CHUNK as LOCAL_CHUNK_BYTES;
 
 /// Which kind of store holds a file's bytes (recorded in FileUploaded).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,21 +115,43 @@ pub struct FileStore {
 
 enum Inner {
     Local(local::LocalStore),
+    S3(s3::S3Store),
 }
 
 impl FileStore {
-    /// Opens the store `settings` names. Production refuses the development master key.
+    /// Opens the store `settings` names. The local store reads its master keys now (a process
+    /// sees a rotated key when it restarts); production refuses a development master key, and
+    /// a missing S3 bucket (development creates it).
     ///
     /// # Errors
     /// [`StoreError::Config`] when keys, directory, bucket or credentials are unusable.
     pub async fn open(settings: &FilesSettings, production: bool) -> Result<Self, StoreError> {
-        let _ = production;
-        match settings.store {
+        let inner = match settings.store {
             FileStoreKind::Local => {
-                Ok(Self { inner: Arc::new(Inner::Local(local::LocalStore::open(&settings.dir).await?)) })
+                let keys = MasterKeys::load(settings.master_key_file.as_deref())?;
+                if let Some(key) = keys.development_key().filter(|_| production) {
+                    return Err(StoreError::Config(format!(
+                        "production refuses the development master key {} (run `cairn admin rotate-files-key` \
+                         and remove every key whose id ends in `{}` from CAIRN_FILES_MASTER_KEY_FILE)",
+                        key.id(),
+                        keys::DEVELOPMENT_SUFFIX
+                    )));
+                }
+                if keys.writer().is_development() {
+                    tracing::warn!(
+                        master_key_id = keys.writer().id(),
+                        "the local file store encrypts with the built-in development key: set CAIRN_FILES_MASTER_KEY_FILE"
+                    );
+                }
+                tracing::info!(dir = %settings.dir.display(), master_key_id = keys.writer().id(), "local file store");
+                Inner::Local(local::LocalStore::open(&settings.dir, keys).await?)
             }
-            FileStoreKind::S3 => Err(StoreError::Config("the S3 store is not built yet".into())),
-        }
+            FileStoreKind::S3 => {
+                tracing::info!(bucket = settings.s3.bucket, endpoint = ?settings.s3.endpoint, "S3 file store");
+                Inner::S3(s3::S3Store::open(&settings.s3, production).await?)
+            }
+        };
+        Ok(Self { inner: Arc::new(inner) })
     }
 
     /// Which kind of store this is.
@@ -128,6 +159,7 @@ impl FileStore {
     pub fn backend(&self) -> Backend {
         match *self.inner {
             Inner::Local(_) => Backend::Local,
+            Inner::S3(_) => Backend::S3,
         }
     }
 
@@ -151,6 +183,7 @@ impl FileStore {
     pub async fn put(&self, key: &str, body: ByteStream) -> Result<u64, StoreError> {
         match &*self.inner {
             Inner::Local(store) => store.put(key, body).await,
+            Inner::S3(store) => store.put(key, body).await,
         }
     }
 
@@ -163,6 +196,7 @@ impl FileStore {
     pub async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Object, StoreError> {
         match &*self.inner {
             Inner::Local(store) => store.get(key, range).await,
+            Inner::S3(store) => store.get(key, range).await,
         }
     }
 
@@ -178,9 +212,9 @@ impl FileStore {
         content_type: &str,
         content_disposition: &str,
     ) -> Result<Option<String>, StoreError> {
-        let _ = (key, ttl, content_type, content_disposition);
         match &*self.inner {
             Inner::Local(_) => Ok(None),
+            Inner::S3(store) => store.presigned_get(key, ttl, content_type, content_disposition).await.map(Some),
         }
     }
 
@@ -191,6 +225,7 @@ impl FileStore {
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         match &*self.inner {
             Inner::Local(store) => store.delete(key).await,
+            Inner::S3(store) => store.delete(key).await,
         }
     }
 
@@ -199,6 +234,7 @@ impl FileStore {
     pub fn list_before(&self, before: DateTime<Utc>) -> BoxStream<'static, Result<StoredObject, StoreError>> {
         match &*self.inner {
             Inner::Local(store) => store.list_before(before),
+            Inner::S3(store) => store.list_before(before),
         }
     }
 }

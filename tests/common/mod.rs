@@ -28,6 +28,33 @@ pub fn nats_base() -> String {
     std::env::var("TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
 }
 
+/// The S3-compatible server `.ci/run` installs and starts (s3s-fs), and its test credentials.
+pub fn s3_endpoint() -> String {
+    std::env::var("TEST_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:8014".to_owned())
+}
+
+pub fn s3_credentials() -> (String, String) {
+    (
+        std::env::var("TEST_S3_ACCESS_KEY_ID").unwrap_or_else(|_| "cairn-test".to_owned()),
+        std::env::var("TEST_S3_SECRET_ACCESS_KEY").unwrap_or_else(|_| "cairn-test-secret".to_owned()),
+    )
+}
+
+/// Fails the test (never skips it) when nothing listens at the S3 endpoint.
+pub fn require_s3() {
+    let endpoint = s3_endpoint();
+    let url =
+        reqwest::Url::parse(&endpoint).unwrap_or_else(|e| panic!("TEST_S3_ENDPOINT {endpoint:?} is not a URL: {e}"));
+    let addrs =
+        url.socket_addrs(|| Some(80)).unwrap_or_else(|e| panic!("cannot resolve the S3 endpoint {endpoint}: {e}"));
+    let listening = addrs.iter().any(|addr| std::net::TcpStream::connect_timeout(addr, Duration::from_secs(2)).is_ok());
+    assert!(
+        listening,
+        "no S3-compatible server listens at {endpoint}: run .ci/run (it installs and starts s3s-fs), \
+         or point TEST_S3_ENDPOINT at one"
+    );
+}
+
 /// An isolated environment: database, namespace, keys directory.
 pub struct TestEnv {
     pub database: String,
@@ -39,6 +66,8 @@ pub struct TestEnv {
     pub smtp_port: u16,
     /// The local file store's directory (shared with siblings).
     pub files: Arc<tempfile::TempDir>,
+    /// Set by [`TestEnv::with_s3`]: the bucket of this test on the S3 server (files go to S3).
+    pub s3_bucket: Option<String>,
 }
 
 impl TestEnv {
@@ -53,12 +82,21 @@ impl TestEnv {
             keys: tempfile::tempdir().unwrap(),
             smtp_port: free_port(),
             files: Arc::new(tempfile::tempdir().unwrap()),
+            s3_bucket: None,
         }
+    }
+
+    /// This environment with its files in the S3 store, in a bucket of its own (named from the
+    /// namespace; the application creates it, as development does). Fails when no server listens.
+    pub fn with_s3(mut self) -> Self {
+        require_s3();
+        self.s3_bucket = Some(format!("cairn-{}", self.namespace));
+        self
     }
 
     /// The environment variables a cairn process of this test runs with.
     pub fn vars(&self) -> HashMap<String, String> {
-        HashMap::from([
+        let mut vars = HashMap::from([
             ("DATABASE_URL".to_owned(), self.database_url.clone()),
             ("NATS_URL".to_owned(), self.nats_url.clone()),
             ("CAIRN_NAMESPACE".to_owned(), self.namespace.clone()),
@@ -74,7 +112,19 @@ impl TestEnv {
             ("SMTP_HOST".to_owned(), "127.0.0.1".to_owned()),
             ("SMTP_PORT".to_owned(), self.smtp_port.to_string()),
             ("CAIRN_FILES_DIR".to_owned(), self.files.path().display().to_string()),
-        ])
+        ]);
+        if let Some(bucket) = &self.s3_bucket {
+            let (access_key_id, secret_access_key) = s3_credentials();
+            vars.extend([
+                ("CAIRN_FILES_STORE".to_owned(), "s3".to_owned()),
+                ("S3_ENDPOINT".to_owned(), s3_endpoint()),
+                ("S3_BUCKET".to_owned(), bucket.clone()),
+                ("S3_ACCESS_KEY_ID".to_owned(), access_key_id),
+                ("S3_SECRET_ACCESS_KEY".to_owned(), secret_access_key),
+                ("S3_FORCE_PATH_STYLE".to_owned(), "true".to_owned()),
+            ]);
+        }
+        vars
     }
 
     pub fn settings(&self, extra: &[(&str, &str)]) -> Settings {
@@ -101,6 +151,7 @@ impl TestEnv {
             keys,
             smtp_port: self.smtp_port,
             files: Arc::clone(&self.files),
+            s3_bucket: self.s3_bucket.clone(),
         }
     }
 
@@ -111,8 +162,20 @@ impl TestEnv {
         cmd
     }
 
-    /// Drops the database and the stream.
+    /// Drops the database and the stream, and empties the S3 bucket (when there is one).
     pub async fn cleanup(&self) {
+        if self.s3_bucket.is_some() {
+            let settings = self.settings(&[]);
+            if let Ok(store) = cairn_storage::FileStore::open(&settings.files, false).await {
+                use futures::TryStreamExt;
+                let far_future = chrono::Utc::now() + chrono::Duration::days(1);
+                if let Ok(objects) = store.list_before(far_future).try_collect::<Vec<_>>().await {
+                    for object in objects {
+                        let _ = store.delete(&object.key).await;
+                    }
+                }
+            }
+        }
         if let Ok(client) = async_nats::connect(&self.nats_url).await {
             let js = async_nats::jetstream::new(client);
             let _ = js.delete_stream(cairn_platform::nats::Namespace::new(&self.namespace).events_stream()).await;
@@ -161,6 +224,11 @@ impl TestApp {
     /// Everything in one process (`serve`).
     pub async fn spawn() -> Self {
         Self::spawn_with(TestEnv::new(), Services::all(), &[]).await
+    }
+
+    /// Everything in one process, with files in the S3 store (see [`TestEnv::with_s3`]).
+    pub async fn spawn_s3() -> Self {
+        Self::spawn_with(TestEnv::new().with_s3(), Services::all(), &[]).await
     }
 
     /// Builds and serves an application on `env` with `extra` settings (the mail settings,
