@@ -529,3 +529,36 @@ async fn a_public_file_is_readable_by_every_holder_of_files_read() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn from_s3_a_download_is_a_redirect_to_a_presigned_url_that_serves_the_bytes() {
+    let settings = [("CAIRN_VERIFIED_EMAIL_FOR", "none")];
+    let app = TestApp::spawn_with(TestEnv::new().with_s3(), cairn::Services::all(), &settings).await;
+    let alice = user(&app, "alice").await;
+    let data = png(200_000, 41);
+    let (id, consistency) = upload(&app, &alice, "from s3.png", &data, "private").await;
+    let file = read(&app, &format!("/api/v1/files/{id}"), Some(&alice.token), &consistency).await;
+    assert_eq!(file.status, StatusCode::OK, "{:?}", file.body);
+    let link = format!("{}{}", app.address, file.data()["download_url"].as_str().unwrap());
+    let by_bearer = format!("{}/api/v1/files/{id}/download", app.address);
+    for (url, bearer) in [(by_bearer.as_str(), Some(alice.token.as_str())), (link.as_str(), None)] {
+        let (status, headers, _) = fetch(url, bearer, &[]).await;
+        assert_eq!(status, StatusCode::FOUND, "{url}");
+        assert_eq!(header(&headers, "cache-control"), "no-store");
+        let location = header(&headers, "location").to_owned();
+        assert!(location.starts_with(&common::s3_endpoint()), "{location}");
+        let presigned = reqwest::Url::parse(&location).unwrap();
+        let query: std::collections::HashMap<String, String> = presigned.query_pairs().into_owned().collect();
+        assert_eq!(query.get("X-Amz-Expires").map(String::as_str), Some("300"), "CAIRN_FILES_URL_TTL_SECS: {location}");
+        assert!(query.get("response-content-disposition").is_some_and(|d| d.starts_with("inline;")), "{location}");
+        let (status, _, body) = fetch(&location, None, &[]).await;
+        assert_eq!(status, StatusCode::OK, "the presigned URL serves the object");
+        assert!(body == data, "the presigned URL serves the uploaded bytes");
+    }
+    // Not readable, no redirect: a stranger learns nothing, not even the URL.
+    let stranger = user(&app, "stranger").await;
+    let (status, headers, _) = fetch(&by_bearer, Some(&stranger.token), &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(headers.get("location").is_none());
+    app.stop().await;
+}
