@@ -1,6 +1,7 @@
 //! The files read side through the real HTTP API: lists with cursors, one file's metadata, the
 //! download (whole, ranged, 416, ETag and 304, inline or attachment), deletion stopping reads at
-//! once, and who may read a file, by bearer token and by download token.
+//! once, and who may read a file, by bearer token and by download token. Files are uploaded,
+//! shared and deleted through the command routes, as a client would.
 
 #![allow(clippy::unwrap_used)]
 
@@ -54,73 +55,69 @@ fn bytes(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// Appends one event of file `id`'s stream as the command side would, and returns the
-/// consistency token of the append.
-async fn append(app: &TestApp, id: Uuid, event: &str, body: Value) -> String {
-    let (tx, pos): (i64, i64) = sqlx::query_as(
-        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-         SELECT 'File', $1, coalesce(max(sequence), 0) + 1, $2, '1', $3, '{}' \
-         FROM events WHERE aggregate_type = 'File' AND aggregate_id = $1 \
-         RETURNING transaction_id::text::bigint, global_position",
-    )
-    .bind(id.to_string())
-    .bind(event)
-    .bind(json!({ event: body }))
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
-    format!("{tx}.{pos}")
+/// Bytes every sniffer takes for PNG: a PNG header, then noise.
+fn png(len: usize, seed: u64) -> Vec<u8> {
+    let mut data = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0\x1f\x15\xc4\x89".to_vec();
+    data.extend(bytes(len.saturating_sub(data.len()), seed));
+    data
 }
 
-/// A file stored and recorded: its bytes put in the application's store, then FileUploaded.
-/// Returns its id and the consistency token of the upload.
-async fn upload(
-    app: &TestApp,
-    owner: &User,
-    name: &str,
-    content_type: &str,
-    data: &[u8],
-    visibility: &str,
-) -> (Uuid, String) {
-    let store = cairn_storage::FileStore::open(&app.env.settings(&[]).files, false).await.unwrap();
-    let id = Uuid::new_v4();
-    let key = cairn_storage::FileStore::key_for(id);
-    let body = futures::stream::iter(
-        data.chunks(10_000).map(|c| Ok::<_, std::io::Error>(axum::body::Bytes::copy_from_slice(c))).collect::<Vec<_>>(),
-    );
-    let stored = store.put(&key, Box::pin(body)).await.unwrap();
-    assert_eq!(stored, data.len() as u64);
-    let token = append(
-        app,
-        id,
-        "FileUploaded",
-        json!({
-            "owner_id": owner.id, "name": name, "size": data.len(), "content_type": content_type,
-            "sha256": sha256_hex(data), "visibility": visibility, "backend": store.backend().as_str(), "key": key,
-        }),
+/// Bytes that are no known type and no text (a NUL early on): `application/octet-stream`.
+fn opaque(len: usize, seed: u64) -> Vec<u8> {
+    let mut data = b"cairn\0".to_vec();
+    data.extend(bytes(len.saturating_sub(data.len()), seed));
+    data
+}
+
+/// Plain text of `len` bytes.
+fn text(len: usize) -> Vec<u8> {
+    b"all work and no play. ".iter().copied().cycle().take(len).collect()
+}
+
+const BOUNDARY: &str = "cairn-files-read-boundary";
+
+/// Uploads `data` as `name` through `POST /api/v1/files` (its type sniffed from the bytes).
+/// Returns the file's id and the upload's consistency token.
+async fn upload(app: &TestApp, owner: &User, name: &str, data: &[u8], visibility: &str) -> (Uuid, String) {
+    let mut body = format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"visibility\"\r\n\r\n{visibility}\r\n\
+         --{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\r\n"
     )
-    .await;
-    (id, token)
+    .into_bytes();
+    body.extend_from_slice(data);
+    body.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
+    let resp = app
+        .client
+        .post(format!("{}/api/v1/files", app.address))
+        .bearer_auth(&owner.token)
+        .header("Content-Type", format!("multipart/form-data; boundary={BOUNDARY}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let reply: Value = resp.json().await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{reply}");
+    let id = reply["data"]["file"]["id"].as_str().unwrap().parse().unwrap();
+    (id, reply["meta"]["consistency_token"].as_str().unwrap().to_owned())
+}
+
+async fn command(app: &TestApp, method: &str, path: &str, who: &User, body: Option<Value>) -> String {
+    let reply = app.request(method, path, Some(&who.token), body, &[]).await;
+    assert!(reply.status.is_success(), "{method} {path}: {} {:?}", reply.status, reply.body);
+    reply.token()
 }
 
 async fn share(app: &TestApp, file: Uuid, with: &User, by: &User) -> String {
-    append(app, file, "FileShared", json!({ "user_id": with.id, "by": by.id })).await
+    command(app, "POST", &format!("/api/v1/files/{file}/shares"), by, Some(json!({ "user_id": with.id }))).await
 }
 
 async fn unshare(app: &TestApp, file: Uuid, with: &User, by: &User) -> String {
-    append(app, file, "FileUnshared", json!({ "user_id": with.id, "by": by.id })).await
+    command(app, "DELETE", &format!("/api/v1/files/{file}/shares/{}", with.id), by, None).await
 }
 
-async fn delete(app: &TestApp, file: Uuid, owner: &User, size: usize) -> String {
-    let key = cairn_storage::FileStore::key_for(file);
-    let backend = cairn_storage::FileStore::open(&app.env.settings(&[]).files, false).await.unwrap().backend();
-    append(
-        app,
-        file,
-        "FileDeleted",
-        json!({ "by": owner.id, "owner_id": owner.id, "size": size, "backend": backend.as_str(), "key": key }),
-    )
-    .await
+async fn delete(app: &TestApp, file: Uuid, by: &User) -> String {
+    command(app, "DELETE", &format!("/api/v1/files/{file}"), by, None).await
 }
 
 /// A read that waits for `consistency` first, and says it did.
@@ -193,12 +190,11 @@ async fn lists_show_own_and_shared_files_newest_first_in_cursor_pages_without_de
     let mut own = Vec::new();
     let mut last = String::new();
     for n in 0..5 {
-        let (id, token) =
-            upload(&app, &alice, &format!("a{n}.bin"), "application/octet-stream", &bytes(10, n), "private").await;
+        let (id, token) = upload(&app, &alice, &format!("a{n}.bin"), &opaque(10, n), "private").await;
         own.push(id);
         last = token;
     }
-    let (bobs, token) = upload(&app, &bob, "b.bin", "application/octet-stream", &bytes(10, 99), "private").await;
+    let (bobs, token) = upload(&app, &bob, "b.bin", &opaque(10, 99), "private").await;
     // Shared in an order other than the uploads': "shared with me" follows the shares.
     share(&app, own[3], &bob, &alice).await;
     share(&app, own[0], &bob, &alice).await;
@@ -220,7 +216,7 @@ async fn lists_show_own_and_shared_files_newest_first_in_cursor_pages_without_de
 
     // Unshared and deleted files leave the lists.
     unshare(&app, own[0], &bob, &alice).await;
-    let deleted = delete(&app, own[4], &alice, 10).await;
+    let deleted = delete(&app, own[4], &alice).await;
     assert_eq!(all_pages(&app, "/api/v1/files?owner=shared", 1, &bob, &deleted).await, vec![own[3]]);
     assert_eq!(
         all_pages(&app, "/api/v1/files?owner=me", 3, &alice, &deleted).await,
@@ -244,8 +240,8 @@ async fn metadata_shows_shares_to_the_owner_and_admins_only_and_a_download_url_t
     let app = spawn().await;
     let (alice, bob, carol) = (user(&app, "alice").await, user(&app, "bob").await, user(&app, "carol").await);
     let root = admin(&app).await;
-    let data = bytes(3000, 7);
-    let (id, _) = upload(&app, &alice, "notes.txt", "text/plain", &data, "private").await;
+    let data = text(3000);
+    let (id, _) = upload(&app, &alice, "notes.txt", &data, "private").await;
     share(&app, id, &bob, &alice).await;
     let consistency = share(&app, id, &carol, &alice).await;
 
@@ -279,9 +275,10 @@ async fn downloads_stream_whole_and_ranged_bytes_with_etag_304_and_disposition()
     let app = spawn().await;
     let alice = user(&app, "alice").await;
     // Three 64 KiB chunks and a bit: ranges inside one, across a boundary, and at the very end.
-    let data = bytes(3 * 65_536 + 1000, 3);
-    let (id, token) = upload(&app, &alice, "holiday photo ünïcode.png", "image/png", &data, "private").await;
-    let (pdf, consistency) = upload(&app, &alice, "report.pdf", "application/pdf", &bytes(100, 4), "private").await;
+    let data = png(3 * 65_536 + 1000, 3);
+    let (id, token) = upload(&app, &alice, "holiday photo ünïcode.png", &data, "private").await;
+    let (pdf, consistency) =
+        upload(&app, &alice, "report.pdf", &[b"%PDF-1.7\n".as_slice(), &opaque(100, 4)].concat(), "private").await;
     let _ = token;
     assert_eq!(
         read(&app, &format!("/api/v1/files/{pdf}"), Some(&alice.token), &consistency).await.status,
@@ -352,8 +349,8 @@ async fn downloads_stream_whole_and_ranged_bytes_with_etag_304_and_disposition()
 async fn a_deleted_file_is_gone_at_once_even_before_the_projection_applies_the_deletion() {
     let app = spawn().await;
     let (alice, bob) = (user(&app, "alice").await, user(&app, "bob").await);
-    let data = bytes(500, 11);
-    let (id, _) = upload(&app, &alice, "gone.bin", "application/octet-stream", &data, "private").await;
+    let data = opaque(500, 11);
+    let (id, _) = upload(&app, &alice, "gone.bin", &data, "private").await;
     let consistency = share(&app, id, &bob, &alice).await;
     let file = read(&app, &format!("/api/v1/files/{id}"), Some(&bob.token), &consistency).await;
     assert_eq!(file.status, StatusCode::OK, "readable before the deletion");
@@ -367,7 +364,7 @@ async fn a_deleted_file_is_gone_at_once_even_before_the_projection_applies_the_d
         .execute(&mut *held)
         .await
         .unwrap();
-    delete(&app, id, &alice, data.len()).await;
+    delete(&app, id, &alice).await;
     for who in [&alice, &bob] {
         assert_eq!(app.get(&format!("/api/v1/files/{id}"), Some(&who.token)).await.status, StatusCode::NOT_FOUND);
         assert_eq!(download(&app, id, who, &[]).await.0, StatusCode::NOT_FOUND);
@@ -402,9 +399,9 @@ async fn only_the_owner_admins_shared_users_and_members_of_a_room_it_is_attached
     let (owner, shared, member, other) =
         (user(&app, "owner").await, user(&app, "shared").await, user(&app, "member").await, user(&app, "other").await);
     let root = admin(&app).await;
-    let data = bytes(2048, 21);
-    let (id, _) = upload(&app, &owner, "secret.txt", "text/plain", &data, "private").await;
-    let (other_file, _) = upload(&app, &other, "other.txt", "text/plain", &bytes(10, 22), "private").await;
+    let data = text(2048);
+    let (id, _) = upload(&app, &owner, "secret.txt", &data, "private").await;
+    let (other_file, _) = upload(&app, &other, "other.txt", &text(10), "private").await;
     share(&app, id, &shared, &owner).await;
     let room = app.post("/api/v1/rooms", Some(&owner.token), json!({ "name": "files", "visibility": "public" })).await;
     assert_eq!(room.status, StatusCode::CREATED, "{:?}", room.body);
@@ -451,12 +448,43 @@ async fn only_the_owner_admins_shared_users_and_members_of_a_room_it_is_attached
         assert_eq!((status, envelope["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("UNAUTHENTICATED")));
     }
 
+    // The write routes: the owner and admins only (the owner shared above; an admin unshares
+    // below). A user the file is shared with may read it, so is told 403; anyone else 404, as
+    // for a file that does not exist; no token, or a download token as a bearer, 401.
+    let shares = format!("/api/v1/files/{id}/shares");
+    let writes = [
+        ("POST", shares.clone(), Some(json!({ "user_id": other.id }))),
+        ("DELETE", format!("{shares}/{}", shared.id), None),
+        ("DELETE", meta.clone(), None),
+    ];
+    let link_token = read(&app, &meta, Some(&owner.token), &consistency).await.data()["download_url"]
+        .as_str()
+        .unwrap()
+        .split("token=")
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    for (method, path, body) in &writes {
+        let callers: [(Option<&str>, StatusCode); 5] = [
+            (Some(&shared.token), StatusCode::FORBIDDEN),
+            (Some(&member.token), StatusCode::NOT_FOUND),
+            (Some(&other.token), StatusCode::NOT_FOUND),
+            (None, StatusCode::UNAUTHORIZED),
+            (Some(&link_token), StatusCode::UNAUTHORIZED),
+        ];
+        for (token, expected) in callers {
+            let reply = app.request(method, path, token, body.clone(), &[]).await;
+            assert_eq!(reply.status, expected, "{method} {path}: {:?}", reply.body);
+        }
+    }
+    assert_eq!(fetch(&url, Some(&link_token), &[]).await.0, StatusCode::UNAUTHORIZED, "a download token is no bearer");
+
     // A download token is re-checked on use: unsharing stops the shared user's at once.
     let link =
         read(&app, &meta, Some(&shared.token), &consistency).await.data()["download_url"].as_str().unwrap().to_owned();
     let link = format!("{}{link}", app.address);
     assert_eq!(fetch(&link, None, &[]).await.0, StatusCode::OK);
-    let unshared = unshare(&app, id, &shared, &owner).await;
+    let unshared = unshare(&app, id, &shared, &root).await;
     assert_eq!(read(&app, &meta, Some(&shared.token), &unshared).await.status, StatusCode::NOT_FOUND);
     assert_eq!(fetch(&link, None, &[]).await.0, StatusCode::NOT_FOUND, "an unshare revokes the download token");
 
@@ -472,6 +500,16 @@ async fn only_the_owner_admins_shared_users_and_members_of_a_room_it_is_attached
         (status, envelope["error"]["message"].as_str()),
         (StatusCode::UNAUTHORIZED, Some("download token expired"))
     );
+    // An expired access token (900 s by default): 401 on every file route, read or write.
+    assert_eq!(fetch(&url, Some(&owner.token), &[]).await.0, StatusCode::OK, "the owner's access token still works");
+    app.clock.advance(Duration::from_secs(900));
+    for (method, path, body) in
+        writes.into_iter().chain([("GET", meta.clone(), None), ("GET", "/api/v1/files".to_owned(), None)])
+    {
+        let reply = app.request(method, &path, Some(&owner.token), body, &[]).await;
+        assert_eq!((reply.status, reply.code()), (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"), "{method} {path}");
+    }
+    assert_eq!(fetch(&url, Some(&owner.token), &[]).await.0, StatusCode::UNAUTHORIZED);
     app.stop().await;
 }
 
@@ -479,8 +517,8 @@ async fn only_the_owner_admins_shared_users_and_members_of_a_room_it_is_attached
 async fn a_public_file_is_readable_by_every_holder_of_files_read() {
     let app = spawn().await;
     let (owner, stranger) = (user(&app, "owner").await, user(&app, "stranger").await);
-    let data = bytes(64, 31);
-    let (id, consistency) = upload(&app, &owner, "avatar.png", "image/png", &data, "public").await;
+    let data = png(64, 31);
+    let (id, consistency) = upload(&app, &owner, "avatar.png", &data, "public").await;
     let reply = read(&app, &format!("/api/v1/files/{id}"), Some(&stranger.token), &consistency).await;
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
     assert!(reply.data().get("shared_with").is_none());
@@ -489,5 +527,38 @@ async fn a_public_file_is_readable_by_every_holder_of_files_read() {
         ids(&read(&app, "/api/v1/files?owner=shared", Some(&stranger.token), &consistency).await).is_empty(),
         "public is not shared"
     );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn from_s3_a_download_is_a_redirect_to_a_presigned_url_that_serves_the_bytes() {
+    let settings = [("CAIRN_VERIFIED_EMAIL_FOR", "none")];
+    let app = TestApp::spawn_with(TestEnv::new().with_s3(), cairn::Services::all(), &settings).await;
+    let alice = user(&app, "alice").await;
+    let data = png(200_000, 41);
+    let (id, consistency) = upload(&app, &alice, "from s3.png", &data, "private").await;
+    let file = read(&app, &format!("/api/v1/files/{id}"), Some(&alice.token), &consistency).await;
+    assert_eq!(file.status, StatusCode::OK, "{:?}", file.body);
+    let link = format!("{}{}", app.address, file.data()["download_url"].as_str().unwrap());
+    let by_bearer = format!("{}/api/v1/files/{id}/download", app.address);
+    for (url, bearer) in [(by_bearer.as_str(), Some(alice.token.as_str())), (link.as_str(), None)] {
+        let (status, headers, _) = fetch(url, bearer, &[]).await;
+        assert_eq!(status, StatusCode::FOUND, "{url}");
+        assert_eq!(header(&headers, "cache-control"), "no-store");
+        let location = header(&headers, "location").to_owned();
+        assert!(location.starts_with(&common::s3_endpoint()), "{location}");
+        let presigned = reqwest::Url::parse(&location).unwrap();
+        let query: std::collections::HashMap<String, String> = presigned.query_pairs().into_owned().collect();
+        assert_eq!(query.get("X-Amz-Expires").map(String::as_str), Some("300"), "CAIRN_FILES_URL_TTL_SECS: {location}");
+        assert!(query.get("response-content-disposition").is_some_and(|d| d.starts_with("inline;")), "{location}");
+        let (status, _, body) = fetch(&location, None, &[]).await;
+        assert_eq!(status, StatusCode::OK, "the presigned URL serves the object");
+        assert!(body == data, "the presigned URL serves the uploaded bytes");
+    }
+    // Not readable, no redirect: a stranger learns nothing, not even the URL.
+    let stranger = user(&app, "stranger").await;
+    let (status, headers, _) = fetch(&by_bearer, Some(&stranger.token), &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(headers.get("location").is_none());
     app.stop().await;
 }

@@ -77,13 +77,13 @@ async fn download(
         .await
         .map_err(|e| store_failure(id, e))?;
     if let Some(url) = presigned {
-        return Ok(Response::builder()
+        return Response::builder()
             .status(StatusCode::FOUND)
             .header(header::LOCATION, url)
             // The URL is a credential for its lifetime: nobody keeps it.
             .header(header::CACHE_CONTROL, "no-store")
             .body(Body::empty())
-            .map_err(|e| ApiError::Internal(e.into()))?);
+            .map_err(|e| ApiError::Internal(e.into()));
     }
     stream(&state, &file, &disposition, &request).await
 }
