@@ -625,7 +625,6 @@ async fn a_slow_body_is_not_cut_but_one_that_stalls_is_and_leaves_nothing() {
     let (_, token) = user(&app, "stall").await;
     let data = png(256 * 1024);
     let body = multipart(&[file_part("slow.png", None, &data)]);
-    let before = traces(&app).await;
 
     // A slow client that keeps sending is not cut, however long the whole upload takes: six
     // pieces 400 ms apart take 2 s, twice the limit.
