@@ -17,7 +17,6 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::executor::{Executor, Refusal};
-use crate::rooms::holds_admin_role;
 
 /// What uploads are held to (`CAIRN_MAX_UPLOAD_BYTES`, `CAIRN_USER_QUOTA_BYTES`,
 /// `CAIRN_FILES_ALLOWED_TYPES`, `CAIRN_FAULT_UPLOAD_PAUSE_MS`).
@@ -69,7 +68,7 @@ pub struct FileCommands {
 
 /// The caller as the file rules see it.
 fn actor(caller: &Caller) -> FileActor {
-    FileActor { id: caller.id(), admin: holds_admin_role(caller) }
+    FileActor { id: caller.id(), admin: caller.is_admin() }
 }
 
 impl FileCommands {

@@ -62,14 +62,9 @@ fn client_id_ok(raw: &str) -> bool {
         && raw.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
 }
 
-/// Whether the caller holds the admin role: moderates every room, manages every file.
-pub(crate) fn holds_admin_role(caller: &Caller) -> bool {
-    caller.claims.roles.iter().any(|r| r == "admin")
-}
-
 /// The caller as the room rules see it.
 fn actor(caller: &Caller) -> Actor {
-    Actor { id: caller.id(), admin: holds_admin_role(caller) }
+    Actor { id: caller.id(), admin: caller.is_admin() }
 }
 
 /// The message body, or VALIDATION_FAILED naming `body`.

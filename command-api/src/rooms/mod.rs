@@ -4,6 +4,5 @@
 mod commands;
 mod routes;
 
-pub(crate) use commands::holds_admin_role;
 pub use commands::{message_id_for, message_view, CreateRoom, MessageCommands, RoomCommands, MAX_ATTACHMENTS};
 pub use routes::routes;

@@ -39,6 +39,12 @@ impl Caller {
         self.claims.sub
     }
 
+    /// Whether the caller holds the admin role (moderates every room, manages every file).
+    #[must_use]
+    pub fn is_admin(&self) -> bool {
+        self.claims.roles.iter().any(|r| r == "admin")
+    }
+
     /// Whether the token grants `permission`.
     #[must_use]
     pub fn has(&self, permission: &str) -> bool {

@@ -25,12 +25,6 @@ pub struct ReadableFile {
     pub manages: bool,
 }
 
-/// Whether `caller` is an admin (every file is readable to them).
-#[must_use]
-pub fn is_admin(caller: &Caller) -> bool {
-    caller.claims.roles.iter().any(|r| r == "admin")
-}
-
 /// The answer to a file the caller may not read, or that does not exist: the same.
 #[must_use]
 pub fn file_not_found() -> ApiError {
@@ -45,7 +39,7 @@ pub fn file_not_found() -> ApiError {
 /// failure as itself.
 pub async fn readable(pool: &PgPool, caller: &Caller, id: Uuid) -> Result<ReadableFile, ApiError> {
     caller.require("files:read")?;
-    let admin = is_admin(caller);
+    let admin = caller.is_admin();
     // One statement: the row, the log's word on deletion, and the reader rule, each an index probe
     // (files' key, events' key, file_shares' key, the GIN index on messages.attachments).
     let row = sqlx::query(&format!(

@@ -30,11 +30,7 @@ pub fn routes() -> OpenApiRouter<QueryState> {
 }
 
 fn reader(caller: &Caller) -> Reader {
-    Reader {
-        user_id: caller.id(),
-        sees_public: caller.has("rooms:write"),
-        admin: caller.claims.roles.iter().any(|r| r == "admin"),
-    }
+    Reader { user_id: caller.id(), sees_public: caller.has("rooms:write"), admin: caller.is_admin() }
 }
 
 fn room_not_found() -> ApiError {
