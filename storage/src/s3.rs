@@ -1,8 +1,8 @@
 //! The S3 store: objects in one bucket of an S3-compatible server (AWS, MinIO, s3s-fs).
 //!
-//! An upload holds at most two parts in memory: the body fills a buffer of `S3_PART_SIZE`; a body
-//! that ends first goes up as one PutObject, a longer one as a multipart upload, each part going
-//! up while the next is read from the client, aborted on any failure (or when the caller gives up) so nothing is left half-written.
+//! An upload holds at most one part in memory: the body fills a buffer of `S3_PART_SIZE`; a body
+//! that ends first goes up as one PutObject, a longer one as a multipart upload, part by part,
+//! aborted on any failure (or when the caller gives up) so nothing is left half-written.
 //! Downloads are served by the server itself through presigned URLs; `get` exists for ranges and
 //! for the operator's tools.
 
@@ -169,7 +169,7 @@ impl S3Store {
         loop {
             let number = i32::try_from(parts.len() + 1)
                 .map_err(|_| StoreError::Unavailable("S3: too many parts for one upload".into()))?;
-            let send = self
+            let uploaded = self
                 .client
                 .upload_part()
                 .bucket(&self.bucket)
@@ -177,25 +177,16 @@ impl S3Store {
                 .upload_id(upload_id)
                 .part_number(number)
                 .body(S3Body::from(part))
-                .send();
-            // The next part is read from the client while this one goes up, so neither side
-            // waits for the other: two parts in memory at most.
-            let next = async {
-                if reader.at_end(body).await? {
-                    Ok::<_, StoreError>(None)
-                } else {
-                    reader.fill(body).await.map(Some)
-                }
-            };
-            let (uploaded, next) = tokio::join!(send, next);
-            let uploaded = uploaded.map_err(|e| unavailable("UploadPart", &e))?;
+                .send()
+                .await
+                .map_err(|e| unavailable("UploadPart", &e))?;
             parts.push(
                 CompletedPart::builder().set_e_tag(uploaded.e_tag().map(str::to_owned)).part_number(number).build(),
             );
-            match next? {
-                Some(following) => part = following,
-                None => break,
+            if reader.at_end(body).await? {
+                break;
             }
+            part = reader.fill(body).await?;
         }
         self.client
             .complete_multipart_upload()
