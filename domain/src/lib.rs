@@ -9,26 +9,32 @@
 //! - [`room`]: the `Room` aggregate (settings and membership of a chat room).
 //! - [`message`]: the `Message` aggregate (one chat message, its edits and deletion).
 //! - [`file`]: the `File` aggregate (a stored file's facts, its shares and its deletion).
+//! - [`job`]: the `Job` aggregate (what was asked of the workers, operators' retries and cancels, how runs ended).
+//! - [`schedule`]: the `Schedule` aggregate (cron schedules defined over the API).
 //! - [`parked`]: the `ParkedEvent` aggregate (operators' retries and skips of parked events).
 //! - [`upcast`]: reading events stored under older versions as the current shape.
 //! - [`values`]: newtypes that parse input (`Email`, `DisplayName`, `RoleName`, `RoomName`, `Topic`, `MessageBody`, `FileName`), and `Secret`, which never prints.
 
 pub mod file;
+pub mod job;
 pub mod message;
 pub mod parked;
 pub mod role;
 pub mod roles;
 pub mod room;
+pub mod schedule;
 pub mod session;
 pub mod upcast;
 pub mod user;
 pub mod values;
 
 pub use file::{File, FileActor, FileCommand, FileError, FileEvent, FileVisibility};
+pub use job::{Job, JobCommand, JobError, JobEvent, JobOutcome, JobRequest};
 pub use message::{Message, MessageCommand, MessageError, MessageEvent, RoomAccess};
 pub use parked::{parked_event_id, ParkedEvent, ParkedEventCommand, ParkedEventError, ParkedEventEvent};
 pub use role::{Role, RoleCommand, RoleError, RoleEvent};
 pub use room::{Actor, Room, RoomCommand, RoomError, RoomEvent, RoomVisibility};
+pub use schedule::{Schedule, ScheduleCommand, ScheduleError, ScheduleEvent, ScheduleSpec};
 pub use session::{RefreshOutcome, RevokeReason, Session, SessionCommand, SessionError, SessionEvent, SessionPolicy};
 pub use user::{AccountLock, LockoutPolicy, SessionsEndedReason, User, UserCommand, UserError, UserEvent, UserStatus};
 pub use values::{DisplayName, Email, FileName, MessageBody, RoleName, RoomName, Secret, Topic, ValueError};

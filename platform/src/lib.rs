@@ -11,6 +11,7 @@
 //! - [`parking`]: events a consumer could not apply, and operators' retries and skips.
 //! - [`files`]: the one shape of a file, as uploads answer and reads show it.
 //! - [`rooms`]: the one shape of a chat message, and the port a socket sends messages through.
+//! - [`jobs`]: enqueueing background jobs, the shipped kinds and the queue's settings.
 //! - [`secrets`]: random tokens and their hashes.
 //! - [`auth`]: signing keys, access tokens, the session-version map, the authenticated caller.
 //! - [`http`]: the response envelope, the error type, extractors and the layers every router shares.
@@ -23,6 +24,7 @@ pub mod envelope;
 pub mod failure;
 pub mod files;
 pub mod http;
+pub mod jobs;
 pub mod nats;
 pub mod parking;
 pub mod rooms;

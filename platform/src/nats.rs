@@ -282,6 +282,14 @@ async fn consume_stream<H: EventBatchHandler>(
                 for message in &applicable {
                     let _ = message.ack_with(jetstream::AckKind::Nak(None)).await;
                 }
+                // A NAK is only queued in the client: flushed here, or the process may exit with
+                // it unsent and the next one wait out the whole ack wait.
+                if let Some(message) = applicable.first() {
+                    let client = message.context.client();
+                    if tokio::time::timeout(Duration::from_secs(2), client.flush()).await.is_err() {
+                        tracing::warn!(consumer = name, "could not hand the batch back in time; it returns after the ack wait");
+                    }
+                }
                 return Ok(());
             }
             tracing::debug!(

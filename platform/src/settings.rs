@@ -129,6 +129,8 @@ pub struct Settings {
     pub ws_max_rooms: usize,
     /// File storage: which store, its limits and its keys (`CAIRN_FILES_*`, `S3_*`).
     pub files: FilesSettings,
+    /// Background jobs, schedules and webhooks (`CAIRN_JOBS_*`, `CAIRN_SCHEDULES_FILE`, `CAIRN_WEBHOOK_*`).
+    pub jobs: crate::jobs::JobsSettings,
     /// Where time comes from: the system clock, except in tests (never read from the environment).
     pub clock: crate::clock::SharedClock,
 }
@@ -616,6 +618,7 @@ impl Settings {
             ws_max_sockets: usize::try_from(num("CAIRN_WS_MAX_SOCKETS", 20_000)?)?.max(1),
             ws_max_rooms: usize::try_from(num("CAIRN_WS_MAX_ROOMS", 200)?)?.max(1),
             files: FilesSettings::from_lookup(&lookup, &get, &num, environment)?,
+            jobs: crate::jobs::JobsSettings::from_lookup(&lookup, environment)?,
             clock: crate::clock::system(),
         })
     }
