@@ -279,11 +279,15 @@ async fn consume_stream<H: EventBatchHandler>(
                 () = shutdown.cancelled() => false,
             };
             if !finished {
+                // The pull is ended first: a NAK is redelivered at once to whatever pull of this
+                // consumer is waiting, and if that were this one, about to go away, the batch
+                // would sit out the whole ack wait instead of going to the next process.
+                drop(messages);
                 for message in &applicable {
                     let _ = message.ack_with(jetstream::AckKind::Nak(None)).await;
                 }
                 // A NAK is only queued in the client: flushed here, or the process may exit with
-                // it unsent and the next one wait out the whole ack wait.
+                // it unsent.
                 if let Some(message) = applicable.first() {
                     let client = message.context.client();
                     if tokio::time::timeout(Duration::from_secs(2), client.flush()).await.is_err() {
