@@ -247,21 +247,12 @@ impl Application {
             if settings.is_production() {
                 email_settings.check_production()?;
             }
-            // Deleted files' bytes, and what uploads that died left behind, in the process's own store.
-            let remover = cairn_workers::FileRemover::new(store()?);
-            let (js_files, ns_files, pool_files, token) = (js.clone(), ns.clone(), pool.clone(), shutdown.clone());
+            // Deleted files become files.remove jobs; the bytes go when a job worker runs them.
+            let remover = cairn_workers::FileRemover::new(pool.clone(), settings.clock.clone());
+            let (js_files, ns_files, token) = (js.clone(), ns.clone(), shutdown.clone());
             tasks.spawn(retrying("file remover", token.clone(), move || {
-                remover.clone().run(
-                    pool_files.clone(),
-                    js_files.clone(),
-                    ns_files.clone(),
-                    batch,
-                    replicas,
-                    token.clone(),
-                )
+                remover.clone().run(js_files.clone(), ns_files.clone(), batch, replicas, token.clone())
             }));
-            let sweeper = cairn_workers::FileSweeper::new(pool.clone(), store()?, &settings);
-            tasks.spawn(sweeper.run(shutdown.clone()));
             let email = cairn_workers::EmailWorker::new(pool.clone(), email_settings)?;
             let (js_email, ns_email, token) = (js.clone(), ns.clone(), shutdown.clone());
             tasks.spawn(retrying("email worker", token.clone(), move || {
