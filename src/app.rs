@@ -208,6 +208,7 @@ impl Application {
                     consumers,
                     files: store()?,
                     downloads: cairn_query_api::files::FileDownloads::from_settings(&settings.files),
+                    clock: settings.clock.clone(),
                 };
                 api = api.merge(cairn_query_api::router(state));
                 let deps = RealtimeDeps {
@@ -260,6 +261,9 @@ impl Application {
                     token.clone(),
                 )
             }));
+            // Cron schedules: every worker process runs the scheduler; each tick fires once.
+            let scheduler = cairn_workers::jobs::scheduler::Scheduler::new(pool.clone(), &settings)?;
+            tasks.spawn(scheduler.run(shutdown.clone()));
             let sweeper = cairn_workers::FileSweeper::new(pool.clone(), store()?, &settings);
             tasks.spawn(sweeper.run(shutdown.clone()));
             let email = cairn_workers::EmailWorker::new(pool.clone(), email_settings)?;
