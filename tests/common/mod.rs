@@ -392,8 +392,9 @@ impl Serve {
             .env("CAIRN_LISTEN", format!("127.0.0.1:{port}"))
             .env("RUST_LOG", "info")
             .envs(extra.iter().copied())
-            .stdout(std::process::Stdio::null())
-            .stderr(log.reopen().unwrap())
+            // The logs go to stdout, panics to stderr: both into the log, appended.
+            .stdout(append(log.path()))
+            .stderr(append(log.path()))
             .spawn()
             .unwrap();
         Self { child, base: format!("http://127.0.0.1:{port}"), log }
@@ -423,6 +424,11 @@ impl Drop for Serve {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `path` opened for appending, so that two writers do not overwrite each other.
+fn append(path: &std::path::Path) -> std::fs::File {
+    std::fs::OpenOptions::new().append(true).open(path).unwrap()
 }
 
 /// A free TCP port on loopback.
