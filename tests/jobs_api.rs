@@ -76,7 +76,7 @@ async fn an_operator_enqueues_lists_shows_retries_and_cancels() {
     assert_eq!(empty.status, StatusCode::OK);
     assert_eq!(empty.data().as_array().unwrap().len(), 0);
 
-    let later = (app.clock.now() + chrono::Duration::hours(1)).to_rfc3339();
+    let later = (app.clock.now() + chrono::Duration::minutes(2)).to_rfc3339();
     let first = enqueue(&app, &token, json!({ "kind": "noop", "args": {} })).await;
     let delayed = enqueue(&app, &token, json!({ "kind": "noop", "args": { "sleep_ms": 5 }, "run_at": later, "priority": 7, "max_attempts": 3 })).await;
     let mut others = Vec::new();
@@ -103,7 +103,7 @@ async fn an_operator_enqueues_lists_shows_retries_and_cancels() {
     assert_eq!(job["lease_owner"], Value::Null);
     let scheduled = app.get("/api/v1/jobs?status=scheduled", Some(&token)).await;
     assert_eq!(scheduled.data().as_array().unwrap().len(), 1);
-    app.clock.advance(Duration::from_secs(3601));
+    app.clock.advance(Duration::from_secs(121));
     let shown = app.get(&format!("/api/v1/jobs/{delayed}"), Some(&token)).await;
     assert_eq!(shown.data()["status"], "queued");
     let scheduled = app.get("/api/v1/jobs?status=scheduled", Some(&token)).await;
