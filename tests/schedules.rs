@@ -30,8 +30,9 @@ impl Workers {
             .env("CAIRN_LISTEN", format!("127.0.0.1:{}", free_port()))
             .env("RUST_LOG", "info")
             .envs(extra.iter().copied())
-            .stdout(std::process::Stdio::null())
-            .stderr(log.reopen().unwrap())
+            // The logs go to standard output; errors at start to standard error.
+            .stdout(append(log.path()))
+            .stderr(append(log.path()))
             .spawn()
             .unwrap();
         Self { child, log }
@@ -51,6 +52,10 @@ impl Drop for Workers {
     fn drop(&mut self) {
         self.sigkill();
     }
+}
+
+fn append(path: &std::path::Path) -> std::fs::File {
+    std::fs::OpenOptions::new().append(true).open(path).unwrap()
 }
 
 /// The ticks `name` has enqueued, from their idempotency keys, with how many jobs each has.
@@ -100,8 +105,8 @@ async fn an_every_second_schedule_fires_each_tick_once_across_two_workers_even_w
     std::fs::write(&file, r#"[{"name": "every-second", "cron": "* * * * * *", "kind": "noop"}]"#).unwrap();
     let file = file.display().to_string();
     let extra = [("CAIRN_SCHEDULES_FILE", file.as_str()), ("CAIRN_JOBS_POLL_MS", "200")];
+    // The first creates and migrates the database; the second starts once it is there.
     let mut a = Workers::start(&env, &extra);
-    let mut b = Workers::start(&env, &extra);
     let started = Instant::now();
     let pool = loop {
         match PgPool::connect(&env.database_url).await {
@@ -120,6 +125,12 @@ async fn an_every_second_schedule_fires_each_tick_once_across_two_workers_even_w
         assert!(started.elapsed() < Duration::from_secs(60), "the schedule was never written: {}", a.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    let mut b = Workers::start(&env, &extra);
+    while !b.log().contains("schedules from configuration written") {
+        assert!(b.child.try_wait().unwrap().is_none(), "cairn workers exited: {}", b.log());
+        assert!(started.elapsed() < Duration::from_secs(60), "the second worker never started: {}", b.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // The built-ins are written by the same start.
     let sources: Vec<(String, String)> =
         sqlx::query_as("SELECT name, source FROM schedules ORDER BY name").fetch_all(&pool).await.unwrap();
