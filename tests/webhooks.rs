@@ -275,3 +275,93 @@ async fn redirects_are_followed_only_to_allowed_hosts_and_a_disallowed_host_is_r
     pool.close().await;
     env.cleanup().await;
 }
+
+/// A job's status, attempts, last error and next run.
+async fn job_row(pool: &PgPool, id: Uuid) -> (String, i32, Option<String>, chrono::DateTime<chrono::Utc>) {
+    sqlx::query_as("SELECT status, attempts, last_error, run_at FROM jobs WHERE id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_status(pool: &PgPool, id: Uuid, status: &str) -> (String, i32, Option<String>, chrono::DateTime<chrono::Utc>) {
+    let started = std::time::Instant::now();
+    loop {
+        let row = job_row(pool, id).await;
+        if row.0 == status {
+            return row;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "job {id} never became {status}: {row:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn through_the_runner_a_500_is_retried_only_after_its_backoff_a_410_fails_at_once_and_retry_after_holds() {
+    use cairn_platform::jobs::{enqueue, NewJob};
+    let (receiver, host) = receiver(vec![
+        Answer::Status(500, "try later"),
+        Answer::Status(200, "ok"),
+        Answer::RetryAfter(503, "120"),
+        Answer::Status(204, ""),
+        Answer::Status(410, "gone"),
+    ])
+    .await;
+    let settings = [
+        ("CAIRN_WEBHOOK_ALLOWED_HOSTS", host.as_str()),
+        ("CAIRN_WEBHOOK_SECRET", SECRET),
+        ("CAIRN_JOBS_POLL_MS", "50"),
+        ("CAIRN_JOBS_BACKOFF_BASE_SECS", "30"),
+    ];
+    let app = common::TestApp::spawn_with(TestEnv::new(), cairn::Services::all(), &settings).await;
+    let submit = |body: Value| {
+        let (pool, now, url) = (app.pool.clone(), app.clock.now(), format!("http://{host}/hook"));
+        async move {
+            let job = NewJob::new("webhook.deliver", json!({"url": url, "body": body}));
+            let mut conn = pool.acquire().await.unwrap();
+            enqueue(&mut conn, &job, now).await.unwrap().id
+        }
+    };
+
+    // A 500: the attempt is recorded and the next one waits for its backoff on the clock.
+    let first = submit(json!({"n": 1})).await;
+    let (_, attempts, error, run_at) = wait_status(&app.pool, first, "scheduled").await;
+    assert_eq!(attempts, 1);
+    assert!(error.as_deref().is_some_and(|e| e.contains("500") && e.contains("try later")), "{error:?}");
+    assert_eq!(receiver.got().len(), 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    if run_at > app.clock.now() {
+        assert_eq!(receiver.got().len(), 1, "retried before its backoff");
+        assert_eq!(job_row(&app.pool, first).await.0, "scheduled");
+    }
+    app.clock.advance((run_at - app.clock.now()).to_std().unwrap_or_default() + Duration::from_secs(1));
+    let (_, attempts, _, _) = wait_status(&app.pool, first, "done").await;
+    assert_eq!(attempts, 2);
+    let got = receiver.got();
+    assert_eq!(got.len(), 2);
+    assert!(got.iter().all(|r| r.verified && r.id == first.to_string()), "{got:?}");
+
+    // A 503 with Retry-After: 120: not retried for two minutes on the clock, then delivered.
+    let second = submit(json!({"n": 2})).await;
+    let (_, _, _, run_at) = wait_status(&app.pool, second, "scheduled").await;
+    let wait = (run_at - app.clock.now()).num_seconds();
+    assert!((115..=120).contains(&wait), "{wait} s");
+    app.clock.advance(Duration::from_secs(60));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.got().len(), 3, "retried before Retry-After");
+    app.clock.advance(Duration::from_secs(61));
+    wait_status(&app.pool, second, "done").await;
+    assert_eq!(receiver.got().len(), 4);
+
+    // A 410: failed at once, after one attempt.
+    let third = submit(json!({"n": 3})).await;
+    let (_, attempts, error, _) = wait_status(&app.pool, third, "failed").await;
+    assert_eq!(attempts, 1);
+    assert!(error.as_deref().is_some_and(|e| e.contains("410")), "{error:?}");
+    assert_eq!(receiver.got().len(), 5);
+    app.clock.advance(Duration::from_secs(3600));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.got().len(), 5, "a 410 was retried");
+    app.stop().await;
+}
