@@ -13,7 +13,7 @@ use async_nats::jetstream;
 use cairn::Services;
 use cairn_platform::nats::{EventBatchHandler, Namespace};
 use cairn_storage::{ByteStream, FileStore, StoreError};
-use cairn_platform::clock::{Clock, SharedClock, TestClock};
+use cairn_platform::clock::{SharedClock, TestClock};
 use cairn_workers::jobs::kinds::FilesRemove;
 use cairn_workers::jobs::{JobContext, JobError, JobHandler};
 use cairn_workers::FileRemover;
@@ -170,11 +170,12 @@ async fn deleted_bytes_leave(env: TestEnv) {
     assert_eq!(args["file_id"], json!(doomed.to_string()));
     assert_eq!(args["key"], json!(key));
     assert_eq!(enqueued_by, "event:FileDeleted");
-    let handler = FilesRemove::new(store.clone());
-    handler.run(&context(&app.pool, job_id, app.clock.clone()).await).await.unwrap();
+    // The application's job runner takes it and the bytes go.
+    app.wait_count(&format!("SELECT count(*) FROM jobs WHERE id = '{job_id}' AND status = 'done'"), 1, Duration::from_secs(30)).await;
     assert!(!exists(&store, &key).await);
     assert!(exists(&store, &FileStore::key_for(kept)).await);
     // Run again (a lost lease): removing what is gone succeeds.
+    let handler = FilesRemove::new(store.clone());
     handler.run(&context(&app.pool, job_id, app.clock.clone()).await).await.unwrap();
 
     // The same FileDeleted delivered again (a lost ack, a second process): still one job.
@@ -205,7 +206,8 @@ async fn a_store_that_refuses_has_the_removal_job_retried_and_the_event_is_not_p
     let js = jetstream::new(async_nats::connect(&env.nats_url).await.unwrap());
     let ns = Namespace::new(&env.namespace);
     let shutdown = CancellationToken::new();
-    let clock: SharedClock = TestClock::new();
+    let clock_handle = TestClock::new();
+    let clock: SharedClock = clock_handle.clone();
     tokio::spawn(cairn_relay::Relay::new(pool.clone(), js.clone(), ns.clone(), 100).run(shutdown.clone()));
     tokio::spawn(FileRemover::new(pool.clone(), clock.clone()).run(js.clone(), ns.clone(), 10, 1, shutdown.clone()));
 
@@ -227,15 +229,36 @@ async fn a_store_that_refuses_has_the_removal_job_retried_and_the_event_is_not_p
     let deleted =
         json!({"by": Uuid::new_v4(), "owner_id": Uuid::new_v4(), "size": 1017, "backend": "local", "key": key});
     append_raw(&pool, "File", &file_id.to_string(), "FileDeleted", deleted).await;
-    let (job_id, _, status, _) = removal_job(&pool, file_id).await;
-    assert_eq!(status, "queued");
+    let (job_id, _, _, _) = removal_job(&pool, file_id).await;
+    // Direct first: the attempt fails as one to retry, naming the file.
     match handler.run(&context(&pool, job_id, clock.clone()).await).await {
         Err(JobError::Retry(e)) => assert!(format!("{e:#}").contains(&file_id.to_string()), "{e:#}"),
         other => panic!("a refusing store must have the job retried: {other:?}"),
     }
+    // Then through a job runner: the attempt is recorded and the job waits for its backoff.
+    let mut jobs_settings = env.settings(&[("CAIRN_JOBS_POLL_MS", "50")]);
+    jobs_settings.clock = clock.clone();
+    let registry = cairn_workers::jobs::Registry::new().with(handler.clone());
+    let runner = cairn_workers::jobs::JobRunner::new(pool.clone(), registry, &jobs_settings.jobs, clock.clone(), Duration::from_secs(1));
+    tokio::spawn(runner.run(shutdown.clone()));
+    let started = Instant::now();
+    let run_at = loop {
+        let (status, attempts, error, run_at): (String, i32, Option<String>, chrono::DateTime<chrono::Utc>) =
+            sqlx::query_as("SELECT status, attempts, last_error, run_at FROM jobs WHERE id = $1")
+                .bind(job_id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if status == "scheduled" && attempts == 1 {
+            assert!(error.is_some_and(|e| e.contains(&file_id.to_string())));
+            break run_at;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the job never failed its attempt: {status} {attempts}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(exists(&real, &key).await, "the bytes went although the store refused");
     // The consumer has moved on: the event is acknowledged, not parked.
-    let mut stream = js.get_stream(ns.events_stream()).await.unwrap();
+    let stream = js.get_stream(ns.events_stream()).await.unwrap();
     let started = Instant::now();
     loop {
         let consumer = stream.consumer_info(cairn_workers::files::remover::CONSUMER).await.unwrap();
@@ -248,10 +271,11 @@ async fn a_store_that_refuses_has_the_removal_job_retried_and_the_event_is_not_p
     let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM parked_events").fetch_one(&pool).await.unwrap();
     assert_eq!(parked, 0);
 
-    // The store is back: the next attempt removes the bytes.
+    // The store is back: once the backoff has passed on the clock, the next attempt removes the bytes.
     std::fs::remove_file(&link).unwrap();
     std::os::unix::fs::symlink(env.files.path(), &link).unwrap();
-    handler.run(&context(&pool, job_id, clock.clone()).await).await.unwrap();
+    clock_handle.advance((run_at - clock.now()).to_std().unwrap_or_default() + Duration::from_secs(1));
+    common::wait_count(&pool, &format!("SELECT count(*) FROM jobs WHERE id = '{job_id}' AND status = 'done' AND attempts = 2"), 1, Duration::from_secs(30)).await;
     assert!(!exists(&real, &key).await);
 
     // A key that is not the file's own is refused for good, and nothing is removed.
