@@ -100,7 +100,7 @@ impl EventBatchHandler for FileRemover {
         let now = self.clock.now();
         let mut tx = self.pool.begin().await?;
         for job in &wanted {
-            let enqueued = jobs::enqueue(&mut *tx, job, now).await?;
+            let enqueued = jobs::enqueue(&mut tx, job, now).await?;
             if enqueued.created {
                 tracing::debug!(job_id = %enqueued.id, args = %job.args, "removal of a deleted file's bytes enqueued");
             }
