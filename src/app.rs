@@ -117,6 +117,20 @@ impl Application {
         email: Option<cairn_workers::EmailSettings>,
         services: Services,
     ) -> anyhow::Result<Self> {
+        Self::build_with_jobs(settings, email, services, cairn_workers::jobs::Registry::new()).await
+    }
+
+    /// As [`Self::build_with_email`], with job handlers of the caller's beside the shipped kinds
+    /// (one of the same kind replaces the shipped one).
+    ///
+    /// # Errors
+    /// As [`Self::build`].
+    pub async fn build_with_jobs(
+        settings: Settings,
+        email: Option<cairn_workers::EmailSettings>,
+        services: Services,
+        jobs: cairn_workers::jobs::Registry,
+    ) -> anyhow::Result<Self> {
         telemetry::init_tracing(settings.log_format);
         let _ = telemetry::metrics_handle();
         let shutdown = CancellationToken::new();
@@ -208,6 +222,7 @@ impl Application {
                     consumers,
                     files: store()?,
                     downloads: cairn_query_api::files::FileDownloads::from_settings(&settings.files),
+                    clock: settings.clock.clone(),
                 };
                 api = api.merge(cairn_query_api::router(state));
                 let deps = RealtimeDeps {
@@ -247,21 +262,26 @@ impl Application {
             if settings.is_production() {
                 email_settings.check_production()?;
             }
-            // Deleted files' bytes, and what uploads that died left behind, in the process's own store.
-            let remover = cairn_workers::FileRemover::new(store()?);
-            let (js_files, ns_files, pool_files, token) = (js.clone(), ns.clone(), pool.clone(), shutdown.clone());
+            // Deleted files become files.remove jobs; the bytes go when a job worker runs them.
+            let remover = cairn_workers::FileRemover::new(pool.clone(), settings.clock.clone());
+            let (js_files, ns_files, token) = (js.clone(), ns.clone(), shutdown.clone());
             tasks.spawn(retrying("file remover", token.clone(), move || {
-                remover.clone().run(
-                    pool_files.clone(),
-                    js_files.clone(),
-                    ns_files.clone(),
-                    batch,
-                    replicas,
-                    token.clone(),
-                )
+                remover.clone().run(js_files.clone(), ns_files.clone(), batch, replicas, token.clone())
             }));
-            let sweeper = cairn_workers::FileSweeper::new(pool.clone(), store()?, &settings);
-            tasks.spawn(sweeper.run(shutdown.clone()));
+            // Cron schedules: every worker process runs the scheduler; each tick fires once.
+            let scheduler = cairn_workers::jobs::scheduler::Scheduler::new(pool.clone(), &settings)?;
+            tasks.spawn(scheduler.run(shutdown.clone()));
+            // Background jobs: the shipped kinds and the caller's, run under leases from the jobs table.
+            let deps = cairn_workers::jobs::KindDeps { pool: pool.clone(), settings: settings.clone(), files: store()? };
+            let registry = cairn_workers::jobs::shipped(&deps)?.merge(jobs);
+            let runner = cairn_workers::jobs::JobRunner::new(
+                pool.clone(),
+                registry,
+                &settings.jobs,
+                settings.clock.clone(),
+                settings.shutdown_grace,
+            );
+            tasks.spawn(runner.run(shutdown.clone()));
             let email = cairn_workers::EmailWorker::new(pool.clone(), email_settings)?;
             let (js_email, ns_email, token) = (js.clone(), ns.clone(), shutdown.clone());
             tasks.spawn(retrying("email worker", token.clone(), move || {

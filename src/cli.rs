@@ -59,6 +59,11 @@ enum Command {
         #[arg(long, value_name = "NAME")]
         parked: Option<String>,
     },
+    /// List, show, retry and cancel background jobs (as the `/api/v1/jobs` routes do).
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
     /// Operator tasks.
     Admin {
         #[command(subcommand)]
@@ -66,6 +71,49 @@ enum Command {
     },
     /// Exit 0 when the local server's /health answers 200 (for container health checks).
     Healthcheck,
+}
+
+#[derive(Debug, Subcommand)]
+enum JobsCommand {
+    /// Jobs, newest first.
+    List {
+        /// Only jobs in this status: scheduled, queued, running, done, failed, dead, cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only jobs of this kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// How many, 1 to 100.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Print JSON (one array) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One job with every attempt's error.
+    Show {
+        /// The job's id.
+        id: uuid::Uuid,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a dead or failed job again (attempts back to 0).
+    Retry {
+        /// The job's id.
+        id: uuid::Uuid,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a queued or scheduled job.
+    Cancel {
+        /// The job's id.
+        id: uuid::Uuid,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,6 +192,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Replay { projection } => return replay(&settings, &projection).await,
         Command::Projections { parked } => return projections(&settings, parked.as_deref()).await,
+        Command::Jobs { command } => return jobs(&settings, command).await,
         Command::Admin { command } => return admin(&settings, command).await,
         Command::Healthcheck => return healthcheck(&settings).await,
     };
@@ -257,6 +306,101 @@ async fn projections(settings: &Settings, parked: Option<&str>) -> anyhow::Resul
         writeln!(out, "{:<12}  {:>6}", w.name, w.parked)?;
     }
     Ok(())
+}
+
+async fn jobs(settings: &Settings, command: JobsCommand) -> anyhow::Result<()> {
+    use cairn_command_api::jobs::commands;
+    use cairn_query_api::jobs::store;
+    let pool = db::connect_and_migrate(&settings.database_url, 2).await?;
+    let now = settings.clock.now();
+    let metadata = || commands::metadata(&RequestContext::operator("cairn jobs"), None);
+    let mut out = std::io::stdout().lock();
+    match command {
+        JobsCommand::List { status, kind, limit, json } => {
+            if !(1..=100).contains(&limit) {
+                bail!("--limit must be between 1 and 100");
+            }
+            let status = match status.as_deref() {
+                None => None,
+                Some(s) => Some(cairn_platform::jobs::JobStatus::parse(s).with_context(|| {
+                    format!("unknown status '{s}' (scheduled, queued, running, done, failed, dead, cancelled)")
+                })?),
+            };
+            let filter = store::JobFilter { status, kind };
+            let (jobs, more) = store::list(&pool, &filter, None, i64::from(limit), now).await?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&jobs)?)?;
+                return Ok(());
+            }
+            writeln!(
+                out,
+                "{:<36}  {:<18}  {:<9}  {:>8}  {:<20}  last error",
+                "id", "kind", "status", "attempts", "run at"
+            )?;
+            for job in &jobs {
+                let last_error: String = job.last_error.as_deref().unwrap_or("").chars().take(60).collect();
+                writeln!(
+                    out,
+                    "{:<36}  {:<18}  {:<9}  {:>8}  {:<20}  {}",
+                    job.id,
+                    job.kind,
+                    job.status,
+                    format!("{}/{}", job.attempts, job.max_attempts),
+                    job.run_at.format("%Y-%m-%d %H:%M:%S"),
+                    last_error
+                )?;
+            }
+            if more.is_some() {
+                writeln!(out, "… more: raise --limit, or page with GET /api/v1/jobs")?;
+            }
+            Ok(())
+        }
+        JobsCommand::Show { id, json } => {
+            let job = store::find(&pool, id, now).await?.with_context(|| format!("no job {id}"))?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&job)?)?;
+                return Ok(());
+            }
+            let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map_or("-".to_owned(), |t| t.to_rfc3339());
+            writeln!(out, "id            {}", job.id)?;
+            writeln!(out, "kind          {}", job.kind)?;
+            writeln!(out, "status        {}", job.status)?;
+            writeln!(out, "args          {}", job.args)?;
+            writeln!(out, "priority      {}", job.priority)?;
+            writeln!(out, "attempts      {}/{}", job.attempts, job.max_attempts)?;
+            writeln!(out, "run at        {}", job.run_at.to_rfc3339())?;
+            writeln!(out, "enqueued by   {}", job.enqueued_by.as_deref().unwrap_or("-"))?;
+            writeln!(out, "created       {}", job.created_at.to_rfc3339())?;
+            writeln!(out, "started       {}", time(job.started_at))?;
+            writeln!(out, "finished      {}", time(job.finished_at))?;
+            if let Some(owner) = &job.lease_owner {
+                writeln!(out, "lease         {owner} until {}", time(job.lease_expires_at))?;
+            }
+            writeln!(out, "last error    {}", job.last_error.as_deref().unwrap_or("-"))?;
+            for e in &job.errors {
+                writeln!(out, "  attempt {:>3}  {}  {}", e.attempt, e.at.to_rfc3339(), e.error)?;
+            }
+            Ok(())
+        }
+        JobsCommand::Retry { id, json } => {
+            let token = commands::retry(&pool, id, metadata(), now).await.map_err(|e| anyhow::anyhow!("{}", describe(&e)))?;
+            if json {
+                writeln!(out, "{}", serde_json::json!({ "job_id": id, "status": "queued", "consistency_token": token.to_string() }))?;
+            } else {
+                writeln!(out, "job {id} is queued again")?;
+            }
+            Ok(())
+        }
+        JobsCommand::Cancel { id, json } => {
+            let token = commands::cancel(&pool, id, metadata(), now).await.map_err(|e| anyhow::anyhow!("{}", describe(&e)))?;
+            if json {
+                writeln!(out, "{}", serde_json::json!({ "job_id": id, "status": "cancelled", "consistency_token": token.to_string() }))?;
+            } else {
+                writeln!(out, "job {id} is cancelled")?;
+            }
+            Ok(())
+        }
+    }
 }
 
 async fn admin(settings: &Settings, command: AdminCommand) -> anyhow::Result<()> {

@@ -98,6 +98,14 @@ fn policy(method: &str, path: &str) -> Option<(Policy, StatusCode)> {
         ("GET", "/api/v1/files") => (Permission("files:read"), S::OK),
         // `{id}` is a user's id, no file's: 404, as for a file the caller may not read.
         ("GET", "/api/v1/files/{id}" | "/api/v1/files/{id}/download") => (Permission("files:read"), S::NOT_FOUND),
+        ("POST", "/api/v1/jobs") => (Permission("jobs:manage"), S::ACCEPTED),
+        ("GET", "/api/v1/jobs" | "/api/v1/schedules") => (Permission("jobs:manage"), S::OK),
+        // A job or schedule that does not exist.
+        ("GET", "/api/v1/jobs/{id}")
+        | ("POST", "/api/v1/jobs/{id}/retry" | "/api/v1/jobs/{id}/cancel")
+        | ("DELETE", "/api/v1/schedules/{name}") => (Permission("jobs:manage"), S::NOT_FOUND),
+        // A new name each time.
+        ("POST", "/api/v1/schedules") => (Permission("jobs:manage"), S::CREATED),
         _ => return None,
     })
 }
@@ -133,6 +141,13 @@ fn body_for(method: &str, path: &str) -> Option<serde_json::Value> {
         "/api/v1/messages/{id}" if method == "PATCH" => json!({ "body": "edited" }),
         "/api/v1/rooms/{id}/read" => json!({ "message_id": uuid::Uuid::new_v4() }),
         "/api/v1/files/{id}/shares" => json!({ "user_id": uuid::Uuid::new_v4() }),
+        "/api/v1/jobs" => json!({ "kind": "noop", "args": {} }),
+        "/api/v1/schedules" => json!({
+            "name": format!("probe-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            "cron": "0 0 3 * * *",
+            "kind": "noop",
+            "args": {},
+        }),
         _ if method == "GET" || method == "DELETE" => return None,
         _ => json!({}),
     };

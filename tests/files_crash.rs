@@ -20,9 +20,9 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// Settings every process of these tests shares: no verified address needed to upload, and no
-/// periodic sweep of the application's own (the tests sweep when they choose).
-const SETTINGS: &[(&str, &str)] = &[("CAIRN_VERIFIED_EMAIL_FOR", "none"), ("CAIRN_FILES_SWEEP_SECS", "86400")];
+/// Settings every process of these tests shares: no verified address needed to upload (the
+/// tests sweep when they choose, with a sweeper of their own).
+const SETTINGS: &[(&str, &str)] = &[("CAIRN_VERIFIED_EMAIL_FOR", "none")];
 
 /// A PNG's signature followed by `len` bytes: sniffed as `image/png`.
 fn png(len: usize, seed: u8) -> Vec<u8> {

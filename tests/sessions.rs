@@ -517,3 +517,91 @@ async fn a_role_that_loses_a_permission_takes_it_from_tokens_already_issued() {
     assert_eq!(app.get("/api/v1/users", Some(&admin)).await.status, StatusCode::OK, "admin is fixed");
     app.stop().await;
 }
+
+/// A `sessions.purge` job run now on the application's clock.
+async fn purge(app: &TestApp) {
+    use cairn_platform::clock::Clock;
+    use cairn_workers::jobs::JobHandler;
+    let settings = app.env.settings(&[]);
+    let handler = cairn_workers::jobs::kinds::SessionsPurge::new(settings.sessions_purge_after, settings.session_idle);
+    let job = cairn_workers::jobs::JobContext {
+        id: uuid::Uuid::now_v7(),
+        kind: "sessions.purge".to_owned(),
+        args: json!({}),
+        attempt: 1,
+        max_attempts: 25,
+        enqueued_at: app.clock.now(),
+        cancel: tokio_util::sync::CancellationToken::new(),
+        clock: app.clock.clone(),
+        pool: app.pool.clone(),
+    };
+    handler.run(&job).await.unwrap();
+}
+
+async fn session_rows(app: &TestApp) -> Vec<uuid::Uuid> {
+    sqlx::query_scalar("SELECT id FROM sessions ORDER BY created_at").fetch_all(&app.pool).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ended_sessions_are_purged_from_the_read_model_a_day_later_and_live_ones_stay() {
+    let app = app_with(&[]).await;
+    app.register_ok("purged@example.com").await;
+    let (kept_access, _) = native_login(&app, "purged@example.com", PASSWORD).await;
+    let (revoked_access, _) = native_login(&app, "purged@example.com", PASSWORD).await;
+    app.wait_count("SELECT count(*) FROM sessions", 2, Duration::from_secs(20)).await;
+    let out = app.post("/api/v1/auth/logout", Some(&revoked_access), json!({})).await;
+    assert!(out.status.is_success(), "{:?}", out.body);
+    app.wait_count("SELECT count(*) FROM sessions WHERE revoked_at IS NOT NULL", 1, Duration::from_secs(20)).await;
+    let revoked: uuid::Uuid = sqlx::query_scalar("SELECT id FROM sessions WHERE revoked_at IS NOT NULL")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(authed(&app, &kept_access).await, StatusCode::OK);
+
+    // Just revoked: it stays (listed as ended for a day).
+    purge(&app).await;
+    assert_eq!(session_rows(&app).await.len(), 2);
+
+    // A day and an hour later the revoked one goes; the live one, and one started since, stay.
+    app.clock.advance(Duration::from_secs(24 * 3600 + 600));
+    let refreshed = app.post("/api/v1/auth/login", None, json!({"email": "purged@example.com", "password": PASSWORD})).await;
+    assert_eq!(refreshed.status, StatusCode::OK);
+    app.wait_count("SELECT count(*) FROM sessions", 3, Duration::from_secs(20)).await;
+    app.clock.advance(Duration::from_secs(3000));
+    purge(&app).await;
+    let rows = session_rows(&app).await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(!rows.contains(&revoked));
+
+    // A later event for the purged session (logout-all revokes every session of the user, and a
+    // replayed revocation names the purged one): applied without failing, and the row stays gone.
+    let sequence: i64 = sqlx::query_scalar("SELECT max(sequence) + 1 FROM events WHERE aggregate_type = 'Session' AND aggregate_id = $1")
+        .bind(revoked.to_string())
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let user: uuid::Uuid = sqlx::query_scalar("SELECT user_id FROM sessions LIMIT 1").fetch_one(&app.pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('Session', $1, $2, 'SessionRevoked', '1', $3, '{}')",
+    )
+    .bind(revoked.to_string())
+    .bind(sequence)
+    .bind(json!({"SessionRevoked": {"user_id": user, "reason": "logout"}}))
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    // A login after it is projected too: the projector went past the event.
+    let after = app.post("/api/v1/auth/login", None, json!({"email": "purged@example.com", "password": PASSWORD})).await;
+    assert_eq!(after.status, StatusCode::OK);
+    app.wait_count("SELECT count(*) FROM sessions", 3, Duration::from_secs(20)).await;
+    assert!(!session_rows(&app).await.contains(&revoked));
+    let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM parked_events").fetch_one(&app.pool).await.unwrap();
+    assert_eq!(parked, 0);
+
+    // Eight days on, every one of them has expired (seven-day lifetime) more than a day ago.
+    app.clock.advance(Duration::from_secs(9 * 24 * 3600));
+    purge(&app).await;
+    assert!(session_rows(&app).await.is_empty());
+    app.stop().await;
+}

@@ -232,3 +232,26 @@ pub struct FileShareData {
     /// The user it is (or was) shared with.
     pub user_id: Uuid,
 }
+
+/// A job accepted (or the one its idempotency key already named).
+#[derive(Debug, ToSchema)]
+pub struct JobIdData {
+    /// The job.
+    pub job_id: Uuid,
+}
+
+/// A job an operator retried or cancelled.
+#[derive(Debug, ToSchema)]
+pub struct JobStatusData {
+    /// The job.
+    pub job_id: Uuid,
+    /// Its status now: `queued` or `cancelled`.
+    pub status: String,
+}
+
+/// A schedule defined or removed.
+#[derive(Debug, ToSchema)]
+pub struct ScheduleNameData {
+    /// The schedule.
+    pub name: String,
+}

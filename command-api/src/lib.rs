@@ -10,6 +10,8 @@
 //! - [`roles`]: defining and editing roles (the `Role` aggregate).
 //! - [`files`]: uploads streamed to the file store, sharing and deleting files (the `File`
 //!   aggregate), and the quota.
+//! - [`jobs`]: enqueueing jobs, operators' retries and cancels, cron schedules (the `Job` and
+//!   `Schedule` aggregates, appended with their state rows).
 //! - [`rooms`]: chat rooms, their members and their messages (the `Room` and `Message` aggregates),
 //!   and read markers; [`MessageCommands`] is also the socket's send path.
 //! - [`answers`]: the shapes of the answers, for the OpenAPI document.
@@ -20,6 +22,7 @@ pub mod answers;
 pub mod auth;
 pub mod executor;
 pub mod files;
+pub mod jobs;
 pub mod oauth;
 pub mod passwords;
 pub mod roles;
@@ -81,8 +84,9 @@ pub struct CommandState {
     /// Uploads, shares and deletions of files.
     pub file_commands: FileCommands,
     /// Where time comes from.
-    #[from_ref(skip)]
     pub clock: SharedClock,
+    /// How jobs are checked (the kinds, the webhook hosts).
+    pub jobs: Arc<cairn_platform::jobs::JobsSettings>,
 }
 
 impl CommandState {
@@ -123,6 +127,7 @@ impl CommandState {
                 settings.request_timeout + std::time::Duration::from_secs(30),
             ),
             clock: settings.clock.clone(),
+            jobs: Arc::new(settings.jobs.clone()),
             file_commands: FileCommands::new(
                 pool.clone(),
                 auth.sessions.clone(),
@@ -160,5 +165,6 @@ pub fn router(state: CommandState) -> OpenApiRouter {
         .merge(admin::routes())
         .merge(rooms::routes())
         .merge(files::routes(upload_body_limit))
+        .merge(jobs::routes())
         .with_state(state)
 }

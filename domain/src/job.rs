@@ -272,3 +272,101 @@ impl Aggregate for Job {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use cqrs_es::test::TestFramework;
+
+    use super::*;
+
+    type JobTest = TestFramework<Job>;
+
+    fn id() -> Uuid {
+        Uuid::from_u128(12)
+    }
+
+    fn request() -> JobRequest {
+        JobRequest::new(id(), "noop", serde_json::json!({}), None, None, None, Some("key-1".into()))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_request_gets_the_defaults_and_each_bound_is_checked() {
+        let r = request();
+        assert_eq!((r.priority, r.max_attempts), (0, DEFAULT_MAX_ATTEMPTS));
+        let new = |kind: &str, args, priority, attempts, key| JobRequest::new(id(), kind, args, None, priority, attempts, key);
+        let obj = serde_json::json!({});
+        assert_eq!(new("Bad Kind", obj.clone(), None, None, None).err(), Some(JobError::BadKind));
+        assert_eq!(new("noop", serde_json::json!([1]), None, None, None).err(), Some(JobError::BadArgs));
+        let huge = serde_json::json!({ "x": "a".repeat(ARGS_MAX_BYTES) });
+        assert_eq!(new("noop", huge, None, None, None).err(), Some(JobError::BadArgs));
+        assert_eq!(new("noop", obj.clone(), Some(101), None, None).err(), Some(JobError::BadPriority));
+        assert_eq!(new("noop", obj.clone(), Some(-101), None, None).err(), Some(JobError::BadPriority));
+        assert_eq!(new("noop", obj.clone(), None, Some(0), None).err(), Some(JobError::BadMaxAttempts));
+        assert_eq!(new("noop", obj.clone(), None, Some(1001), None).err(), Some(JobError::BadMaxAttempts));
+        assert_eq!(new("noop", obj.clone(), None, None, Some(String::new())).err(), Some(JobError::BadIdempotencyKey));
+        assert_eq!(new("noop", obj.clone(), None, None, Some("k".repeat(201))).err(), Some(JobError::BadIdempotencyKey));
+        assert!(new("webhook.deliver", obj, Some(100), Some(1000), Some("k".repeat(200))).is_ok());
+    }
+
+    #[test]
+    fn an_enqueue_is_recorded_once() {
+        JobTest::with(())
+            .given_no_previous_events()
+            .when(JobCommand::Enqueue(request()))
+            .then_expect_events(vec![JobEvent::JobEnqueued(request())]);
+        JobTest::with(())
+            .given(vec![JobEvent::JobEnqueued(request())])
+            .when(JobCommand::Enqueue(request()))
+            .then_expect_error(JobError::AlreadyEnqueued);
+    }
+
+    #[test]
+    fn an_enqueue_out_of_bounds_is_refused_by_the_aggregate_too() {
+        let mut bad = request();
+        bad.priority = 500;
+        JobTest::with(()).given_no_previous_events().when(JobCommand::Enqueue(bad)).then_expect_error(JobError::BadPriority);
+    }
+
+    #[test]
+    fn operators_retry_and_cancel_and_runs_finish() {
+        JobTest::with(())
+            .given(vec![JobEvent::JobEnqueued(request())])
+            .when(JobCommand::Cancel { job_id: id() })
+            .then_expect_events(vec![JobEvent::JobCancelled { job_id: id() }]);
+        let finished = JobEvent::JobFinished {
+            job_id: id(),
+            kind: "noop".into(),
+            outcome: JobOutcome::Dead,
+            attempts: 25,
+            finished_at: DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default(),
+        };
+        // A job enqueued from code has no JobEnqueued: its first event can be its end.
+        JobTest::with(())
+            .given(vec![finished.clone()])
+            .when(JobCommand::Retry { job_id: id() })
+            .then_expect_events(vec![JobEvent::JobRetried { job_id: id() }]);
+        JobTest::with(())
+            .given_no_previous_events()
+            .when(JobCommand::Finish {
+                job_id: id(),
+                kind: "noop".into(),
+                outcome: JobOutcome::Dead,
+                attempts: 25,
+                finished_at: DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default(),
+            })
+            .then_expect_events(vec![finished]);
+    }
+
+    #[test]
+    fn the_state_follows_the_events() {
+        let mut job = Job::default();
+        job.apply(JobEvent::JobEnqueued(request()));
+        job.apply(JobEvent::JobCancelled { job_id: id() });
+        assert!(job.enqueued && job.cancelled);
+        job.apply(JobEvent::JobRetried { job_id: id() });
+        assert!(!job.cancelled);
+        assert_eq!(JobEvent::JobRetried { job_id: id() }.event_type(), "JobRetried");
+        assert_eq!(JobOutcome::Failed.as_str(), "failed");
+    }
+}

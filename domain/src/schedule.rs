@@ -50,6 +50,26 @@ pub fn valid_schedule_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
 }
 
+impl ScheduleSpec {
+    /// Checks what the domain can check of a definition: the name, the kind and the arguments
+    /// (the expression and the zone are checked where ticks are computed).
+    ///
+    /// # Errors
+    /// The first part that is wrong.
+    pub fn check(&self) -> Result<(), ScheduleError> {
+        if !valid_schedule_name(&self.name) {
+            return Err(ScheduleError::BadName);
+        }
+        if !valid_kind(&self.kind) {
+            return Err(ScheduleError::BadKind);
+        }
+        if !self.args.is_object() || serde_json::to_vec(&self.args).map_or(true, |b| b.len() > ARGS_MAX_BYTES) {
+            return Err(ScheduleError::BadArgs);
+        }
+        Ok(())
+    }
+}
+
 /// What can be done to a schedule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScheduleCommand {
@@ -110,14 +130,10 @@ impl Aggregate for Schedule {
     ) -> Result<(), Self::Error> {
         let event = match command {
             ScheduleCommand::Define(spec) => {
-                if !valid_schedule_name(&spec.name) {
-                    return Err(ScheduleError::BadName);
-                }
-                if !valid_kind(&spec.kind) {
-                    return Err(ScheduleError::BadKind);
-                }
-                if !spec.args.is_object() || serde_json::to_vec(&spec.args).map_or(true, |b| b.len() > ARGS_MAX_BYTES) {
-                    return Err(ScheduleError::BadArgs);
+                spec.check()?;
+                // Redefining with the very same definition records nothing.
+                if self.spec.as_ref() == Some(&spec) {
+                    return Ok(());
                 }
                 ScheduleEvent::ScheduleDefined(spec)
             }
@@ -137,5 +153,74 @@ impl Aggregate for Schedule {
             ScheduleEvent::ScheduleDefined(spec) => self.spec = Some(spec),
             ScheduleEvent::ScheduleRemoved { .. } => self.spec = None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cqrs_es::test::TestFramework;
+
+    use super::*;
+
+    type ScheduleTest = TestFramework<Schedule>;
+
+    fn spec() -> ScheduleSpec {
+        ScheduleSpec {
+            name: "nightly-report".into(),
+            cron: "0 0 3 * * *".into(),
+            timezone: "Europe/Paris".into(),
+            kind: "noop".into(),
+            args: serde_json::json!({}),
+        }
+    }
+
+    #[test]
+    fn a_schedule_is_defined_redefined_and_removed() {
+        ScheduleTest::with(())
+            .given_no_previous_events()
+            .when(ScheduleCommand::Define(spec()))
+            .then_expect_events(vec![ScheduleEvent::ScheduleDefined(spec())]);
+        let changed = ScheduleSpec { cron: "0 0 4 * * *".into(), ..spec() };
+        ScheduleTest::with(())
+            .given(vec![ScheduleEvent::ScheduleDefined(spec())])
+            .when(ScheduleCommand::Define(changed.clone()))
+            .then_expect_events(vec![ScheduleEvent::ScheduleDefined(changed)]);
+        ScheduleTest::with(())
+            .given(vec![ScheduleEvent::ScheduleDefined(spec())])
+            .when(ScheduleCommand::Remove { name: spec().name })
+            .then_expect_events(vec![ScheduleEvent::ScheduleRemoved { name: spec().name }]);
+    }
+
+    #[test]
+    fn the_same_definition_again_records_nothing() {
+        ScheduleTest::with(())
+            .given(vec![ScheduleEvent::ScheduleDefined(spec())])
+            .when(ScheduleCommand::Define(spec()))
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn removing_what_is_not_defined_is_refused() {
+        ScheduleTest::with(())
+            .given_no_previous_events()
+            .when(ScheduleCommand::Remove { name: "x".into() })
+            .then_expect_error(ScheduleError::NotFound);
+        ScheduleTest::with(())
+            .given(vec![ScheduleEvent::ScheduleDefined(spec()), ScheduleEvent::ScheduleRemoved { name: spec().name }])
+            .when(ScheduleCommand::Remove { name: spec().name })
+            .then_expect_error(ScheduleError::NotFound);
+    }
+
+    #[test]
+    fn bad_definitions_name_what_is_wrong() {
+        let define = |s: ScheduleSpec, e: ScheduleError| {
+            ScheduleTest::with(()).given_no_previous_events().when(ScheduleCommand::Define(s)).then_expect_error(e);
+        };
+        define(ScheduleSpec { name: "Upper".into(), ..spec() }, ScheduleError::BadName);
+        define(ScheduleSpec { name: String::new(), ..spec() }, ScheduleError::BadName);
+        define(ScheduleSpec { name: "a".repeat(101), ..spec() }, ScheduleError::BadName);
+        define(ScheduleSpec { kind: "9noop".into(), ..spec() }, ScheduleError::BadKind);
+        define(ScheduleSpec { args: serde_json::json!("x"), ..spec() }, ScheduleError::BadArgs);
+        assert!(ScheduleSpec { name: "0-hourly.x_y".into(), ..spec() }.check().is_ok());
     }
 }

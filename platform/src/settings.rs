@@ -74,6 +74,9 @@ pub struct Settings {
     pub session_lifetime: Duration,
     /// `CAIRN_SESSION_IDLE_SECS`: idle timeout between refreshes (default 24 hours).
     pub session_idle: Duration,
+    /// `CAIRN_SESSIONS_PURGE_AFTER_HOURS`: how long an ended session (expired, idle or revoked)
+    /// stays in the read model before `sessions.purge` removes it (default 24).
+    pub sessions_purge_after: Duration,
     /// `CAIRN_REFRESH_GRACE_SECS`: how long a just-rotated refresh token still gets the current session.
     pub refresh_grace: Duration,
     /// `CAIRN_COOKIE_SECURE`: mark the refresh cookie `Secure` (only `false` for plain-HTTP development).
@@ -168,8 +171,6 @@ pub struct FilesSettings {
     /// `CAIRN_FILES_ORPHAN_GRACE_SECS`: how old stored bytes that no event names must be before
     /// the sweeper removes them (default 3600).
     pub orphan_grace: Duration,
-    /// `CAIRN_FILES_SWEEP_SECS`: how often the orphan sweeper runs (default 300).
-    pub sweep_every: Duration,
     /// `CAIRN_FAULT_UPLOAD_PAUSE_MS`: a test knob, refused in production. An upload whose bytes
     /// are stored waits this long before its FileUploaded is appended, so a test can kill the
     /// process in between and see what a crash there leaves (default 0: no pause).
@@ -190,7 +191,6 @@ impl std::fmt::Debug for FilesSettings {
             .field("allowed_types", &self.allowed_types)
             .field("inline_types", &self.inline_types)
             .field("orphan_grace", &self.orphan_grace)
-            .field("sweep_every", &self.sweep_every)
             .field("fault_upload_pause", &self.fault_upload_pause)
             .field("s3", &self.s3)
             .finish()
@@ -302,7 +302,6 @@ impl FilesSettings {
             allowed_types,
             inline_types: list(&get("CAIRN_FILES_INLINE_TYPES", DEFAULT_INLINE_TYPES)),
             orphan_grace: Duration::from_secs(num("CAIRN_FILES_ORPHAN_GRACE_SECS", 3600)?),
-            sweep_every: Duration::from_secs(num("CAIRN_FILES_SWEEP_SECS", 300)?.max(1)),
             fault_upload_pause,
             s3: S3Settings {
                 endpoint,
@@ -561,6 +560,7 @@ impl Settings {
             shutdown_grace: Duration::from_secs(num("CAIRN_SHUTDOWN_GRACE_SECS", 10)?),
             session_lifetime: Duration::from_secs(num("CAIRN_SESSION_LIFETIME_SECS", 7 * 86_400)?),
             session_idle: Duration::from_secs(num("CAIRN_SESSION_IDLE_SECS", 86_400)?),
+            sessions_purge_after: Duration::from_secs(num("CAIRN_SESSIONS_PURGE_AFTER_HOURS", 24)?.saturating_mul(3600)),
             refresh_grace: Duration::from_secs(num("CAIRN_REFRESH_GRACE_SECS", 10)?),
             cookie_secure: match get("CAIRN_COOKIE_SECURE", "true").as_str() {
                 "true" | "1" | "yes" => true,

@@ -5,6 +5,7 @@
 //! - [`users`]: the users read model, the caller's profile, the role catalogue.
 //! - [`rooms`]: chat rooms, their members and their messages.
 //! - [`files`]: uploaded files the caller may read, their metadata and their download.
+//! - [`jobs`]: operators' view of the job queue and the schedules.
 //! - [`admin`]: operators' view of projections and parked events.
 //! - [`consistency`]: the consistency-token wait.
 //! - [`realtime`]: the WebSocket route, its hub and the ordered consumer that feeds it.
@@ -12,6 +13,7 @@
 pub mod admin;
 pub mod consistency;
 pub mod files;
+pub mod jobs;
 pub mod realtime;
 pub mod rooms;
 pub mod users;
@@ -38,9 +40,11 @@ pub struct QueryState {
     pub files: cairn_storage::FileStore,
     /// How downloads are answered (token and presigned URL lifetime, inline types).
     pub downloads: files::FileDownloads,
+    /// Where time comes from (a scheduled job whose time has come is shown as queued).
+    pub clock: cairn_platform::clock::SharedClock,
 }
 
 /// The query API's routes, documented.
 pub fn router(state: QueryState) -> OpenApiRouter {
-    users::routes().merge(rooms::routes()).merge(files::routes()).merge(admin::routes()).with_state(state)
+    users::routes().merge(rooms::routes()).merge(files::routes()).merge(admin::routes()).merge(jobs::routes()).with_state(state)
 }

@@ -234,6 +234,20 @@ impl TestApp {
     /// Builds and serves an application on `env` with `extra` settings (the mail settings,
     /// `SMTP_*`, included).
     pub async fn spawn_with(env: TestEnv, services: Services, extra: &[(&str, &str)]) -> Self {
+        Self::spawn_full(env, services, extra, cairn_workers::jobs::Registry::new()).await
+    }
+
+    /// Everything in one process, with the job handlers of `jobs` beside the shipped kinds.
+    pub async fn spawn_with_jobs(env: TestEnv, extra: &[(&str, &str)], jobs: cairn_workers::jobs::Registry) -> Self {
+        Self::spawn_full(env, Services::all(), extra, jobs).await
+    }
+
+    async fn spawn_full(
+        env: TestEnv,
+        services: Services,
+        extra: &[(&str, &str)],
+        jobs: cairn_workers::jobs::Registry,
+    ) -> Self {
         quiet_logs();
         let mut vars = env.vars();
         for (k, v) in extra {
@@ -243,7 +257,7 @@ impl TestApp {
         let clock = TestClock::new();
         let mut settings = env.settings(extra);
         settings.clock = clock.clone();
-        let app = Application::build_with_email(settings, Some(email), services).await.unwrap();
+        let app = Application::build_with_jobs(settings, Some(email), services, jobs).await.unwrap();
         let address = format!("http://127.0.0.1:{}", app.port());
         let shutdown = app.shutdown_token();
         let routes = app.routes().to_vec();
@@ -378,8 +392,9 @@ impl Serve {
             .env("CAIRN_LISTEN", format!("127.0.0.1:{port}"))
             .env("RUST_LOG", "info")
             .envs(extra.iter().copied())
-            .stdout(std::process::Stdio::null())
-            .stderr(log.reopen().unwrap())
+            // The logs go to stdout, panics to stderr: both into the log, appended.
+            .stdout(append(log.path()))
+            .stderr(append(log.path()))
             .spawn()
             .unwrap();
         Self { child, base: format!("http://127.0.0.1:{port}"), log }
@@ -409,6 +424,11 @@ impl Drop for Serve {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `path` opened for appending, so that two writers do not overwrite each other.
+fn append(path: &std::path::Path) -> std::fs::File {
+    std::fs::OpenOptions::new().append(true).open(path).unwrap()
 }
 
 /// A free TCP port on loopback.

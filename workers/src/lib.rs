@@ -2,7 +2,7 @@
 //!
 //! - [`audit`]: writes every event into the `audit_log` table.
 //! - [`email`]: mails users about their account (verification, password reset, notices) over SMTP.
-//! - [`files`]: removes the bytes of deleted files, and sweeps the bytes of uploads that died.
+//! - [`files`]: turns deleted files into `files.remove` jobs, and sweeps the bytes of uploads that died.
 //! - [`jobs`]: Celery-style jobs (handlers, the runner with leases and retries, cron schedules).
 
 pub mod audit;

@@ -41,6 +41,14 @@ pub enum ApiError {
     /// 409 CONFLICT: duplicate or concurrent modification.
     #[error("{0}")]
     Conflict(String),
+    /// 409 CONFLICT naming in `details` the state that forbids the change (a job's `status`).
+    #[error("{message}")]
+    ConflictWith {
+        /// What cannot be done, and why.
+        message: String,
+        /// The state found: name → value.
+        details: BTreeMap<String, String>,
+    },
     /// 413 PAYLOAD_TOO_LARGE.
     #[error("request body is too large")]
     PayloadTooLarge,
@@ -125,7 +133,7 @@ impl ApiError {
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "FORBIDDEN"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
-            Self::Conflict(_) => (StatusCode::CONFLICT, "CONFLICT"),
+            Self::Conflict(_) | Self::ConflictWith { .. } => (StatusCode::CONFLICT, "CONFLICT"),
             Self::PayloadTooLarge | Self::LimitExceeded { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
             Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE"),
             Self::RangeNotSatisfiable { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_NOT_SATISFIABLE"),
@@ -179,7 +187,7 @@ impl IntoResponse for ApiError {
                 internal: Some(m),
                 ..plain("a backing service is unavailable; nothing was written, try again".to_owned())
             },
-            Self::Validation { details, .. } => {
+            Self::Validation { details, .. } | Self::ConflictWith { details, .. } => {
                 ErrorBody { details: Some(serde_json::json!(details)), ..plain(message) }
             }
             Self::LimitExceeded { details, .. } => {

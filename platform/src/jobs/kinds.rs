@@ -50,6 +50,16 @@ pub fn validate(kind: &str, args: &serde_json::Value, settings: &JobsSettings) -
     }
 }
 
+/// The request field a [`validate`] refusal is about: `kind` for an unknown kind, `args` otherwise.
+#[must_use]
+pub fn field_of(problem: &str) -> &'static str {
+    if problem.starts_with("unknown job kind") {
+        "kind"
+    } else {
+        "args"
+    }
+}
+
 /// Checks a webhook URL: `http` or `https`, no credentials, and a host (with its port when one
 /// is given, or the scheme's default) on `allowed` (`host` allows any port; `host:port` only
 /// that one). Returns the URL parsed.

@@ -10,9 +10,11 @@
 //! - [`append_event`]: appends one event to the log in the caller's transaction, for the job
 //!   and schedule commands whose state row and event must commit together.
 //! - [`kinds`]: the shipped kinds and what their arguments must be.
+//! - [`schedule`]: cron expressions in a time zone, the built-in schedules, the schedules file.
 //! - [`settings`]: `CAIRN_JOBS_*`, `CAIRN_SCHEDULES_FILE`, `CAIRN_WEBHOOK_*`.
 
 pub mod kinds;
+pub mod schedule;
 pub mod settings;
 
 use chrono::{DateTime, Utc};

@@ -1,20 +1,23 @@
-//! The byte remover: a durable consumer on EVENTS that removes a file's bytes from the store
-//! when its FileDeleted is delivered.
+//! The byte remover: a durable consumer on EVENTS that turns each FileDeleted into a
+//! `files.remove` job, which removes the file's bytes from the store.
 //!
-//! Removing is idempotent (removing what is gone succeeds), so a redelivered event, or two
-//! processes handed the same one, are harmless. A store that keeps failing is tried a bounded
-//! number of times and the event is then parked under [`PARKING_NAME`], so the consumer moves on;
-//! an operator retries it once the store is back (`POST /api/v1/admin/projections/files/parked/…`).
-//! The sweeper never removes the bytes of a file the log knows, so a parked removal is the one
-//! place such bytes are left: the parked list says which.
-
-use std::time::Duration;
+//! The consumer itself never talks to the store: it only enqueues, in one short transaction per
+//! batch, with the idempotency key `files.remove:<file_id>`, so a redelivered event, or two
+//! processes handed the same one, make one job. A store that is away is then the job queue's
+//! business (retries with backoff, and a dead job an operator can retry once the store is back),
+//! and events are no longer parked for it. Events are parked under [`PARKING_NAME`] only when
+//! Postgres keeps refusing the enqueue. The sweeper never removes the bytes of a file the log
+//! knows, so a dead `files.remove` job is the one place such bytes are left: the dead jobs say
+//! which.
 
 use async_nats::jetstream;
+use cairn_platform::clock::SharedClock;
 use cairn_platform::envelope::EventEnvelope;
+use cairn_platform::jobs::kinds::FILES_REMOVE;
+use cairn_platform::jobs::{self, NewJob};
 use cairn_platform::nats::{self, EventBatchHandler, Namespace};
-use cairn_storage::{FileStore, StoreError};
 use serde::Deserialize;
+use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -24,10 +27,8 @@ pub const CONSUMER: &str = "worker_files";
 /// The name its parked events are listed under.
 pub const PARKING_NAME: &str = "files";
 
-/// The pauses between tries of one removal while the store fails, within one delivery. The
-/// consumer loop tries a refused event a few times more before parking it, so a store that is
-/// away for less than about half a minute loses nothing.
-const STORE_RETRY_PAUSES: &[Duration] = &[Duration::from_millis(250), Duration::from_secs(1), Duration::from_secs(4)];
+/// Who the jobs say asked for them.
+pub const ENQUEUED_BY: &str = "event:FileDeleted";
 
 /// What the remover reads from a FileDeleted.
 #[derive(Debug, Deserialize)]
@@ -36,26 +37,32 @@ struct Deleted {
     key: String,
 }
 
-/// Removes the bytes of deleted files.
+/// Turns deleted files into `files.remove` jobs.
 #[derive(Clone)]
 pub struct FileRemover {
-    store: FileStore,
+    pool: PgPool,
+    clock: SharedClock,
 }
 
 impl FileRemover {
-    /// A remover working on `store` (the process's own).
+    /// A remover enqueueing in `pool`, on `clock`.
     #[must_use]
-    pub fn new(store: FileStore) -> Self {
-        Self { store }
+    pub fn new(pool: PgPool, clock: SharedClock) -> Self {
+        Self { pool, clock }
     }
 
-    /// Runs as a durable consumer until `shutdown`; what it parks is recorded in `pool`.
+    /// The idempotency key of the job that removes `file_id`'s bytes.
+    #[must_use]
+    pub fn job_key(file_id: &str) -> String {
+        format!("{FILES_REMOVE}:{file_id}")
+    }
+
+    /// Runs as a durable consumer until `shutdown`.
     ///
     /// # Errors
     /// When the consumer cannot be created.
     pub async fn run(
         self,
-        pool: PgPool,
         js: jetstream::Context,
         ns: Namespace,
         batch: usize,
@@ -64,63 +71,41 @@ impl FileRemover {
     ) -> anyhow::Result<()> {
         let stream = nats::ensure_events_stream(&js, &ns, replicas).await?;
         let consumer = nats::ensure_durable_consumer(&stream, CONSUMER).await?;
-        tracing::info!(backend = self.store.backend().as_str(), "file remover running");
+        tracing::info!("file remover running");
+        let pool = self.pool.clone();
         nats::consume(consumer, batch, self, PARKING_NAME, pool, shutdown).await;
         Ok(())
     }
-
-    /// Removes the bytes `event` (a FileDeleted) names.
-    async fn remove(&self, event: &EventEnvelope) -> anyhow::Result<()> {
-        let deleted: Deleted = serde_json::from_value(event.body().clone())
-            .map_err(|e| anyhow::anyhow!("FileDeleted {} cannot be read: {e}", event.aggregate_id))?;
-        // A key of another file would remove that file's bytes: only the file's own key is removed.
-        let own = FileStore::file_id_of(&deleted.key).is_some_and(|id| id.to_string() == event.aggregate_id);
-        if !own {
-            anyhow::bail!(
-                "FileDeleted {} names the key {:?}, which is not that file's",
-                event.aggregate_id,
-                deleted.key
-            );
-        }
-        let backend = self.store.backend().as_str();
-        if deleted.backend != backend {
-            anyhow::bail!(
-                "the bytes of file {} are in the {} store; this process opens the {backend} store",
-                event.aggregate_id,
-                deleted.backend
-            );
-        }
-        let mut pauses = STORE_RETRY_PAUSES.iter();
-        loop {
-            match self.store.delete(&deleted.key).await {
-                Ok(()) => break,
-                Err(e) => match pauses.next() {
-                    Some(pause) => {
-                        tracing::warn!(file_id = event.aggregate_id, key = deleted.key, error = %e, retry_in_ms = pause.as_millis() as u64, "cannot remove a deleted file's bytes; retrying");
-                        tokio::time::sleep(*pause).await;
-                    }
-                    // Not transient on purpose: the consumer loop tries it a few times more, then parks it.
-                    None => return Err(refused(e, &event.aggregate_id)),
-                },
-            }
-        }
-        metrics::counter!("cairn_files_removed_total", "backend" => backend).increment(1);
-        tracing::info!(file_id = event.aggregate_id, key = deleted.key, backend, "deleted file's bytes removed");
-        Ok(())
-    }
-}
-
-fn refused(e: StoreError, file_id: &str) -> anyhow::Error {
-    anyhow::anyhow!("cannot remove the bytes of deleted file {file_id}: {e}")
 }
 
 impl EventBatchHandler for FileRemover {
     async fn handle(&self, events: &[EventEnvelope]) -> anyhow::Result<()> {
+        let mut wanted = Vec::new();
         for event in events {
             if event.aggregate_type == "File" && event.event_type == "FileDeleted" {
-                self.remove(event).await?;
+                let deleted: Deleted = serde_json::from_value(event.body().clone())
+                    .map_err(|e| anyhow::anyhow!("FileDeleted {} cannot be read: {e}", event.aggregate_id))?;
+                // The handler checks the key is the file's own and refuses the job otherwise,
+                // where an operator sees it among the failed jobs.
+                let args = json!({"file_id": event.aggregate_id, "key": deleted.key, "backend": deleted.backend});
+                let job = NewJob::new(FILES_REMOVE, args)
+                    .idempotency_key(Self::job_key(&event.aggregate_id))
+                    .enqueued_by(ENQUEUED_BY);
+                wanted.push(job);
             }
         }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let now = self.clock.now();
+        let mut tx = self.pool.begin().await?;
+        for job in &wanted {
+            let enqueued = jobs::enqueue(&mut tx, job, now).await?;
+            if enqueued.created {
+                tracing::debug!(job_id = %enqueued.id, args = %job.args, "removal of a deleted file's bytes enqueued");
+            }
+        }
+        tx.commit().await?;
         Ok(())
     }
 }

@@ -1,5 +1,6 @@
 //! The orphan sweeper: removes stored bytes that no event names, once they are older than the
-//! grace period (`CAIRN_FILES_ORPHAN_GRACE_SECS`), every `CAIRN_FILES_SWEEP_SECS`.
+//! grace period (`CAIRN_FILES_ORPHAN_GRACE_SECS`). A pass runs as the `files.sweep` job, which a
+//! built-in schedule enqueues every five minutes, or at once with `cairn admin sweep-files`.
 //!
 //! An upload registers a `file_uploads` row before its first byte is stored, and the transaction
 //! that appends its FileUploaded deletes that row (the quota trigger). So at any moment each
@@ -17,7 +18,7 @@
 //!    both read in one statement (one snapshot: the append that turns a row into an event is
 //!    seen either before or after, never half). A key of another shape is logged and left.
 //!
-//! Nothing else is ever removed: the bytes of a deleted file are the remover's, and a file the log
+//! Nothing else is ever removed: the bytes of a deleted file are `files.remove`'s, and a file the log
 //! knows keeps its bytes here whatever happened to its removal. The grace is measured on the
 //! injectable clock, so tests move time instead of waiting. One process sweeps at a time: a pass
 //! tries a Postgres advisory lock on a connection of its own and, if another process holds it,
@@ -32,7 +33,6 @@ use cairn_storage::{FileStore, StoredObject};
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use sqlx::{Connection, PgPool};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// How many upload rows, or listed objects, are looked up per statement.
@@ -62,11 +62,10 @@ pub struct FileSweeper {
     store: FileStore,
     clock: SharedClock,
     grace: Duration,
-    every: Duration,
 }
 
 impl FileSweeper {
-    /// A sweeper of `store` with the grace, period and clock of `settings`.
+    /// A sweeper of `store` with the grace and clock of `settings`.
     #[must_use]
     pub fn new(pool: PgPool, store: FileStore, settings: &Settings) -> Self {
         Self {
@@ -74,36 +73,6 @@ impl FileSweeper {
             store,
             clock: settings.clock.clone(),
             grace: settings.files.orphan_grace,
-            every: settings.files.sweep_every,
-        }
-    }
-
-    /// Sweeps every period until `shutdown`, the first pass one period after start (so a fleet
-    /// starting together does not sweep at once); a failed pass is logged and the next one tries
-    /// again.
-    pub async fn run(self, shutdown: CancellationToken) {
-        tracing::info!(
-            backend = self.store.backend().as_str(),
-            every_secs = self.every.as_secs(),
-            grace_secs = self.grace.as_secs(),
-            "file sweeper running"
-        );
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(self.every) => {}
-            }
-            let pass = tokio::select! {
-                () = shutdown.cancelled() => return,
-                pass = self.sweep() => pass,
-            };
-            match pass {
-                Ok(report) => tracing::debug!(?report, "file sweep done"),
-                Err(e) => {
-                    metrics::counter!("cairn_files_sweeps_total", "outcome" => "failed").increment(1);
-                    tracing::warn!(error = %format!("{e:#}"), "file sweep failed; the next one tries again");
-                }
-            }
         }
     }
 

@@ -6,6 +6,12 @@
 //! idempotent: delivery is at least once (a worker that dies mid-job has its job run again
 //! once the lease runs out).
 
+pub mod backoff;
+pub mod kinds;
+pub mod runner;
+pub mod scheduler;
+pub mod store;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +22,9 @@ use futures::future::BoxFuture;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+pub use kinds::{shipped, KindDeps};
+pub use runner::JobRunner;
 
 /// What a handler is given about the job it runs.
 #[derive(Debug, Clone)]
@@ -100,6 +109,13 @@ impl Registry {
     #[must_use]
     pub fn with(mut self, handler: impl JobHandler) -> Self {
         self.handlers.insert(handler.kind(), Arc::new(handler));
+        self
+    }
+
+    /// Adds every handler of `other` (replacing those of the same kinds).
+    #[must_use]
+    pub fn merge(mut self, other: Registry) -> Self {
+        self.handlers.extend(other.handlers);
         self
     }
 
