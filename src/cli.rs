@@ -383,18 +383,28 @@ async fn jobs(settings: &Settings, command: JobsCommand) -> anyhow::Result<()> {
             Ok(())
         }
         JobsCommand::Retry { id, json } => {
-            let token = commands::retry(&pool, id, metadata(), now).await.map_err(|e| anyhow::anyhow!("{}", describe(&e)))?;
+            let token =
+                commands::retry(&pool, id, metadata(), now).await.map_err(|e| anyhow::anyhow!("{}", describe(&e)))?;
             if json {
-                writeln!(out, "{}", serde_json::json!({ "job_id": id, "status": "queued", "consistency_token": token.to_string() }))?;
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({ "job_id": id, "status": "queued", "consistency_token": token.to_string() })
+                )?;
             } else {
                 writeln!(out, "job {id} is queued again")?;
             }
             Ok(())
         }
         JobsCommand::Cancel { id, json } => {
-            let token = commands::cancel(&pool, id, metadata(), now).await.map_err(|e| anyhow::anyhow!("{}", describe(&e)))?;
+            let token =
+                commands::cancel(&pool, id, metadata(), now).await.map_err(|e| anyhow::anyhow!("{}", describe(&e)))?;
             if json {
-                writeln!(out, "{}", serde_json::json!({ "job_id": id, "status": "cancelled", "consistency_token": token.to_string() }))?;
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({ "job_id": id, "status": "cancelled", "consistency_token": token.to_string() })
+                )?;
             } else {
                 writeln!(out, "job {id} is cancelled")?;
             }

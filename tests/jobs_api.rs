@@ -78,7 +78,12 @@ async fn an_operator_enqueues_lists_shows_retries_and_cancels() {
 
     let later = (app.clock.now() + chrono::Duration::minutes(2)).to_rfc3339();
     let first = enqueue(&app, &token, json!({ "kind": "noop", "args": {} })).await;
-    let delayed = enqueue(&app, &token, json!({ "kind": "noop", "args": { "sleep_ms": 5 }, "run_at": later, "priority": 7, "max_attempts": 3 })).await;
+    let delayed = enqueue(
+        &app,
+        &token,
+        json!({ "kind": "noop", "args": { "sleep_ms": 5 }, "run_at": later, "priority": 7, "max_attempts": 3 }),
+    )
+    .await;
     let mut others = Vec::new();
     for _ in 0..3 {
         others.push(enqueue(&app, &token, json!({ "kind": "sessions.purge", "args": {} })).await);
@@ -89,7 +94,8 @@ async fn an_operator_enqueues_lists_shows_retries_and_cancels() {
     assert_eq!(events.len(), 1);
     assert_eq!((events[0].0, events[0].1.as_str()), (1, "JobEnqueued"));
     assert!(events[0].2["actor_id"].is_string(), "{:?}", events[0].2);
-    let version: i64 = sqlx::query_scalar("SELECT version FROM jobs WHERE id = $1").bind(first).fetch_one(&app.pool).await.unwrap();
+    let version: i64 =
+        sqlx::query_scalar("SELECT version FROM jobs WHERE id = $1").bind(first).fetch_one(&app.pool).await.unwrap();
     assert_eq!(version, 1);
 
     // Show: a delayed job is scheduled until its time comes, then shown as queued.
@@ -97,7 +103,10 @@ async fn an_operator_enqueues_lists_shows_retries_and_cancels() {
     assert_eq!(shown.status, StatusCode::OK, "{:?}", shown.body);
     let job = shown.data();
     assert_eq!(job["status"], "scheduled");
-    assert_eq!((job["priority"].as_i64(), job["max_attempts"].as_i64(), job["attempts"].as_i64()), (Some(7), Some(3), Some(0)));
+    assert_eq!(
+        (job["priority"].as_i64(), job["max_attempts"].as_i64(), job["attempts"].as_i64()),
+        (Some(7), Some(3), Some(0))
+    );
     assert_eq!(job["args"], json!({ "sleep_ms": 5 }));
     assert!(job["enqueued_by"].as_str().is_some_and(|by| by.parse::<Uuid>().is_ok()), "{job}");
     assert_eq!(job["lease_owner"], Value::Null);
@@ -114,11 +123,13 @@ async fn an_operator_enqueues_lists_shows_retries_and_cancels() {
     // List: newest first, filtered by kind, paged by cursor with no repeats and no gaps.
     let page1 = app.get("/api/v1/jobs?kind=sessions.purge&limit=2", Some(&token)).await;
     assert_eq!(page1.status, StatusCode::OK, "{:?}", page1.body);
-    let ids1: Vec<String> = page1.data().as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_owned()).collect();
+    let ids1: Vec<String> =
+        page1.data().as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(ids1, vec![others[2].to_string(), others[1].to_string()]);
     let cursor = page1.body["meta"]["next_cursor"].as_str().unwrap().to_owned();
     let page2 = app.get(&format!("/api/v1/jobs?kind=sessions.purge&limit=2&cursor={cursor}"), Some(&token)).await;
-    let ids2: Vec<String> = page2.data().as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_owned()).collect();
+    let ids2: Vec<String> =
+        page2.data().as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(ids2, vec![others[0].to_string()]);
     assert_eq!(page2.body["meta"]["next_cursor"], Value::Null);
     let all = app.get("/api/v1/jobs?limit=100", Some(&token)).await;
@@ -168,10 +179,14 @@ async fn an_operator_enqueues_lists_shows_retries_and_cancels() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_requests_are_refused_naming_the_field_and_write_nothing() {
-    let (app, token) =
-        operator_app(&[("CAIRN_WEBHOOK_ALLOWED_HOSTS", "hooks.example.com")]).await;
+    let (app, token) = operator_app(&[("CAIRN_WEBHOOK_ALLOWED_HOSTS", "hooks.example.com")]).await;
     // An allowed webhook is accepted: the refusals below are about what they change.
-    enqueue(&app, &token, json!({ "kind": "webhook.deliver", "args": { "url": "https://hooks.example.com/in", "body": {} } })).await;
+    enqueue(
+        &app,
+        &token,
+        json!({ "kind": "webhook.deliver", "args": { "url": "https://hooks.example.com/in", "body": {} } }),
+    )
+    .await;
     let cases = [
         (json!({ "kind": "no.such.kind", "args": {} }), "kind"),
         (json!({ "kind": "noop", "args": [1, 2] }), "args"),
@@ -191,14 +206,21 @@ async fn bad_requests_are_refused_naming_the_field_and_write_nothing() {
         assert!(reply.body["error"]["details"][field].is_string(), "{body} should name {field}: {:?}", reply.body);
     }
     let host = app
-        .post("/api/v1/jobs", Some(&token), json!({ "kind": "webhook.deliver", "args": { "url": "https://evil.example.net/x", "body": {} } }))
+        .post(
+            "/api/v1/jobs",
+            Some(&token),
+            json!({ "kind": "webhook.deliver", "args": { "url": "https://evil.example.net/x", "body": {} } }),
+        )
         .await;
     assert!(host.body["error"]["message"].as_str().unwrap().contains("CAIRN_WEBHOOK_ALLOWED_HOSTS"), "{:?}", host.body);
-    let unknown_field = app.post("/api/v1/jobs", Some(&token), json!({ "kind": "noop", "args": {}, "queue": "x" })).await;
+    let unknown_field =
+        app.post("/api/v1/jobs", Some(&token), json!({ "kind": "noop", "args": {}, "queue": "x" })).await;
     assert_eq!(unknown_field.status, StatusCode::BAD_REQUEST);
     let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&app.pool).await.unwrap();
-    let events: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'Job'").fetch_one(&app.pool).await.unwrap();
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'Job'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     assert_eq!((jobs, events), (1, 1));
     for query in ["status=sleeping", "limit=0", "limit=101", "cursor=nope", "kind=Bad%20Kind"] {
         let reply = app.get(&format!("/api/v1/jobs?{query}"), Some(&token)).await;
@@ -213,7 +235,8 @@ async fn twenty_concurrent_enqueues_with_one_key_make_one_job_and_one_event() {
     // A different key first: the system does create jobs, one per key.
     let other = enqueue(&app, &token, json!({ "kind": "noop", "args": {}, "idempotency_key": "other" })).await;
     let body = json!({ "kind": "noop", "args": {}, "idempotency_key": "nightly-2026-12-01" });
-    let replies = futures::future::join_all((0..20).map(|_| app.post("/api/v1/jobs", Some(&token), body.clone()))).await;
+    let replies =
+        futures::future::join_all((0..20).map(|_| app.post("/api/v1/jobs", Some(&token), body.clone()))).await;
     let mut ids: Vec<String> = replies
         .iter()
         .map(|r| {
@@ -236,8 +259,10 @@ async fn twenty_concurrent_enqueues_with_one_key_make_one_job_and_one_event() {
     .await
     .unwrap();
     assert_eq!((jobs, events), (1, 1));
-    let all_events: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'Job'").fetch_one(&app.pool).await.unwrap();
+    let all_events: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'Job'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     assert_eq!(all_events, 2);
     app.stop().await;
 }

@@ -109,17 +109,14 @@ async fn an_every_second_schedule_fires_each_tick_once_across_two_workers_even_w
     let mut a = Workers::start(&env, &extra);
     let started = Instant::now();
     let pool = loop {
-        match PgPool::connect(&env.database_url).await {
-            Ok(pool) => {
-                let ready: Option<i64> = sqlx::query_scalar("SELECT count(*) FROM schedules WHERE name = 'every-second'")
-                    .fetch_one(&pool)
-                    .await
-                    .ok();
-                if ready == Some(1) {
-                    break pool;
-                }
+        if let Ok(pool) = PgPool::connect(&env.database_url).await {
+            let ready: Option<i64> = sqlx::query_scalar("SELECT count(*) FROM schedules WHERE name = 'every-second'")
+                .fetch_one(&pool)
+                .await
+                .ok();
+            if ready == Some(1) {
+                break pool;
             }
-            Err(_) => {}
         }
         assert!(a.child.try_wait().unwrap().is_none(), "cairn workers exited: {}", a.log());
         assert!(started.elapsed() < Duration::from_secs(60), "the schedule was never written: {}", a.log());
@@ -188,7 +185,13 @@ async fn schedules_are_defined_listed_redefined_and_removed_over_the_api() {
     .await;
     let token = operator(&app).await;
     // The built-ins are there, written by the worker at start.
-    common::wait_count(&app.pool, "SELECT count(*) FROM schedules WHERE source = 'builtin'", 3, Duration::from_secs(30)).await;
+    common::wait_count(
+        &app.pool,
+        "SELECT count(*) FROM schedules WHERE source = 'builtin'",
+        3,
+        Duration::from_secs(30),
+    )
+    .await;
 
     let defined = app
         .post(
@@ -204,7 +207,11 @@ async fn schedules_are_defined_listed_redefined_and_removed_over_the_api() {
     assert_eq!((paris["source"].as_str(), paris["timezone"].as_str()), (Some("api"), Some("Europe/Paris")));
     // 09:00 in Paris is 08:00 UTC in winter and 07:00 UTC in summer.
     let next: DateTime<Utc> = paris["next_run_at"].as_str().unwrap().parse().unwrap();
-    assert!(next.format("%M:%S").to_string() == "00:00" && [7, 8].contains(&next.format("%H").to_string().parse::<u32>().unwrap()), "{next}");
+    assert!(
+        next.format("%M:%S").to_string() == "00:00"
+            && [7, 8].contains(&next.format("%H").to_string().parse::<u32>().unwrap()),
+        "{next}"
+    );
     assert_eq!(find(list.data(), "files.sweep").unwrap()["source"], "builtin");
 
     // The same definition again: unchanged, nothing recorded. A new one: redefined.
@@ -217,7 +224,11 @@ async fn schedules_are_defined_listed_redefined_and_removed_over_the_api() {
         .await;
     assert_eq!(same.status, StatusCode::OK);
     let redefined = app
-        .post("/api/v1/schedules", Some(&token), json!({ "name": "paris-morning", "cron": "0 30 10 * * *", "kind": "noop", "args": {} }))
+        .post(
+            "/api/v1/schedules",
+            Some(&token),
+            json!({ "name": "paris-morning", "cron": "0 30 10 * * *", "kind": "noop", "args": {} }),
+        )
         .await;
     assert_eq!(redefined.status, StatusCode::OK, "{:?}", redefined.body);
     let list = app.get("/api/v1/schedules", Some(&token)).await;
@@ -244,7 +255,10 @@ async fn schedules_are_defined_listed_redefined_and_removed_over_the_api() {
     let bad = [
         (json!({ "name": "x", "cron": "* * *", "kind": "noop", "args": {} }), "cron"),
         (json!({ "name": "x", "cron": "61 * * * * *", "kind": "noop", "args": {} }), "cron"),
-        (json!({ "name": "x", "cron": "* * * * *", "timezone": "Mars/Olympus", "kind": "noop", "args": {} }), "timezone"),
+        (
+            json!({ "name": "x", "cron": "* * * * *", "timezone": "Mars/Olympus", "kind": "noop", "args": {} }),
+            "timezone",
+        ),
         (json!({ "name": "Bad Name", "cron": "* * * * *", "kind": "noop", "args": {} }), "name"),
         (json!({ "name": "x", "cron": "* * * * *", "kind": "nope", "args": {} }), "kind"),
         (json!({ "name": "x", "cron": "* * * * *", "kind": "noop", "args": [] }), "args"),
@@ -260,7 +274,11 @@ async fn schedules_are_defined_listed_redefined_and_removed_over_the_api() {
     assert_eq!(builtin.status, StatusCode::CONFLICT, "{:?}", builtin.body);
     assert!(builtin.body["error"]["message"].as_str().unwrap().contains("configuration"));
     let builtin = app
-        .post("/api/v1/schedules", Some(&token), json!({ "name": "files.sweep", "cron": "* * * * *", "kind": "noop", "args": {} }))
+        .post(
+            "/api/v1/schedules",
+            Some(&token),
+            json!({ "name": "files.sweep", "cron": "* * * * *", "kind": "noop", "args": {} }),
+        )
         .await;
     assert_eq!(builtin.status, StatusCode::CONFLICT);
     let unknown = app.request("DELETE", "/api/v1/schedules/never-defined", Some(&token), None, &[]).await;
@@ -272,7 +290,11 @@ async fn schedules_are_defined_listed_redefined_and_removed_over_the_api() {
     assert!(find(list.data(), "paris-morning").is_none());
     // Defined again after its removal: the log's sequence goes on.
     let again = app
-        .post("/api/v1/schedules", Some(&token), json!({ "name": "paris-morning", "cron": "0 0 9 * * *", "kind": "noop", "args": {} }))
+        .post(
+            "/api/v1/schedules",
+            Some(&token),
+            json!({ "name": "paris-morning", "cron": "0 0 9 * * *", "kind": "noop", "args": {} }),
+        )
         .await;
     assert_eq!(again.status, StatusCode::CREATED, "{:?}", again.body);
     let sequences: Vec<i64> = sqlx::query_scalar(
@@ -295,7 +317,11 @@ async fn a_schedule_fires_on_the_application_clock_and_catches_up_tick_by_tick()
     .await;
     let token = operator(&app).await;
     let defined = app
-        .post("/api/v1/schedules", Some(&token), json!({ "name": "minutely", "cron": "0 * * * * *", "kind": "noop", "args": {} }))
+        .post(
+            "/api/v1/schedules",
+            Some(&token),
+            json!({ "name": "minutely", "cron": "0 * * * * *", "kind": "noop", "args": {} }),
+        )
         .await;
     assert_eq!(defined.status, StatusCode::CREATED, "{:?}", defined.body);
     let count = "SELECT count(*) FROM jobs WHERE enqueued_by = 'schedule:minutely'";
@@ -321,7 +347,8 @@ async fn a_schedule_fires_on_the_application_clock_and_catches_up_tick_by_tick()
     // skipped rather than run late in a burst. A pass is one transaction, so once the next tick
     // is in the future every tick of that pass is there.
     app.clock.advance(Duration::from_secs(2 * 3600));
-    let caught_up = "SELECT count(*) FROM schedules WHERE name = 'minutely' AND next_run_at > now() + interval '1 hour'";
+    let caught_up =
+        "SELECT count(*) FROM schedules WHERE name = 'minutely' AND next_run_at > now() + interval '1 hour'";
     common::wait_count(&app.pool, caught_up, 1, Duration::from_secs(20)).await;
     let fired = ticks(&app.pool, "minutely").await;
     assert_eq!(fired.len(), 3 + 60, "{fired:?}");

@@ -294,7 +294,9 @@ mod tests {
     fn a_request_gets_the_defaults_and_each_bound_is_checked() {
         let r = request();
         assert_eq!((r.priority, r.max_attempts), (0, DEFAULT_MAX_ATTEMPTS));
-        let new = |kind: &str, args, priority, attempts, key| JobRequest::new(id(), kind, args, None, priority, attempts, key);
+        let new = |kind: &str, args, priority, attempts, key| {
+            JobRequest::new(id(), kind, args, None, priority, attempts, key)
+        };
         let obj = serde_json::json!({});
         assert_eq!(new("Bad Kind", obj.clone(), None, None, None).err(), Some(JobError::BadKind));
         assert_eq!(new("noop", serde_json::json!([1]), None, None, None).err(), Some(JobError::BadArgs));
@@ -305,7 +307,10 @@ mod tests {
         assert_eq!(new("noop", obj.clone(), None, Some(0), None).err(), Some(JobError::BadMaxAttempts));
         assert_eq!(new("noop", obj.clone(), None, Some(1001), None).err(), Some(JobError::BadMaxAttempts));
         assert_eq!(new("noop", obj.clone(), None, None, Some(String::new())).err(), Some(JobError::BadIdempotencyKey));
-        assert_eq!(new("noop", obj.clone(), None, None, Some("k".repeat(201))).err(), Some(JobError::BadIdempotencyKey));
+        assert_eq!(
+            new("noop", obj.clone(), None, None, Some("k".repeat(201))).err(),
+            Some(JobError::BadIdempotencyKey)
+        );
         assert!(new("webhook.deliver", obj, Some(100), Some(1000), Some("k".repeat(200))).is_ok());
     }
 
@@ -325,7 +330,10 @@ mod tests {
     fn an_enqueue_out_of_bounds_is_refused_by_the_aggregate_too() {
         let mut bad = request();
         bad.priority = 500;
-        JobTest::with(()).given_no_previous_events().when(JobCommand::Enqueue(bad)).then_expect_error(JobError::BadPriority);
+        JobTest::with(())
+            .given_no_previous_events()
+            .when(JobCommand::Enqueue(bad))
+            .then_expect_error(JobError::BadPriority);
     }
 
     #[test]

@@ -46,5 +46,10 @@ pub struct QueryState {
 
 /// The query API's routes, documented.
 pub fn router(state: QueryState) -> OpenApiRouter {
-    users::routes().merge(rooms::routes()).merge(files::routes()).merge(admin::routes()).merge(jobs::routes()).with_state(state)
+    users::routes()
+        .merge(rooms::routes())
+        .merge(files::routes())
+        .merge(admin::routes())
+        .merge(jobs::routes())
+        .with_state(state)
 }

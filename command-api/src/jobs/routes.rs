@@ -112,8 +112,7 @@ async fn define_schedule(
     let name = body.name.clone();
     let actor = caller.id().to_string();
     let (created, token) =
-        commands::define_schedule(&pool, &settings, body, commands::metadata(&ctx, Some(&actor)), clock.now())
-            .await?;
+        commands::define_schedule(&pool, &settings, body, commands::metadata(&ctx, Some(&actor)), clock.now()).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok(ApiResponse::with_status(status, json!({ "name": name })).consistency(token))
 }

@@ -149,7 +149,10 @@ pub fn load_file(path: &Path, settings: &super::JobsSettings) -> anyhow::Result<
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("CAIRN_SCHEDULES_FILE: cannot read {}", path.display()))?;
     let defs: Vec<ScheduleDef> = serde_json::from_str(&text).with_context(|| {
-        format!("CAIRN_SCHEDULES_FILE: {} must be a JSON array of {{name, cron, timezone?, kind, args?}}", path.display())
+        format!(
+            "CAIRN_SCHEDULES_FILE: {} must be a JSON array of {{name, cron, timezone?, kind, args?}}",
+            path.display()
+        )
     })?;
     let mut seen = std::collections::BTreeSet::new();
     for def in &defs {

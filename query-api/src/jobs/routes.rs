@@ -129,7 +129,5 @@ async fn list_schedules(
     };
     let consistency = consistency.unchecked().await?;
     let (items, next) = store::schedules(&pool, after.as_deref(), limit).await?;
-    Ok(consistency.annotate(
-        ApiResponse::ok(items).meta("next_cursor", next.map(|n| store::encode_name_cursor(&n))),
-    ))
+    Ok(consistency.annotate(ApiResponse::ok(items).meta("next_cursor", next.map(|n| store::encode_name_cursor(&n)))))
 }

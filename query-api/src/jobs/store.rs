@@ -121,10 +121,8 @@ fn view(row: JobRow, now: DateTime<Utc>) -> JobView {
 /// # Errors
 /// When the query fails.
 pub async fn find(pool: &PgPool, id: Uuid, now: DateTime<Utc>) -> sqlx::Result<Option<JobView>> {
-    let row: Option<JobRow> = sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(pool)
-        .await?;
+    let row: Option<JobRow> =
+        sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1")).bind(id).fetch_optional(pool).await?;
     Ok(row.map(|r| view(r, now)))
 }
 

@@ -91,11 +91,12 @@ impl Scheduler {
             schedule::upsert(&mut tx, def, &parsed, *source, 0, now).await?;
         }
         let names: Vec<String> = self.defined.iter().map(|(d, _)| d.name.clone()).collect();
-        let removed = sqlx::query("DELETE FROM schedules WHERE source IN ('config', 'builtin') AND NOT (name = ANY($1))")
-            .bind(&names)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let removed =
+            sqlx::query("DELETE FROM schedules WHERE source IN ('config', 'builtin') AND NOT (name = ANY($1))")
+                .bind(&names)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
         tx.commit().await?;
         tracing::info!(defined = names.len(), removed, "schedules from configuration written");
         Ok(())
@@ -212,8 +213,11 @@ pub fn definitions(settings: &JobsSettings) -> anyhow::Result<Vec<(ScheduleDef, 
         None => Vec::new(),
     };
     let names: BTreeSet<&str> = configured.iter().map(|d| d.name.as_str()).collect();
-    let mut out: Vec<(ScheduleDef, Source)> =
-        schedule::builtin().into_iter().filter(|d| !names.contains(d.name.as_str())).map(|d| (d, Source::Builtin)).collect();
+    let mut out: Vec<(ScheduleDef, Source)> = schedule::builtin()
+        .into_iter()
+        .filter(|d| !names.contains(d.name.as_str()))
+        .map(|d| (d, Source::Builtin))
+        .collect();
     out.extend(configured.into_iter().map(|d| (d, Source::Config)));
     Ok(out)
 }
@@ -225,7 +229,10 @@ mod tests {
     #[test]
     fn a_tick_key_names_the_schedule_and_the_second() {
         let tick = DateTime::parse_from_rfc3339("2026-12-01T03:00:05Z").map(|t| t.with_timezone(&Utc));
-        assert_eq!(tick.map(|t| tick_key("every-second", t)).ok().as_deref(), Some("schedule:every-second:2026-12-01T03:00:05Z"));
+        assert_eq!(
+            tick.map(|t| tick_key("every-second", t)).ok().as_deref(),
+            Some("schedule:every-second:2026-12-01T03:00:05Z")
+        );
     }
 
     #[test]
