@@ -225,7 +225,10 @@ impl JobRunner {
             tracing::info!(jobs = running.len(), wait_ms = wait.as_millis(), "waiting for running jobs");
         }
         if tokio::time::timeout_at(deadline, async { while running.join_next().await.is_some() {} }).await.is_err() {
-            tracing::warn!(jobs = running.len(), "jobs still running at the end of the grace period; handing them back");
+            tracing::warn!(
+                jobs = running.len(),
+                "jobs still running at the end of the grace period; handing them back"
+            );
             shared.stop_jobs.cancel();
             // Cancelled runs end at once (their handler's future is dropped) with a release.
             while running.join_next().await.is_some() {}
@@ -382,7 +385,11 @@ async fn attempt(shared: &Shared, handler: &dyn JobHandler, ctx: &JobContext, ti
         JobError::Retry(_) | JobError::RetryAfter(..) if last => Write::Dead { at, error: message },
         JobError::Retry(_) => {
             let wait = backoff::delay(ctx.attempt, shared.settings.backoff_base, shared.settings.backoff_max);
-            Write::Retry { at, error: message, run_at: at + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX) }
+            Write::Retry {
+                at,
+                error: message,
+                run_at: at + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX),
+            }
         }
         JobError::RetryAfter(wait, _) => Write::Retry {
             at,
@@ -422,7 +429,8 @@ async fn write_outcomes(shared: Arc<Shared>, mut ended: mpsc::Receiver<Ended>) {
                 if *ok {
                     let kind = one.job.kind.clone();
                     if !matches!(one.write, Write::Release) {
-                        metrics::counter!("cairn_jobs_finished_total", "kind" => kind, "outcome" => one.write.label()).increment(1);
+                        metrics::counter!("cairn_jobs_finished_total", "kind" => kind, "outcome" => one.write.label())
+                            .increment(1);
                     }
                     tracing::debug!(job_id = %one.job.id, outcome = one.write.label(), ran_ms = one.ran.as_millis(), "job ran");
                 }
