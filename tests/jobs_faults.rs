@@ -123,7 +123,8 @@ async fn a_paused_worker_that_lost_its_lease_cannot_record_the_jobs_outcome() {
     let (status, attempts_after, fence_after, _) = job_row(&pool, id).await;
     assert_eq!((status.as_str(), attempts_after, fence_after), ("done", 2, fence), "the row keeps B's outcome");
     assert_eq!(finished_count(&pool, id).await, 1);
-    let refusal = a.log().lines().find(|l| l.contains(&id_text) && l.contains("refused")).unwrap_or_default().to_owned();
+    let refusal =
+        a.log().lines().find(|l| l.contains(&id_text) && l.contains("refused")).unwrap_or_default().to_owned();
     assert!(refusal.contains(&first_fence.to_string()), "the refusal names A's fence: {refusal}");
     assert!(a_owner.is_some());
 

@@ -365,9 +365,12 @@ async fn the_metrics_show_jobs_by_kind_and_status_and_the_wait_before_start() {
     let started = std::time::Instant::now();
     loop {
         let text = app.client.get(format!("{}/metrics", app.address)).send().await.unwrap().text().await.unwrap();
-        let failed_gauge = text
-            .lines()
-            .any(|l| l.starts_with("cairn_jobs{") && l.contains("kind=\"test.permanent\"") && l.contains("status=\"failed\"") && !l.ends_with(" 0"));
+        let failed_gauge = text.lines().any(|l| {
+            l.starts_with("cairn_jobs{")
+                && l.contains("kind=\"test.permanent\"")
+                && l.contains("status=\"failed\"")
+                && !l.ends_with(" 0")
+        });
         if failed_gauge {
             assert!(text.contains("cairn_jobs_wait_seconds"), "{text}");
             assert!(text.contains("cairn_jobs_run_seconds"), "{text}");

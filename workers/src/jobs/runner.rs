@@ -198,6 +198,11 @@ impl JobRunner {
             wake: Notify::new(),
             stop_jobs: CancellationToken::new(),
         });
+        if let Some(wanted) = &self.settings.kinds {
+            for kind in wanted.iter().filter(|k| self.registry.get(k).is_none()) {
+                tracing::warn!(kind, "CAIRN_JOBS_KINDS names a kind no handler is registered for; it is not run here");
+            }
+        }
         tracing::info!(owner = %self.owner, kinds = ?lanes.iter().map(|l| l.kind).collect::<Vec<_>>(), "job runner started");
 
         // Every run sends exactly one outcome and holds a slot until it is written: the channel
@@ -220,7 +225,10 @@ impl JobRunner {
             tracing::info!(jobs = running.len(), wait_ms = wait.as_millis(), "waiting for running jobs");
         }
         if tokio::time::timeout_at(deadline, async { while running.join_next().await.is_some() {} }).await.is_err() {
-            tracing::warn!(jobs = running.len(), "jobs still running at the end of the grace period; handing them back");
+            tracing::warn!(
+                jobs = running.len(),
+                "jobs still running at the end of the grace period; handing them back"
+            );
             shared.stop_jobs.cancel();
             // Cancelled runs end at once (their handler's future is dropped) with a release.
             while running.join_next().await.is_some() {}
@@ -260,6 +268,9 @@ async fn claim_loop(
             }
             let permits: Vec<OwnedSemaphorePermit> =
                 (0..n).map_while(|_| lane.slots.clone().try_acquire_owned().ok()).collect();
+            if permits.is_empty() {
+                continue;
+            }
             let now = shared.clock.now();
             let claimed =
                 match store::claim(&shared.pool, lane.kind, permits.len(), &shared.owner, now, shared.settings.lease)
@@ -374,7 +385,11 @@ async fn attempt(shared: &Shared, handler: &dyn JobHandler, ctx: &JobContext, ti
         JobError::Retry(_) | JobError::RetryAfter(..) if last => Write::Dead { at, error: message },
         JobError::Retry(_) => {
             let wait = backoff::delay(ctx.attempt, shared.settings.backoff_base, shared.settings.backoff_max);
-            Write::Retry { at, error: message, run_at: at + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX) }
+            Write::Retry {
+                at,
+                error: message,
+                run_at: at + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX),
+            }
         }
         JobError::RetryAfter(wait, _) => Write::Retry {
             at,
@@ -414,7 +429,8 @@ async fn write_outcomes(shared: Arc<Shared>, mut ended: mpsc::Receiver<Ended>) {
                 if *ok {
                     let kind = one.job.kind.clone();
                     if !matches!(one.write, Write::Release) {
-                        metrics::counter!("cairn_jobs_finished_total", "kind" => kind, "outcome" => one.write.label()).increment(1);
+                        metrics::counter!("cairn_jobs_finished_total", "kind" => kind, "outcome" => one.write.label())
+                            .increment(1);
                     }
                     tracing::debug!(job_id = %one.job.id, outcome = one.write.label(), ran_ms = one.ran.as_millis(), "job ran");
                 }
@@ -455,30 +471,28 @@ async fn write_batch(shared: &Shared, batch: &[Ended]) -> Result<Vec<bool>, sqlx
 /// Wakes the claim loop on each NOTIFY; reconnects after a failure (polling covers the gap).
 async fn listen(shared: Arc<Shared>, stop: CancellationToken) {
     while !stop.is_cancelled() {
-        let connected = async {
-            let mut listener = PgListener::connect_with(&shared.pool).await?;
-            listener.listen(cairn_platform::jobs::NOTIFY_CHANNEL).await?;
-            // Jobs may have become due while this was not listening.
-            shared.wake.notify_one();
-            loop {
-                listener.recv().await?;
-                shared.wake.notify_one();
-            }
-            #[allow(unreachable_code)]
-            Ok::<(), sqlx::Error>(())
-        };
         tokio::select! {
             () = stop.cancelled() => return,
-            result = connected => {
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, "job notifications lost; polling until they are back");
-                }
+            Err(e) = listen_once(&shared) => {
+                tracing::warn!(error = %e, "job notifications lost; polling until they are back");
             }
         }
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+    }
+}
+
+/// Listens until the connection fails.
+async fn listen_once(shared: &Shared) -> Result<(), sqlx::Error> {
+    let mut listener = PgListener::connect_with(&shared.pool).await?;
+    listener.listen(cairn_platform::jobs::NOTIFY_CHANNEL).await?;
+    // Jobs may have become due while nothing was listening.
+    shared.wake.notify_one();
+    loop {
+        listener.recv().await?;
+        shared.wake.notify_one();
     }
 }
 
@@ -600,5 +614,26 @@ async fn sample(shared: &Shared, kinds: &[String], reported: &mut BTreeSet<(Stri
         #[allow(clippy::cast_precision_loss)]
         metrics::gauge!("cairn_jobs", "kind" => kind.clone(), "status" => status).set(n as f64);
         reported.insert((kind, status));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_limit_allows_its_burst_then_refills_at_its_rate() {
+        let mut bucket = Bucket::new(RateLimit { count: 10, period: Duration::from_secs(1) });
+        assert_eq!(bucket.available(), 10);
+        bucket.take(10);
+        assert_eq!(bucket.available(), 0);
+        // One token comes back every 100 ms.
+        let next = bucket.next_in();
+        assert!(next > Duration::from_millis(50) && next <= Duration::from_millis(100), "{next:?}");
+        bucket.at -= Duration::from_millis(350);
+        assert_eq!(bucket.available(), 3);
+        // Never more than the burst, however long it was idle.
+        bucket.at -= Duration::from_secs(3600);
+        assert_eq!(bucket.available(), 10);
     }
 }

@@ -162,18 +162,18 @@ pub async fn record(
             .fetch_optional(&mut *conn)
             .await?
         }
-        Write::Release => {
-            sqlx::query_as(&format!(
-                "UPDATE jobs SET status = 'queued', run_at = $3, updated_at = $3, attempts = greatest(attempts - 1, 0), \
+        Write::Release => sqlx::query_as(&format!(
+            "UPDATE jobs SET status = 'queued', run_at = $3, updated_at = $3, attempts = greatest(attempts - 1, 0), \
                      lease_owner = NULL, lease_expires_at = NULL {FENCED} RETURNING kind, attempts, version"
-            ))
-            .bind(id)
-            .bind(fence)
-            .bind(now)
-            .fetch_optional(&mut *conn)
-            .await?
+        ))
+        .bind(id)
+        .bind(fence)
+        .bind(now)
+        .fetch_optional(&mut *conn)
+        .await?,
+        Write::Retry { at, error, run_at } => {
+            failure(conn, id, fence, "scheduled", *at, error, Some(*run_at), now).await?
         }
-        Write::Retry { at, error, run_at } => failure(conn, id, fence, "scheduled", *at, error, Some(*run_at), now).await?,
         Write::Failed { at, error } => failure(conn, id, fence, "failed", *at, error, None, now).await?,
         Write::Dead { at, error } => failure(conn, id, fence, "dead", *at, error, None, now).await?,
     };
@@ -250,7 +250,11 @@ async fn finished(
 /// queued again at once, or dead (with its `JobFinished`) if that was the last attempt. The run
 /// that was lost counts as an attempt, with [`LEASE_EXPIRED`] as its error. Returns each one's
 /// kind and whether it is dead.
-pub async fn reap(pool: &PgPool, now: DateTime<Utc>, metadata: &serde_json::Value) -> Result<Vec<(String, bool)>, sqlx::Error> {
+pub async fn reap(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    metadata: &serde_json::Value,
+) -> Result<Vec<(String, bool)>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let rows: Vec<(Uuid, String, bool, i32, i64)> = sqlx::query_as(&format!(
         "WITH expired AS (SELECT id FROM jobs WHERE status = 'running' AND lease_expires_at < $1 \
@@ -277,7 +281,12 @@ pub async fn reap(pool: &PgPool, now: DateTime<Utc>, metadata: &serde_json::Valu
 }
 
 /// Deletes finished jobs past their retention, in batches; returns how many.
-pub async fn purge(pool: &PgPool, now: DateTime<Utc>, keep_done: Duration, keep_dead: Duration) -> Result<u64, sqlx::Error> {
+pub async fn purge(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    keep_done: Duration,
+    keep_dead: Duration,
+) -> Result<u64, sqlx::Error> {
     let done_before = now - chrono::Duration::from_std(keep_done).unwrap_or(chrono::Duration::MAX);
     let dead_before = now - chrono::Duration::from_std(keep_dead).unwrap_or(chrono::Duration::MAX);
     let mut total = 0;

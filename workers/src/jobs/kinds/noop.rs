@@ -19,7 +19,8 @@ impl JobHandler for Noop {
 
     fn run<'a>(&'a self, job: &'a JobContext) -> BoxFuture<'a, Result<(), JobError>> {
         Box::pin(async move {
-            let sleep = Duration::from_millis(job.args.get("sleep_ms").and_then(serde_json::Value::as_u64).unwrap_or(0));
+            let sleep =
+                Duration::from_millis(job.args.get("sleep_ms").and_then(serde_json::Value::as_u64).unwrap_or(0));
             if sleep.is_zero() {
                 return Ok(());
             }
