@@ -272,7 +272,8 @@ impl Application {
             let scheduler = cairn_workers::jobs::scheduler::Scheduler::new(pool.clone(), &settings)?;
             tasks.spawn(scheduler.run(shutdown.clone()));
             // Background jobs: the shipped kinds and the caller's, run under leases from the jobs table.
-            let deps = cairn_workers::jobs::KindDeps { pool: pool.clone(), settings: settings.clone(), files: store()? };
+            let deps =
+                cairn_workers::jobs::KindDeps { pool: pool.clone(), settings: settings.clone(), files: store()? };
             let registry = cairn_workers::jobs::shipped(&deps)?.merge(jobs);
             let runner = cairn_workers::jobs::JobRunner::new(
                 pool.clone(),

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use cairn::Services;
+use cairn_platform::clock::{SharedClock, TestClock};
 use cairn_platform::nats::{EventBatchHandler, Namespace};
 use cairn_storage::{ByteStream, FileStore, StoreError};
-use cairn_platform::clock::{SharedClock, TestClock};
 use cairn_workers::jobs::kinds::FilesRemove;
 use cairn_workers::jobs::{JobContext, JobError, JobHandler};
 use cairn_workers::FileRemover;
@@ -171,7 +171,12 @@ async fn deleted_bytes_leave(env: TestEnv) {
     assert_eq!(args["key"], json!(key));
     assert_eq!(enqueued_by, "event:FileDeleted");
     // The application's job runner takes it and the bytes go.
-    app.wait_count(&format!("SELECT count(*) FROM jobs WHERE id = '{job_id}' AND status = 'done'"), 1, Duration::from_secs(30)).await;
+    app.wait_count(
+        &format!("SELECT count(*) FROM jobs WHERE id = '{job_id}' AND status = 'done'"),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
     assert!(!exists(&store, &key).await);
     assert!(exists(&store, &FileStore::key_for(kept)).await);
     // Run again (a lost lease): removing what is gone succeeds.
@@ -239,7 +244,13 @@ async fn a_store_that_refuses_has_the_removal_job_retried_and_the_event_is_not_p
     let mut jobs_settings = env.settings(&[("CAIRN_JOBS_POLL_MS", "50")]);
     jobs_settings.clock = clock.clone();
     let registry = cairn_workers::jobs::Registry::new().with(handler.clone());
-    let runner = cairn_workers::jobs::JobRunner::new(pool.clone(), registry, &jobs_settings.jobs, clock.clone(), Duration::from_secs(1));
+    let runner = cairn_workers::jobs::JobRunner::new(
+        pool.clone(),
+        registry,
+        &jobs_settings.jobs,
+        clock.clone(),
+        Duration::from_secs(1),
+    );
     tokio::spawn(runner.run(shutdown.clone()));
     let started = Instant::now();
     let run_at = loop {
@@ -275,7 +286,13 @@ async fn a_store_that_refuses_has_the_removal_job_retried_and_the_event_is_not_p
     std::fs::remove_file(&link).unwrap();
     std::os::unix::fs::symlink(env.files.path(), &link).unwrap();
     clock_handle.advance((run_at - clock.now()).to_std().unwrap_or_default() + Duration::from_secs(1));
-    common::wait_count(&pool, &format!("SELECT count(*) FROM jobs WHERE id = '{job_id}' AND status = 'done' AND attempts = 2"), 1, Duration::from_secs(30)).await;
+    common::wait_count(
+        &pool,
+        &format!("SELECT count(*) FROM jobs WHERE id = '{job_id}' AND status = 'done' AND attempts = 2"),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
     assert!(!exists(&real, &key).await);
 
     // A key that is not the file's own is refused for good, and nothing is removed.

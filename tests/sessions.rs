@@ -552,10 +552,8 @@ async fn ended_sessions_are_purged_from_the_read_model_a_day_later_and_live_ones
     let out = app.post("/api/v1/auth/logout", Some(&revoked_access), json!({})).await;
     assert!(out.status.is_success(), "{:?}", out.body);
     app.wait_count("SELECT count(*) FROM sessions WHERE revoked_at IS NOT NULL", 1, Duration::from_secs(20)).await;
-    let revoked: uuid::Uuid = sqlx::query_scalar("SELECT id FROM sessions WHERE revoked_at IS NOT NULL")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let revoked: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM sessions WHERE revoked_at IS NOT NULL").fetch_one(&app.pool).await.unwrap();
     assert_eq!(authed(&app, &kept_access).await, StatusCode::OK);
 
     // Just revoked: it stays (listed as ended for a day).
@@ -564,7 +562,8 @@ async fn ended_sessions_are_purged_from_the_read_model_a_day_later_and_live_ones
 
     // A day and an hour later the revoked one goes; the live one, and one started since, stay.
     app.clock.advance(Duration::from_secs(24 * 3600 + 600));
-    let refreshed = app.post("/api/v1/auth/login", None, json!({"email": "purged@example.com", "password": PASSWORD})).await;
+    let refreshed =
+        app.post("/api/v1/auth/login", None, json!({"email": "purged@example.com", "password": PASSWORD})).await;
     assert_eq!(refreshed.status, StatusCode::OK);
     app.wait_count("SELECT count(*) FROM sessions", 3, Duration::from_secs(20)).await;
     app.clock.advance(Duration::from_secs(3000));
@@ -575,12 +574,15 @@ async fn ended_sessions_are_purged_from_the_read_model_a_day_later_and_live_ones
 
     // A later event for the purged session (logout-all revokes every session of the user, and a
     // replayed revocation names the purged one): applied without failing, and the row stays gone.
-    let sequence: i64 = sqlx::query_scalar("SELECT max(sequence) + 1 FROM events WHERE aggregate_type = 'Session' AND aggregate_id = $1")
-        .bind(revoked.to_string())
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-    let user: uuid::Uuid = sqlx::query_scalar("SELECT user_id FROM sessions LIMIT 1").fetch_one(&app.pool).await.unwrap();
+    let sequence: i64 = sqlx::query_scalar(
+        "SELECT max(sequence) + 1 FROM events WHERE aggregate_type = 'Session' AND aggregate_id = $1",
+    )
+    .bind(revoked.to_string())
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let user: uuid::Uuid =
+        sqlx::query_scalar("SELECT user_id FROM sessions LIMIT 1").fetch_one(&app.pool).await.unwrap();
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
          VALUES ('Session', $1, $2, 'SessionRevoked', '1', $3, '{}')",
@@ -592,7 +594,8 @@ async fn ended_sessions_are_purged_from_the_read_model_a_day_later_and_live_ones
     .await
     .unwrap();
     // A login after it is projected too: the projector went past the event.
-    let after = app.post("/api/v1/auth/login", None, json!({"email": "purged@example.com", "password": PASSWORD})).await;
+    let after =
+        app.post("/api/v1/auth/login", None, json!({"email": "purged@example.com", "password": PASSWORD})).await;
     assert_eq!(after.status, StatusCode::OK);
     app.wait_count("SELECT count(*) FROM sessions", 3, Duration::from_secs(20)).await;
     assert!(!session_rows(&app).await.contains(&revoked));

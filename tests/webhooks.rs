@@ -114,8 +114,16 @@ async fn receiver(answers: Vec<Answer>) -> (Receiver, String) {
 
 fn settings(allowed: &[&str]) -> JobsSettings {
     let allowed = allowed.join(",");
-    let vars = [("CAIRN_WEBHOOK_ALLOWED_HOSTS", allowed.as_str()), ("CAIRN_WEBHOOK_SECRET", SECRET), ("CAIRN_JOBS_BACKOFF_MAX_SECS", "60")];
-    JobsSettings::from_lookup(&|k| vars.iter().find(|(name, _)| *name == k).map(|(_, v)| (*v).to_owned()), cairn_platform::settings::Environment::Development).unwrap()
+    let vars = [
+        ("CAIRN_WEBHOOK_ALLOWED_HOSTS", allowed.as_str()),
+        ("CAIRN_WEBHOOK_SECRET", SECRET),
+        ("CAIRN_JOBS_BACKOFF_MAX_SECS", "60"),
+    ];
+    JobsSettings::from_lookup(
+        &|k| vars.iter().find(|(name, _)| *name == k).map(|(_, v)| (*v).to_owned()),
+        cairn_platform::settings::Environment::Development,
+    )
+    .unwrap()
 }
 
 fn job(pool: &PgPool, clock: SharedClock, url: &str, body: Value) -> JobContext {
@@ -158,7 +166,12 @@ async fn a_delivery_is_signed_so_an_independent_verifier_accepts_it_and_2xx_is_d
     assert_eq!(got[0].body, body);
     assert_eq!(got[0].content_type, "application/json");
     // The timestamp is the clock's, not the system's (the clock is three hours ahead).
-    assert!((got[0].timestamp - clock.now().timestamp()).abs() <= 5, "{} vs {}", got[0].timestamp, clock.now().timestamp());
+    assert!(
+        (got[0].timestamp - clock.now().timestamp()).abs() <= 5,
+        "{} vs {}",
+        got[0].timestamp,
+        clock.now().timestamp()
+    );
 
     // Signed with another secret, the same delivery does not verify: the check above can fail.
     let other = JobsSettings { webhook_secret: b"another secret, sixteen bytes+".to_vec(), ..settings(&[&host]) };
@@ -193,7 +206,11 @@ async fn a_500_retries_a_410_gives_up_and_retry_after_is_honoured_and_capped() {
             let text = format!("{e:#}");
             assert!(text.contains("500"), "{text}");
             // The status and at most 200 bytes of what the receiver said.
-            assert!(text.contains(&"x".repeat(200)) && !text.contains(&"x".repeat(201)), "{} bytes: {text}", text.len());
+            assert!(
+                text.contains(&"x".repeat(200)) && !text.contains(&"x".repeat(201)),
+                "{} bytes: {text}",
+                text.len()
+            );
         }
         other => panic!("a 500 must be retried: {other:?}"),
     }
@@ -209,7 +226,9 @@ async fn a_500_retries_a_410_gives_up_and_retry_after_is_honoured_and_capped() {
         other => panic!("a 429 with Retry-After must say when: {other:?}"),
     }
     match handler.run(&job).await {
-        Err(JobError::RetryAfter(after, _)) => assert_eq!(after, Duration::from_secs(60), "capped at the longest backoff"),
+        Err(JobError::RetryAfter(after, _)) => {
+            assert_eq!(after, Duration::from_secs(60), "capped at the longest backoff")
+        }
         other => panic!("a 503 with Retry-After must say when: {other:?}"),
     }
     // Retry-After on another status is not a promise: the usual backoff.
@@ -285,7 +304,11 @@ async fn job_row(pool: &PgPool, id: Uuid) -> (String, i32, Option<String>, chron
         .unwrap()
 }
 
-async fn wait_status(pool: &PgPool, id: Uuid, status: &str) -> (String, i32, Option<String>, chrono::DateTime<chrono::Utc>) {
+async fn wait_status(
+    pool: &PgPool,
+    id: Uuid,
+    status: &str,
+) -> (String, i32, Option<String>, chrono::DateTime<chrono::Utc>) {
     let started = std::time::Instant::now();
     loop {
         let row = job_row(pool, id).await;

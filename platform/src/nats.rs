@@ -291,7 +291,10 @@ async fn consume_stream<H: EventBatchHandler>(
                 if let Some(message) = applicable.first() {
                     let client = message.context.client();
                     if tokio::time::timeout(Duration::from_secs(2), client.flush()).await.is_err() {
-                        tracing::warn!(consumer = name, "could not hand the batch back in time; it returns after the ack wait");
+                        tracing::warn!(
+                            consumer = name,
+                            "could not hand the batch back in time; it returns after the ack wait"
+                        );
                     }
                 }
                 return Ok(());

@@ -560,7 +560,9 @@ impl Settings {
             shutdown_grace: Duration::from_secs(num("CAIRN_SHUTDOWN_GRACE_SECS", 10)?),
             session_lifetime: Duration::from_secs(num("CAIRN_SESSION_LIFETIME_SECS", 7 * 86_400)?),
             session_idle: Duration::from_secs(num("CAIRN_SESSION_IDLE_SECS", 86_400)?),
-            sessions_purge_after: Duration::from_secs(num("CAIRN_SESSIONS_PURGE_AFTER_HOURS", 24)?.saturating_mul(3600)),
+            sessions_purge_after: Duration::from_secs(
+                num("CAIRN_SESSIONS_PURGE_AFTER_HOURS", 24)?.saturating_mul(3600),
+            ),
             refresh_grace: Duration::from_secs(num("CAIRN_REFRESH_GRACE_SECS", 10)?),
             cookie_secure: match get("CAIRN_COOKIE_SECURE", "true").as_str() {
                 "true" | "1" | "yes" => true,

@@ -131,9 +131,8 @@ impl JobsSettings {
                 )),
             }
         };
-        let kinds = var("CAIRN_JOBS_KINDS").map(|v| {
-            v.split(',').map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()).collect::<Vec<_>>()
-        });
+        let kinds = var("CAIRN_JOBS_KINDS")
+            .map(|v| v.split(',').map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()).collect::<Vec<_>>());
         let concurrency = PerKind::parse(&var("CAIRN_JOBS_CONCURRENCY").unwrap_or_default(), 16, |v| {
             let n = v.parse::<usize>().with_context(|| format!("CAIRN_JOBS_CONCURRENCY: '{v}' is not a number"))?;
             if n == 0 || n > 10_000 {
@@ -144,13 +143,14 @@ impl JobsSettings {
         let rate = PerKind::parse(&var("CAIRN_JOBS_RATE").unwrap_or_default(), None, |v| {
             RateLimit::parse(v).with_context(|| format!("CAIRN_JOBS_RATE: '{v}'"))
         })?;
-        let timeout = PerKind::parse(&var("CAIRN_JOBS_TIMEOUT_SECS").unwrap_or_default(), Duration::from_secs(300), |v| {
-            let n = v.parse::<u64>().with_context(|| format!("CAIRN_JOBS_TIMEOUT_SECS: '{v}' is not a number"))?;
-            if n == 0 {
-                bail!("CAIRN_JOBS_TIMEOUT_SECS: a timeout must be at least 1 s");
-            }
-            Ok(Duration::from_secs(n))
-        })?;
+        let timeout =
+            PerKind::parse(&var("CAIRN_JOBS_TIMEOUT_SECS").unwrap_or_default(), Duration::from_secs(300), |v| {
+                let n = v.parse::<u64>().with_context(|| format!("CAIRN_JOBS_TIMEOUT_SECS: '{v}' is not a number"))?;
+                if n == 0 {
+                    bail!("CAIRN_JOBS_TIMEOUT_SECS: a timeout must be at least 1 s");
+                }
+                Ok(Duration::from_secs(n))
+            })?;
         let lease = secs("CAIRN_JOBS_LEASE_SECS", 30)?;
         if lease < Duration::from_secs(1) {
             bail!("CAIRN_JOBS_LEASE_SECS must be at least 1");
@@ -166,9 +166,7 @@ impl JobsSettings {
         let keep_done = secs("CAIRN_JOBS_KEEP_DONE_HOURS", 168)? * 3600;
         let keep_dead = secs("CAIRN_JOBS_KEEP_DEAD_HOURS", 720)? * 3600;
         let webhook_allowed_hosts = var("CAIRN_WEBHOOK_ALLOWED_HOSTS")
-            .map(|v| {
-                v.split(',').map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect::<Vec<_>>()
-            })
+            .map(|v| v.split(',').map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect::<Vec<_>>())
             .unwrap_or_default();
         let secret = match (var("CAIRN_WEBHOOK_SECRET"), var("CAIRN_WEBHOOK_SECRET_FILE")) {
             (Some(_), Some(_)) => bail!("set CAIRN_WEBHOOK_SECRET or CAIRN_WEBHOOK_SECRET_FILE, not both"),
@@ -205,7 +203,8 @@ mod tests {
 
     #[test]
     fn a_per_kind_value_names_kinds_and_a_default() {
-        let parsed = PerKind::parse("default=4, webhook.deliver=2,noop=64", 16, |v| Ok(v.parse::<usize>()?)).unwrap_or_else(|e| panic!("{e}"));
+        let parsed = PerKind::parse("default=4, webhook.deliver=2,noop=64", 16, |v| Ok(v.parse::<usize>()?))
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(parsed.get("noop"), 64);
         assert_eq!(parsed.get("webhook.deliver"), 2);
         assert_eq!(parsed.get("files.sweep"), 4);

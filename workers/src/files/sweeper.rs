@@ -68,12 +68,7 @@ impl FileSweeper {
     /// A sweeper of `store` with the grace and clock of `settings`.
     #[must_use]
     pub fn new(pool: PgPool, store: FileStore, settings: &Settings) -> Self {
-        Self {
-            pool,
-            store,
-            clock: settings.clock.clone(),
-            grace: settings.files.orphan_grace,
-        }
+        Self { pool, store, clock: settings.clock.clone(), grace: settings.files.orphan_grace }
     }
 
     /// One pass now (unless another process is sweeping: then `swept` is false).

@@ -162,15 +162,17 @@ pub async fn record(
             .fetch_optional(&mut *conn)
             .await?
         }
-        Write::Release => sqlx::query_as(&format!(
+        Write::Release => {
+            sqlx::query_as(&format!(
             "UPDATE jobs SET status = 'queued', run_at = $3, updated_at = $3, attempts = greatest(attempts - 1, 0), \
                      lease_owner = NULL, lease_expires_at = NULL {FENCED} RETURNING kind, attempts, version"
         ))
-        .bind(id)
-        .bind(fence)
-        .bind(now)
-        .fetch_optional(&mut *conn)
-        .await?,
+            .bind(id)
+            .bind(fence)
+            .bind(now)
+            .fetch_optional(&mut *conn)
+            .await?
+        }
         Write::Retry { at, error, run_at } => {
             failure(conn, id, fence, "scheduled", *at, error, Some(*run_at), now).await?
         }

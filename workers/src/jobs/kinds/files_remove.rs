@@ -48,11 +48,7 @@ impl FilesRemove {
             .map_err(|e| JobError::Permanent(anyhow!("args must be {{file_id, key}}: {e}")))?;
         // A key of another file would remove that file's bytes: only the file's own key is removed.
         if FileStore::file_id_of(&args.key) != Some(args.file_id) {
-            return Err(JobError::Permanent(anyhow!(
-                "the key {:?} is not the key of file {}",
-                args.key,
-                args.file_id
-            )));
+            return Err(JobError::Permanent(anyhow!("the key {:?} is not the key of file {}", args.key, args.file_id)));
         }
         let backend = self.store.backend().as_str();
         if let Some(theirs) = args.backend.as_deref().filter(|theirs| *theirs != backend) {

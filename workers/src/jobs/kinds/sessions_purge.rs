@@ -78,7 +78,9 @@ impl JobHandler for SessionsPurge {
                 .map_err(|e| JobError::Retry(e.context("cannot purge ended sessions")))?;
             metrics::counter!("cairn_sessions_purged_total").increment(purged);
             if job.cancel.is_cancelled() {
-                return Err(JobError::Retry(anyhow!("stopped after purging {purged} sessions; the rest is left for the next run")));
+                return Err(JobError::Retry(anyhow!(
+                    "stopped after purging {purged} sessions; the rest is left for the next run"
+                )));
             }
             if purged > 0 {
                 tracing::info!(job_id = %job.id, purged, "ended sessions purged from the read model");

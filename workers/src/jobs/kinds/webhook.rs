@@ -78,7 +78,12 @@ impl WebhookDeliver {
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("cairn-webhooks/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self { client, allowed, secret: Arc::new(settings.webhook_secret.clone()), backoff_max: settings.backoff_max })
+        Ok(Self {
+            client,
+            allowed,
+            secret: Arc::new(settings.webhook_secret.clone()),
+            backoff_max: settings.backoff_max,
+        })
     }
 
     async fn deliver(&self, job: &JobContext) -> Result<(), JobError> {
