@@ -208,6 +208,7 @@ impl Application {
                     consumers,
                     files: store()?,
                     downloads: cairn_query_api::files::FileDownloads::from_settings(&settings.files),
+                    clock: settings.clock.clone(),
                 };
                 api = api.merge(cairn_query_api::router(state));
                 let deps = RealtimeDeps {
@@ -232,6 +233,7 @@ impl Application {
             spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::RolesProjection);
             spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::RoomsProjection);
             spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::FilesProjection);
+            spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::AnalyticsProjection);
         }
         if services.workers {
             let (batch, replicas) = (settings.projector_batch, settings.stream_replicas);

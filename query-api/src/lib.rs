@@ -5,11 +5,13 @@
 //! - [`users`]: the users read model, the caller's profile, the role catalogue.
 //! - [`rooms`]: chat rooms, their members and their messages.
 //! - [`files`]: uploaded files the caller may read, their metadata and their download.
+//! - [`analytics`]: the daily figures and DAU/WAU/MAU.
 //! - [`admin`]: operators' view of projections and parked events.
 //! - [`consistency`]: the consistency-token wait.
 //! - [`realtime`]: the WebSocket route, its hub and the ordered consumer that feeds it.
 
 pub mod admin;
+pub mod analytics;
 pub mod consistency;
 pub mod files;
 pub mod realtime;
@@ -38,9 +40,11 @@ pub struct QueryState {
     pub files: cairn_storage::FileStore,
     /// How downloads are answered (token and presigned URL lifetime, inline types).
     pub downloads: files::FileDownloads,
+    /// The process's clock: what "today" is.
+    pub clock: cairn_platform::clock::SharedClock,
 }
 
 /// The query API's routes, documented.
 pub fn router(state: QueryState) -> OpenApiRouter {
-    users::routes().merge(rooms::routes()).merge(files::routes()).merge(admin::routes()).with_state(state)
+    users::routes().merge(rooms::routes()).merge(files::routes()).merge(admin::routes()).merge(analytics::routes()).with_state(state)
 }

@@ -6,6 +6,8 @@
 //! idempotent: delivery is at least once (a worker that dies mid-job has its job run again
 //! once the lease runs out).
 
+pub mod kinds;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
