@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use cairn::Services;
+use cairn_platform::clock::Clock;
 use cairn_platform::nats::Namespace;
 use chrono::{DateTime, NaiveDate, Utc};
 use cairn_workers::jobs::JobHandler;
@@ -77,9 +78,18 @@ async fn message(pool: &PgPool, when: DateTime<Utc>) {
 }
 
 async fn upload(pool: &PgPool, size: u64, when: DateTime<Utc>) {
-    let body = json!({ "owner_id": Uuid::new_v4(), "name": "a.bin", "size": size, "content_type": "application/octet-stream",
+    // The upload in flight that FileUploaded completes (the quota trigger requires one).
+    let (file, owner) = (Uuid::new_v4(), Uuid::new_v4());
+    sqlx::query("INSERT INTO file_uploads (file_id, owner_id, backend, storage_key, started_at) VALUES ($1, $2, 'local', 'k', $3)")
+        .bind(file)
+        .bind(owner)
+        .bind(when)
+        .execute(pool)
+        .await
+        .unwrap();
+    let body = json!({ "owner_id": owner, "name": "a.bin", "size": size, "content_type": "application/octet-stream",
                        "sha256": "00", "visibility": "private", "backend": "local", "key": "k" });
-    append_at(pool, "File", &Uuid::new_v4().to_string(), "FileUploaded", body, when).await;
+    append_at(pool, "File", &file.to_string(), "FileUploaded", body, when).await;
 }
 
 async fn job_finished(pool: &PgPool, outcome: &str, when: DateTime<Utc>) {
