@@ -46,7 +46,10 @@ CREATE INDEX jobs_leases ON jobs (lease_expires_at) WHERE status = 'running';
 CREATE INDEX jobs_by_status ON jobs (status, created_at DESC, id);
 CREATE INDEX jobs_by_kind ON jobs (kind, status, created_at DESC, id);
 
--- Workers LISTEN on `cairn_jobs`; a job that becomes claimable wakes them at commit.
+-- Workers LISTEN on `cairn_jobs`; a job that becomes claimable (queued) wakes them at commit.
+-- Row-level with a condition: a statement-level trigger fires even when no row changed, so every
+-- claim (which updates `status`) would wake every worker, and their claims would wake them again.
+-- Notifications with the same payload in one transaction are delivered once.
 CREATE FUNCTION jobs_notify_workers() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_notify('cairn_jobs', '');
@@ -54,9 +57,9 @@ BEGIN
 END
 $$;
 CREATE TRIGGER jobs_wake_workers_on_insert AFTER INSERT ON jobs
-    FOR EACH STATEMENT EXECUTE FUNCTION jobs_notify_workers();
+    FOR EACH ROW WHEN (NEW.status = 'queued') EXECUTE FUNCTION jobs_notify_workers();
 CREATE TRIGGER jobs_wake_workers_on_update AFTER UPDATE OF status, run_at ON jobs
-    FOR EACH STATEMENT EXECUTE FUNCTION jobs_notify_workers();
+    FOR EACH ROW WHEN (NEW.status = 'queued') EXECUTE FUNCTION jobs_notify_workers();
 
 -- Cron schedules. Each tick is fired by exactly one process: the firing transaction locks the
 -- row (`FOR UPDATE SKIP LOCKED`), enqueues the tick's job and moves `next_run_at` on, together.

@@ -117,6 +117,20 @@ impl Application {
         email: Option<cairn_workers::EmailSettings>,
         services: Services,
     ) -> anyhow::Result<Self> {
+        Self::build_with_jobs(settings, email, services, cairn_workers::jobs::Registry::new()).await
+    }
+
+    /// As [`Self::build_with_email`], with job handlers of the caller's beside the shipped kinds
+    /// (one of the same kind replaces the shipped one).
+    ///
+    /// # Errors
+    /// As [`Self::build`].
+    pub async fn build_with_jobs(
+        settings: Settings,
+        email: Option<cairn_workers::EmailSettings>,
+        services: Services,
+        jobs: cairn_workers::jobs::Registry,
+    ) -> anyhow::Result<Self> {
         telemetry::init_tracing(settings.log_format);
         let _ = telemetry::metrics_handle();
         let shutdown = CancellationToken::new();
@@ -264,6 +278,17 @@ impl Application {
             }));
             let sweeper = cairn_workers::FileSweeper::new(pool.clone(), store()?, &settings);
             tasks.spawn(sweeper.run(shutdown.clone()));
+            // Background jobs: the shipped kinds and the caller's, run under leases from the jobs table.
+            let deps = cairn_workers::jobs::KindDeps { pool: pool.clone(), settings: settings.clone(), files: store()? };
+            let registry = cairn_workers::jobs::shipped(&deps).merge(jobs);
+            let runner = cairn_workers::jobs::JobRunner::new(
+                pool.clone(),
+                registry,
+                &settings.jobs,
+                settings.clock.clone(),
+                settings.shutdown_grace,
+            );
+            tasks.spawn(runner.run(shutdown.clone()));
             let email = cairn_workers::EmailWorker::new(pool.clone(), email_settings)?;
             let (js_email, ns_email, token) = (js.clone(), ns.clone(), shutdown.clone());
             tasks.spawn(retrying("email worker", token.clone(), move || {

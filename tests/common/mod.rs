@@ -234,6 +234,20 @@ impl TestApp {
     /// Builds and serves an application on `env` with `extra` settings (the mail settings,
     /// `SMTP_*`, included).
     pub async fn spawn_with(env: TestEnv, services: Services, extra: &[(&str, &str)]) -> Self {
+        Self::spawn_full(env, services, extra, cairn_workers::jobs::Registry::new()).await
+    }
+
+    /// Everything in one process, with the job handlers of `jobs` beside the shipped kinds.
+    pub async fn spawn_with_jobs(env: TestEnv, extra: &[(&str, &str)], jobs: cairn_workers::jobs::Registry) -> Self {
+        Self::spawn_full(env, Services::all(), extra, jobs).await
+    }
+
+    async fn spawn_full(
+        env: TestEnv,
+        services: Services,
+        extra: &[(&str, &str)],
+        jobs: cairn_workers::jobs::Registry,
+    ) -> Self {
         quiet_logs();
         let mut vars = env.vars();
         for (k, v) in extra {
@@ -243,7 +257,7 @@ impl TestApp {
         let clock = TestClock::new();
         let mut settings = env.settings(extra);
         settings.clock = clock.clone();
-        let app = Application::build_with_email(settings, Some(email), services).await.unwrap();
+        let app = Application::build_with_jobs(settings, Some(email), services, jobs).await.unwrap();
         let address = format!("http://127.0.0.1:{}", app.port());
         let shutdown = app.shutdown_token();
         let routes = app.routes().to_vec();

@@ -6,7 +6,10 @@
 //! idempotent: delivery is at least once (a worker that dies mid-job has its job run again
 //! once the lease runs out).
 
+pub mod backoff;
 pub mod kinds;
+pub mod runner;
+pub mod store;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,6 +21,9 @@ use futures::future::BoxFuture;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+pub use kinds::{shipped, KindDeps};
+pub use runner::JobRunner;
 
 /// What a handler is given about the job it runs.
 #[derive(Debug, Clone)]
@@ -102,6 +108,13 @@ impl Registry {
     #[must_use]
     pub fn with(mut self, handler: impl JobHandler) -> Self {
         self.handlers.insert(handler.kind(), Arc::new(handler));
+        self
+    }
+
+    /// Adds every handler of `other` (replacing those of the same kinds).
+    #[must_use]
+    pub fn merge(mut self, other: Registry) -> Self {
+        self.handlers.extend(other.handlers);
         self
     }
 

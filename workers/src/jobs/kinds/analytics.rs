@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::jobs::{JobContext, JobError, JobHandler};
 
 /// The kind's name.
-pub const KIND: &str = "analytics.rollup";
+pub const KIND: &str = cairn_platform::jobs::kinds::ANALYTICS_ROLLUP;
 
 /// Days looked at per statement when finding what to roll up.
 const BATCH_DAYS: i64 = 100;
