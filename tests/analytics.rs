@@ -355,9 +355,16 @@ async fn the_rollup_stores_what_the_live_count_gives_and_notices_a_day_that_chan
     assert_eq!(cairn_platform::analytics::stored(&mut conn, date("2025-06-28")).await.unwrap().map(|w| w.mau), Some(3));
     drop(conn);
 
-    // The next day, yesterday is finished and rolled up too.
+    // The next day, yesterday is finished: the job, run by the application's workers, rolls it up.
+    let before = scalar(&app.pool, "SELECT count(*) FROM analytics_rollup").await;
     app.clock.advance(Duration::from_secs(24 * 3600));
-    assert_eq!(cairn_workers::jobs::kinds::analytics::roll_up(&app.pool, app.clock.now(), &cancel).await.unwrap(), 1);
+    let mut tx = app.pool.begin().await.unwrap();
+    let job = cairn_platform::jobs::NewJob::new("analytics.rollup", json!({}));
+    let enqueued = cairn_platform::jobs::enqueue(&mut tx, &job, app.clock.now()).await.unwrap();
+    tx.commit().await.unwrap();
+    app.wait_count(&format!("SELECT count(*) FROM jobs WHERE id = '{}' AND status = 'done'", enqueued.id), 1, WAIT).await;
+    assert_eq!(scalar(&app.pool, "SELECT count(*) FROM analytics_rollup").await, before + 1);
+    assert_eq!(cairn_workers::jobs::kinds::analytics::roll_up(&app.pool, app.clock.now(), &cancel).await.unwrap(), 0);
     app.stop().await;
 }
 
