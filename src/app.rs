@@ -247,6 +247,7 @@ impl Application {
             spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::RolesProjection);
             spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::RoomsProjection);
             spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::FilesProjection);
+            spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::AnalyticsProjection);
         }
         if services.workers {
             let (batch, replicas) = (settings.projector_batch, settings.stream_replicas);

@@ -48,7 +48,7 @@ enum Command {
     Migrate,
     /// Rebuild a projection from the events table and swap it in without taking reads down.
     Replay {
-        /// The projection (`users`, `sessions` or `roles`).
+        /// The projection (`users`, `sessions`, `roles`, `rooms`, `files` or `analytics`).
         #[arg(long)]
         projection: String,
     },
@@ -259,6 +259,7 @@ async fn replay(settings: &Settings, projection: &str) -> anyhow::Result<()> {
         "roles" => cairn_projector::rebuild(&pool, &cairn_projector::RolesProjection, 5000, true).await?,
         "rooms" => cairn_projector::rebuild(&pool, &cairn_projector::RoomsProjection, 5000, true).await?,
         "files" => cairn_projector::rebuild(&pool, &cairn_projector::FilesProjection, 5000, true).await?,
+        "analytics" => cairn_projector::rebuild(&pool, &cairn_projector::AnalyticsProjection, 5000, true).await?,
         other => bail!("unknown projection '{other}' (known: {})", cairn_projector::PROJECTIONS.join(", ")),
     };
     let _ = writeln!(std::io::stdout(), "rebuilt {projection} from {events} events");

@@ -76,12 +76,15 @@ enum Scenario {
     /// Upload and download MiB/s of 1 MiB and 100 MiB files at 1 and 8 clients on each store,
     /// beside aws-sdk-s3 directly and plain file I/O; RSS moved by a 1 GiB upload.
     Files,
+    /// `noop` jobs/s at 1, 16 and 64 workers and enqueue → start latency, beside raw JetStream
+    /// and a raw Postgres SKIP LOCKED loop.
+    Jobs,
     /// Every scenario, one after another.
     All,
 }
 
 impl Scenario {
-    const EACH: [Self; 12] = [
+    const EACH: [Self; 13] = [
         Self::Write,
         Self::WriteLong,
         Self::Lag,
@@ -94,6 +97,7 @@ impl Scenario {
         Self::Hostile,
         Self::Realtime,
         Self::Files,
+        Self::Jobs,
     ];
 
     fn name(self) -> &'static str {
@@ -110,6 +114,7 @@ impl Scenario {
             Self::Hostile => "hostile",
             Self::Realtime => "realtime",
             Self::Files => "files",
+            Self::Jobs => "jobs",
             Self::All => "all",
         }
     }
@@ -128,6 +133,7 @@ impl Scenario {
             Self::Hostile => scenarios::hostile::run(ctx, env, out).await,
             Self::Realtime => scenarios::realtime::run(ctx, env, out).await,
             Self::Files => scenarios::files::run(ctx, env, out).await,
+            Self::Jobs => scenarios::jobs::run(ctx, env, out).await,
             Self::All => anyhow::bail!("`all` is not a single scenario"),
         }
     }

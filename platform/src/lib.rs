@@ -11,11 +11,13 @@
 //! - [`parking`]: events a consumer could not apply, and operators' retries and skips.
 //! - [`files`]: the one shape of a file, as uploads answer and reads show it.
 //! - [`rooms`]: the one shape of a chat message, and the port a socket sends messages through.
+//! - [`analytics`]: DAU, WAU and MAU as of a day, counted or taken from the rollup.
 //! - [`jobs`]: enqueueing background jobs, the shipped kinds and the queue's settings.
 //! - [`secrets`]: random tokens and their hashes.
 //! - [`auth`]: signing keys, access tokens, the session-version map, the authenticated caller.
 //! - [`http`]: the response envelope, the error type, extractors and the layers every router shares.
 
+pub mod analytics;
 pub mod auth;
 pub mod checkpoint;
 pub mod clock;

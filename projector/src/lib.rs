@@ -11,8 +11,10 @@
 //! - [`roles`]: the `roles` read model.
 //! - [`rooms`]: the `rooms`, `room_members` and `messages` read models.
 //! - [`files`]: the `files` and `file_shares` read models.
+//! - [`analytics`]: daily sign-ups, active users, messages, uploads and job runs.
 //! - [`runner`]: the checkpointed apply loop shared by every projection, and rebuilds.
 
+pub mod analytics;
 pub mod files;
 pub mod roles;
 pub mod rooms;
@@ -20,6 +22,7 @@ pub mod runner;
 pub mod sessions;
 pub mod users;
 
+pub use analytics::AnalyticsProjection;
 pub use files::FilesProjection;
 pub use roles::RolesProjection;
 pub use rooms::RoomsProjection;
@@ -34,4 +37,5 @@ pub const PROJECTIONS: &[&str] = &[
     RolesProjection::NAME,
     RoomsProjection::NAME,
     FilesProjection::NAME,
+    AnalyticsProjection::NAME,
 ];

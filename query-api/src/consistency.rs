@@ -40,11 +40,13 @@ pub enum ReadModel {
     Rooms,
     /// `files`, `file_shares`: uploaded files and whom they are shared with.
     Files,
+    /// `analytics_daily`, `analytics_active`: the daily figures.
+    Analytics,
 }
 
 impl ReadModel {
     /// Every read model.
-    pub const ALL: [Self; 5] = [Self::Users, Self::Sessions, Self::Roles, Self::Rooms, Self::Files];
+    pub const ALL: [Self; 6] = [Self::Users, Self::Sessions, Self::Roles, Self::Rooms, Self::Files, Self::Analytics];
 
     /// The name of the projection that builds it (its checkpoint's name).
     #[must_use]
@@ -55,6 +57,7 @@ impl ReadModel {
             Self::Roles => "roles",
             Self::Rooms => "rooms",
             Self::Files => "files",
+            Self::Analytics => "analytics",
         }
     }
 

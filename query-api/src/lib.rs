@@ -5,12 +5,14 @@
 //! - [`users`]: the users read model, the caller's profile, the role catalogue.
 //! - [`rooms`]: chat rooms, their members and their messages.
 //! - [`files`]: uploaded files the caller may read, their metadata and their download.
+//! - [`analytics`]: the daily figures and DAU/WAU/MAU.
 //! - [`jobs`]: operators' view of the job queue and the schedules.
 //! - [`admin`]: operators' view of projections and parked events.
 //! - [`consistency`]: the consistency-token wait.
 //! - [`realtime`]: the WebSocket route, its hub and the ordered consumer that feeds it.
 
 pub mod admin;
+pub mod analytics;
 pub mod consistency;
 pub mod files;
 pub mod jobs;
@@ -40,7 +42,7 @@ pub struct QueryState {
     pub files: cairn_storage::FileStore,
     /// How downloads are answered (token and presigned URL lifetime, inline types).
     pub downloads: files::FileDownloads,
-    /// Where time comes from (a scheduled job whose time has come is shown as queued).
+    /// Where time comes from: what "today" is, and a scheduled job whose time has come is shown as queued.
     pub clock: cairn_platform::clock::SharedClock,
 }
 
@@ -51,5 +53,6 @@ pub fn router(state: QueryState) -> OpenApiRouter {
         .merge(files::routes())
         .merge(admin::routes())
         .merge(jobs::routes())
+        .merge(analytics::routes())
         .with_state(state)
 }

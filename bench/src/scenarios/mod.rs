@@ -3,6 +3,7 @@
 
 pub mod files;
 pub mod hostile;
+pub mod jobs;
 pub mod lag;
 pub mod login;
 pub mod memory;
