@@ -13,8 +13,8 @@ use async_nats::jetstream;
 use cairn::Services;
 use cairn_platform::clock::Clock;
 use cairn_platform::nats::Namespace;
-use chrono::{DateTime, NaiveDate, Utc};
 use cairn_workers::jobs::JobHandler;
+use chrono::{DateTime, NaiveDate, Utc};
 use common::{TestApp, TestEnv};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -34,7 +34,14 @@ fn date(day: &str) -> NaiveDate {
 }
 
 /// Appends an event with SQL, recorded at `recorded_at`, as if the command side had written it then.
-async fn append_at(pool: &PgPool, aggregate_type: &str, id: &str, event_type: &str, body: Value, recorded_at: DateTime<Utc>) -> Uuid {
+async fn append_at(
+    pool: &PgPool,
+    aggregate_type: &str,
+    id: &str,
+    event_type: &str,
+    body: Value,
+    recorded_at: DateTime<Utc>,
+) -> Uuid {
     sqlx::query_scalar(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, recorded_at) \
          VALUES ($1, $2, (SELECT coalesce(max(sequence), 0) + 1 FROM events WHERE aggregate_type = $1 AND aggregate_id = $2), \
@@ -62,8 +69,15 @@ async fn sign_in(pool: &PgPool, user: Uuid, when: DateTime<Utc>) -> String {
 }
 
 async fn refresh(pool: &PgPool, session: &str, when: DateTime<Utc>) {
-    append_at(pool, "Session", session, "SessionRefreshed", json!({ "refresh_hash": "h2", "at": when, "ip": null }), when)
-        .await;
+    append_at(
+        pool,
+        "Session",
+        session,
+        "SessionRefreshed",
+        json!({ "refresh_hash": "h2", "at": when, "ip": null }),
+        when,
+    )
+    .await;
 }
 
 async fn registered(pool: &PgPool, when: DateTime<Utc>) {
@@ -105,8 +119,10 @@ async fn scalar(pool: &PgPool, query: &str) -> i64 {
 /// Every row of the projection's tables, in order, as text.
 async fn rows(pool: &PgPool) -> (Vec<String>, Vec<String>) {
     let daily = sqlx::query_scalar("SELECT d::text FROM analytics_daily d ORDER BY day").fetch_all(pool).await.unwrap();
-    let active =
-        sqlx::query_scalar("SELECT a::text FROM analytics_active a ORDER BY day, user_id").fetch_all(pool).await.unwrap();
+    let active = sqlx::query_scalar("SELECT a::text FROM analytics_active a ORDER BY day, user_id")
+        .fetch_all(pool)
+        .await
+        .unwrap();
     (daily, active)
 }
 
@@ -200,15 +216,25 @@ async fn the_series_and_active_users_follow_the_log_and_a_rebuild_gives_the_same
     assert_eq!(day_of(&june_now, "2025-06-03")["signups"], 1);
     let fifth = day_of(&june_now, "2025-06-05");
     assert_eq!(
-        (fifth["active_users"].as_i64(), fifth["messages_sent"].as_i64(), fifth["files_uploaded"].as_i64(), fifth["bytes_uploaded"].as_i64()),
+        (
+            fifth["active_users"].as_i64(),
+            fifth["messages_sent"].as_i64(),
+            fifth["files_uploaded"].as_i64(),
+            fifth["bytes_uploaded"].as_i64()
+        ),
         (Some(1), Some(3), Some(2), Some(350))
     );
     assert_eq!(day_of(&june_now, "2025-06-26")["active_users"], 1);
     let last = day_of(&june_now, "2025-06-30");
-    assert_eq!((last["jobs_run"].as_i64(), last["jobs_failed"].as_i64(), last["active_users"].as_i64()), (Some(2), Some(1), Some(1)));
+    assert_eq!(
+        (last["jobs_run"].as_i64(), last["jobs_failed"].as_i64(), last["active_users"].as_i64()),
+        (Some(2), Some(1), Some(1))
+    );
     // A quiet day is there, as zeros.
     let quiet = day_of(&june_now, "2025-06-15");
-    for field in ["signups", "active_users", "messages_sent", "files_uploaded", "bytes_uploaded", "jobs_run", "jobs_failed"] {
+    for field in
+        ["signups", "active_users", "messages_sent", "files_uploaded", "bytes_uploaded", "jobs_run", "jobs_failed"]
+    {
         assert_eq!(quiet[field], 0, "{field}");
     }
     // As of June 30: D that day; A (28th), C (26th) and D that week; A, B, C and D that month,
@@ -362,7 +388,8 @@ async fn the_rollup_stores_what_the_live_count_gives_and_notices_a_day_that_chan
     let job = cairn_platform::jobs::NewJob::new("analytics.rollup", json!({}));
     let enqueued = cairn_platform::jobs::enqueue(&mut tx, &job, app.clock.now()).await.unwrap();
     tx.commit().await.unwrap();
-    app.wait_count(&format!("SELECT count(*) FROM jobs WHERE id = '{}' AND status = 'done'", enqueued.id), 1, WAIT).await;
+    app.wait_count(&format!("SELECT count(*) FROM jobs WHERE id = '{}' AND status = 'done'", enqueued.id), 1, WAIT)
+        .await;
     assert_eq!(scalar(&app.pool, "SELECT count(*) FROM analytics_rollup").await, before + 1);
     assert_eq!(cairn_workers::jobs::kinds::analytics::roll_up(&app.pool, app.clock.now(), &cancel).await.unwrap(), 0);
     app.stop().await;

@@ -13,9 +13,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use chrono::NaiveDate;
 use cairn_domain::{FileEvent, JobEvent, JobOutcome, SessionEvent};
 use cairn_platform::envelope::EventEnvelope;
+use chrono::NaiveDate;
 use serde::Deserialize;
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -109,7 +109,12 @@ impl Projection for AnalyticsProjection {
     }
 
     /// Folds the batch and writes each day's row once, and the new active users in one statement.
-    async fn apply_batch(&self, conn: &mut PgConnection, schema: &str, events: &[&EventEnvelope]) -> anyhow::Result<()> {
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        schema: &str,
+        events: &[&EventEnvelope],
+    ) -> anyhow::Result<()> {
         let mut tally = Tally::default();
         for event in events {
             tally.add(event)?;
@@ -175,7 +180,11 @@ async fn add_active(conn: &mut PgConnection, schema: &str, active: &[(NaiveDate,
 }
 
 /// Adds the batch's counters to each day's row.
-async fn add_counts(conn: &mut PgConnection, schema: &str, days: &BTreeMap<NaiveDate, DayCounts>) -> anyhow::Result<()> {
+async fn add_counts(
+    conn: &mut PgConnection,
+    schema: &str,
+    days: &BTreeMap<NaiveDate, DayCounts>,
+) -> anyhow::Result<()> {
     if days.is_empty() {
         return Ok(());
     }
@@ -209,7 +218,13 @@ mod tests {
     use chrono::Utc;
     use serde_json::json;
 
-    fn envelope(aggregate_type: &str, aggregate_id: &str, event_type: &str, body: serde_json::Value, at: &str) -> EventEnvelope {
+    fn envelope(
+        aggregate_type: &str,
+        aggregate_id: &str,
+        event_type: &str,
+        body: serde_json::Value,
+        at: &str,
+    ) -> EventEnvelope {
         let recorded_at = chrono::DateTime::parse_from_rfc3339(at).unwrap().with_timezone(&Utc);
         serde_json::from_value(json!({
             "event_id": Uuid::new_v4(),

@@ -146,7 +146,10 @@ mod tests {
     #[test]
     fn the_default_range_is_the_thirty_days_ending_today() {
         assert_eq!(range(&query(None, None), day("2026-03-10")).unwrap(), (day("2026-02-09"), day("2026-03-10")));
-        assert_eq!(range(&query(None, Some("2026-01-31")), day("2026-03-10")).unwrap(), (day("2026-01-02"), day("2026-01-31")));
+        assert_eq!(
+            range(&query(None, Some("2026-01-31")), day("2026-03-10")).unwrap(),
+            (day("2026-01-02"), day("2026-01-31"))
+        );
     }
 
     #[test]

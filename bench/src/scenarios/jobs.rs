@@ -162,7 +162,9 @@ async fn cairn_level(ctx: &Ctx, env: &BenchEnv, plan: &Plan, workers: usize) -> 
     wait_for(&env.pool, "steady jobs", &done, i64::try_from(sent)?).await?;
     let latency = latencies(
         &env.pool,
-        &format!("SELECT extract(epoch FROM started_at - created_at)::float8 FROM jobs WHERE args ->> 'phase' = '{steady}'"),
+        &format!(
+            "SELECT extract(epoch FROM started_at - created_at)::float8 FROM jobs WHERE args ->> 'phase' = '{steady}'"
+        ),
     )
     .await?;
     let memory = service.stop().await.ok();
