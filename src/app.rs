@@ -11,6 +11,7 @@ use async_nats::jetstream;
 use axum::Router;
 use cairn_command_api::passwords::Passwords;
 use cairn_command_api::{CommandState, MessageCommands, UserCommands};
+use cairn_platform::audit::AuditKeys;
 use cairn_platform::auth::{AuthState, KeySet, SessionVersions, TokenIssuer};
 use cairn_platform::checkpoint::CheckpointWatcher;
 use cairn_platform::http::limits::Limiter;
@@ -223,6 +224,8 @@ impl Application {
                     files: store()?,
                     downloads: cairn_query_api::files::FileDownloads::from_settings(&settings.files),
                     clock: settings.clock.clone(),
+                    audit_keys: Arc::new(AuditKeys::load(&settings.audit.keys_dir, settings.is_production())?),
+                    audit: settings.audit.clone(),
                 };
                 api = api.merge(cairn_query_api::router(state));
                 let deps = RealtimeDeps {

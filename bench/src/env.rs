@@ -143,6 +143,7 @@ impl BenchEnv {
             .env("NATS_URL", nats_url())
             .env("CAIRN_NAMESPACE", &self.namespace)
             .env("CAIRN_KEYS_DIR", self.keys_dir())
+            .env("CAIRN_AUDIT_KEYS_DIR", self.keys_dir().join("audit"))
             .env("CAIRN_ENV", "development")
             .env("RUST_LOG", std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "warn".to_owned()))
             // The bench is one client address sending thousands of requests a second: per-IP

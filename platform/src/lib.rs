@@ -12,12 +12,14 @@
 //! - [`files`]: the one shape of a file, as uploads answer and reads show it.
 //! - [`rooms`]: the one shape of a chat message, and the port a socket sends messages through.
 //! - [`analytics`]: DAU, WAU and MAU as of a day, counted or taken from the rollup.
+//! - [`audit`]: the verifiable log: Merkle tree, signed heads, audit keys, proofs, verification.
 //! - [`jobs`]: enqueueing background jobs, the shipped kinds and the queue's settings.
 //! - [`secrets`]: random tokens and their hashes.
 //! - [`auth`]: signing keys, access tokens, the session-version map, the authenticated caller.
 //! - [`http`]: the response envelope, the error type, extractors and the layers every router shares.
 
 pub mod analytics;
+pub mod audit;
 pub mod auth;
 pub mod checkpoint;
 pub mod clock;

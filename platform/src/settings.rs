@@ -134,6 +134,8 @@ pub struct Settings {
     pub files: FilesSettings,
     /// Background jobs, schedules and webhooks (`CAIRN_JOBS_*`, `CAIRN_SCHEDULES_FILE`, `CAIRN_WEBHOOK_*`).
     pub jobs: crate::jobs::JobsSettings,
+    /// The audit tree, its heads and keys (`CAIRN_AUDIT_*`).
+    pub audit: crate::audit::AuditSettings,
     /// Where time comes from: the system clock, except in tests (never read from the environment).
     pub clock: crate::clock::SharedClock,
 }
@@ -337,6 +339,7 @@ impl std::fmt::Debug for Settings {
             .field("allowed_origins", &self.allowed_origins)
             .field("oauth_providers", &self.oauth_providers)
             .field("files", &self.files)
+            .field("audit", &self.audit)
             .finish_non_exhaustive()
     }
 }
@@ -621,6 +624,7 @@ impl Settings {
             ws_max_rooms: usize::try_from(num("CAIRN_WS_MAX_ROOMS", 200)?)?.max(1),
             files: FilesSettings::from_lookup(&lookup, &get, &num, environment)?,
             jobs: crate::jobs::JobsSettings::from_lookup(&lookup, environment)?,
+            audit: crate::audit::AuditSettings::from_lookup(&lookup)?,
             clock: crate::clock::system(),
         })
     }

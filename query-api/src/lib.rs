@@ -8,11 +8,13 @@
 //! - [`analytics`]: the daily figures and DAU/WAU/MAU.
 //! - [`jobs`]: operators' view of the job queue and the schedules.
 //! - [`admin`]: operators' view of projections and parked events.
+//! - [`audit`]: auditors' view of the log: events, exports, proofs, signed heads, verify.
 //! - [`consistency`]: the consistency-token wait.
 //! - [`realtime`]: the WebSocket route, its hub and the ordered consumer that feeds it.
 
 pub mod admin;
 pub mod analytics;
+pub mod audit;
 pub mod consistency;
 pub mod files;
 pub mod jobs;
@@ -44,6 +46,10 @@ pub struct QueryState {
     pub downloads: files::FileDownloads,
     /// Where time comes from: what "today" is, and a scheduled job whose time has come is shown as queued.
     pub clock: cairn_platform::clock::SharedClock,
+    /// The audit keys whose heads this API serves and checks (public halves published).
+    pub audit_keys: std::sync::Arc<cairn_platform::audit::AuditKeys>,
+    /// The audit tree's settings (the log's origin).
+    pub audit: cairn_platform::audit::AuditSettings,
 }
 
 /// The query API's routes, documented.
@@ -54,5 +60,6 @@ pub fn router(state: QueryState) -> OpenApiRouter {
         .merge(admin::routes())
         .merge(jobs::routes())
         .merge(analytics::routes())
+        .merge(audit::routes())
         .with_state(state)
 }

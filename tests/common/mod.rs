@@ -101,6 +101,7 @@ impl TestEnv {
             ("NATS_URL".to_owned(), self.nats_url.clone()),
             ("CAIRN_NAMESPACE".to_owned(), self.namespace.clone()),
             ("CAIRN_KEYS_DIR".to_owned(), self.keys.path().display().to_string()),
+            ("CAIRN_AUDIT_KEYS_DIR".to_owned(), self.keys.path().join("audit").display().to_string()),
             ("CAIRN_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
             ("CAIRN_HASH_CONCURRENCY".to_owned(), "4".to_owned()),
             ("RUST_LOG".to_owned(), "warn".to_owned()),
@@ -139,9 +140,18 @@ impl TestEnv {
     /// `cleanup` drops them too: clean up once).
     pub fn sibling(&self) -> Self {
         let keys = tempfile::tempdir().unwrap();
+        // The token keys, and the audit keys in their subdirectory.
         for entry in std::fs::read_dir(self.keys.path()).unwrap() {
             let entry = entry.unwrap();
-            std::fs::copy(entry.path(), keys.path().join(entry.file_name())).unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                std::fs::create_dir_all(keys.path().join(entry.file_name())).unwrap();
+                for inner in std::fs::read_dir(entry.path()).unwrap() {
+                    let inner = inner.unwrap();
+                    std::fs::copy(inner.path(), keys.path().join(entry.file_name()).join(inner.file_name())).unwrap();
+                }
+            } else {
+                std::fs::copy(entry.path(), keys.path().join(entry.file_name())).unwrap();
+            }
         }
         Self {
             database: self.database.clone(),

@@ -1,0 +1,18 @@
+//! The auditors' interface: the immutable log with its metadata, exports that end with the signed
+//! head covering them, proofs (inclusion, consistency), the published audit keys, and `verify`.
+//!
+//! - [`routes`]: `/api/v1/audit/events`, `/audit/events/export`, `/audit/checkpoints/latest`,
+//!   `/audit/proof/{event_id}`, `/audit/consistency`, `/.well-known/audit-keys.json`.
+//! - [`verify`]: `/api/v1/audit/verify`.
+
+pub mod routes;
+pub mod verify;
+
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::QueryState;
+
+/// Every audit route.
+pub fn routes() -> OpenApiRouter<QueryState> {
+    routes::routes().merge(verify::routes())
+}
