@@ -110,6 +110,14 @@ fn policy(method: &str, path: &str) -> Option<(Policy, StatusCode)> {
         ("GET", "/api/v1/analytics/summary") => (Permission("analytics:read"), S::OK),
         // Recomputes the tree of this test's log: a report (intact).
         ("GET", "/api/v1/audit/verify") => (Permission("audit:read"), S::OK),
+        // The log, its export (a head is signed before the calls) and the latest head.
+        ("GET", "/api/v1/audit/events" | "/api/v1/audit/events/export" | "/api/v1/audit/checkpoints/latest") => {
+            (Permission("audit:read"), S::OK)
+        }
+        // An event that does not exist; a consistency proof without its sizes.
+        ("GET", "/api/v1/audit/proof/{event_id}") => (Permission("audit:read"), S::NOT_FOUND),
+        ("GET", "/api/v1/audit/consistency") => (Permission("audit:read"), S::BAD_REQUEST),
+        ("GET", "/.well-known/audit-keys.json") => (Public, S::OK),
         _ => return None,
     })
 }
@@ -161,7 +169,12 @@ fn body_for(method: &str, path: &str) -> Option<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_route_answers_each_role_exactly_as_its_policy_says() {
     // Permissions alone decide here; the verified-address rule has its own tests (rooms, email flows).
-    let app = TestApp::spawn_with(TestEnv::new(), Services::all(), &[("CAIRN_VERIFIED_EMAIL_FOR", "none")]).await;
+    let app = TestApp::spawn_with(
+        TestEnv::new(),
+        Services::all(),
+        &[("CAIRN_VERIFIED_EMAIL_FOR", "none"), ("CAIRN_AUDIT_HEAD_EVERY", "1")],
+    )
+    .await;
     let (_, admin) = app.admin_token().await;
     // One account per seeded role; each holds that role only.
     let mut accounts: Vec<(&str, Option<String>, Vec<String>)> = vec![("anonymous", None, vec![])];
@@ -179,6 +192,8 @@ async fn every_route_answers_each_role_exactly_as_its_policy_says() {
         accounts.push((role, Some(email), perms));
     }
     app.register_ok("matrix-probe@example.com").await;
+    // The audit export and the latest head answer 200 once a tree head is signed.
+    app.wait_count("SELECT least(count(*), 1) FROM audit_heads", 1, std::time::Duration::from_secs(30)).await;
 
     let routes = app.routes.clone();
     // The router's own list, not only the document's: the operational routes are in it too.
