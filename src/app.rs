@@ -243,6 +243,17 @@ impl Application {
         if services.relay {
             let relay = Relay::new(pool.clone(), js.clone(), ns.clone(), settings.relay_batch).with_wake(wake.clone());
             tasks.spawn(relay.run(shutdown.clone()));
+            if settings.audit.tree {
+                // Its own loop: the tree keeps folding while NATS is away.
+                let fold = cairn_relay::AuditFold::new(
+                    pool.clone(),
+                    settings.audit.clone(),
+                    settings.is_production(),
+                    settings.clock.clone(),
+                )?
+                .with_wake(wake.clone());
+                tasks.spawn(fold.run(shutdown.clone()));
+            }
         }
         if services.projector {
             spawn_projection(&mut tasks, &settings, &pool, &js, &ns, &shutdown, cairn_projector::UsersProjection);

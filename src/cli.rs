@@ -161,6 +161,10 @@ enum AdminCommand {
     },
     /// Add a new signing key; the newest key signs, older ones keep verifying.
     RotateKey,
+    /// Add a new audit signing key (Ed25519) to CAIRN_AUDIT_KEYS_DIR (created when missing; the
+    /// key file is mode 0600) and print its id. Running relays sign tree heads with it within a
+    /// minute; older keys stay published, so heads they signed still verify.
+    RotateAuditKey,
     /// Run one pass of the file sweeper now: remove stored bytes that no event names (uploads that
     /// died) and that are older than CAIRN_FILES_ORPHAN_GRACE_SECS. Does nothing while a running
     /// process is sweeping.
@@ -452,6 +456,16 @@ async fn admin(settings: &Settings, command: AdminCommand) -> anyhow::Result<()>
                 std::io::stdout(),
                 "created signing key {kid} in {}; running processes sign with it within a minute",
                 settings.keys_dir.display()
+            );
+            Ok(())
+        }
+        AdminCommand::RotateAuditKey => {
+            // Never a development key: production refuses those.
+            let kid = cairn_platform::audit::keys::generate(&settings.audit.keys_dir, false)?;
+            let _ = writeln!(
+                std::io::stdout(),
+                "created audit key {kid} in {}; running processes sign tree heads with it within a minute",
+                settings.audit.keys_dir.display()
             );
             Ok(())
         }

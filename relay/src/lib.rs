@@ -11,13 +11,17 @@
 //!   still running ([`HeldBack`]): the backend's pid, transaction age and `application_name`, in
 //!   a watch, gauges and a rate-limited warning.
 //! - [`wakeup`]: [`RelayWakeup`], how commands wake the relay after they commit.
+//! - [`audit`]: [`AuditFold`], the loop beside the publishing one that folds the log into the
+//!   audit Merkle tree (Postgres only, so a NATS outage does not stop it) and signs tree heads.
 
+pub mod audit;
 pub mod checkpoint;
 pub mod horizon;
 pub mod publisher;
 pub mod reader;
 pub mod wakeup;
 
+pub use audit::AuditFold;
 pub use horizon::{HeldBack, Holder};
 pub use publisher::Relay;
 pub use wakeup::RelayWakeup;
