@@ -3,9 +3,9 @@
 //!
 //! - [`routes`]: `/api/v1/audit/events`, `/audit/checkpoints/latest`, `/audit/proof/{event_id}`,
 //!   `/audit/consistency`, `/.well-known/audit-keys.json`.
-//! - [`export`]: `/api/v1/audit/events/export`.
+//! - [`export`]: the streamed export, `/api/v1/audit/events/export`.
 //! - [`events`]: the log as auditors read it (filters, pages, the time-filter semantics).
-//! - [`verify`]: `/api/v1/audit/verify`.
+//! - [`verify`]: recomputing the tree, `/api/v1/audit/verify`.
 
 pub mod events;
 pub mod export;
