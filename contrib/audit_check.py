@@ -17,7 +17,7 @@ def node(left, right): return hashlib.sha256(b"\x01" + left + right).digest()
 
 def get(base, path, token=None):
     req = urllib.request.Request(base.rstrip("/") + path, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try: body = json.load(urllib.request.urlopen(req))
+    try: body = json.load(urllib.request.urlopen(req, timeout=60))
     except urllib.error.HTTPError as e: fail(f"{path}: HTTP {e.code} {e.read().decode(errors='replace')}")
     return body["data"] if "data" in body and "success" in body else body
 

@@ -64,7 +64,8 @@ fn run(app: &TestApp, token: &str, event_id: Uuid, old_head: &Path) -> (bool, St
     (out.status.success(), text)
 }
 
-#[tokio::test]
+// The script is a blocking child process calling this test's own server: another worker serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_auditors_script_checks_a_proof_and_consistency_and_fails_on_a_tampered_event() {
     require_python();
     let app = TestApp::spawn_with(
