@@ -339,7 +339,10 @@ async fn filters_alone_and_combined_with_cursors_walking_every_page() {
     let mut cases: Vec<(String, Vec<&Pred>)> = filters.iter().map(|(q, p)| (q.clone(), vec![p])).collect();
     for (i, (qa, pa)) in filters.iter().enumerate() {
         for (qb, pb) in &filters[i + 1..] {
-            cases.push((format!("{qa}&{qb}"), vec![pa, pb]));
+            // A parameter given twice is refused (its own check below).
+            if qa.split('=').next() != qb.split('=').next() {
+                cases.push((format!("{qa}&{qb}"), vec![pa, pb]));
+            }
         }
     }
     cases.push((format!("aggregate_type=Vault&aggregate_id=a-2&event_type=Touched&actor_id={bob}"), vec![]));
@@ -373,6 +376,13 @@ async fn time_edges(app: &TestApp, token: &str, folded: bool) {
     let b = append(&app.pool, ("Clock", "c"), "Ticked", json!({}), Some(at(300))).await;
     if folded {
         wait_for_head_of_everything(&app.pool).await;
+    } else {
+        // Listed once settled: older than every transaction still running (other tests' too).
+        let started = Instant::now();
+        while walk(app, token, "aggregate_type=Clock", 10).await.len() < 4 {
+            assert!(started.elapsed() < Duration::from_secs(30), "the events never settled");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     let ids = |items: Vec<Value>| -> Vec<Uuid> {
         items.iter().map(|e| e["event_id"].as_str().unwrap().parse().unwrap()).collect()
@@ -521,10 +531,15 @@ async fn proofs_and_consistency_check_with_an_independent_implementation() {
     let app = TestApp::spawn_with(TestEnv::new(), Services::all(), &HEADS_OFTEN).await;
     let (_, admin) = app.admin_token().await;
     let token = auditor(&app, &admin).await;
-    for i in 0..30 {
-        append(&app.pool, ("Proof", &format!("p{i}")), "Proven", json!({ "actor_id": "prover" }), None).await;
+    // Three groups, each signed before the next: heads at several sizes.
+    let mut total = 0;
+    for group in 0..3 {
+        for i in 0..10 {
+            let id = format!("p{group}-{i}");
+            append(&app.pool, ("Proof", &id), "Proven", json!({ "actor_id": "prover" }), None).await;
+        }
+        total = wait_for_head_of_everything(&app.pool).await as u64;
     }
-    let total = wait_for_head_of_everything(&app.pool).await as u64;
     let keys = app.get("/.well-known/audit-keys.json", None).await;
     let events = walk(&app, &token, "", 1000).await;
     let leaves: Vec<H> = events.iter().map(|e| leaf(e["canonical"].as_str().unwrap().as_bytes())).collect();
@@ -634,6 +649,7 @@ async fn bad_parameters_are_400_envelopes_naming_the_field() {
         ("/api/v1/audit/events?to=2020-13-01T00:00:00Z".to_owned(), "to"),
         ("/api/v1/audit/events?from=2021-01-01T00:00:00Z&to=2020-01-01T00:00:00Z".to_owned(), "to"),
         ("/api/v1/audit/events?aggregate_type=".to_owned(), "aggregate_type"),
+        ("/api/v1/audit/events?aggregate_type=A&aggregate_type=B".to_owned(), "aggregate_type"),
         (format!("/api/v1/audit/events?actor_id={}", "x".repeat(201)), "actor_id"),
         ("/api/v1/audit/events/export?format=xml".to_owned(), "format"),
         ("/api/v1/audit/events/export?cursor=1.1".to_owned(), "cursor"),

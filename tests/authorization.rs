@@ -285,7 +285,12 @@ async fn bad_tokens_are_refused_with_401() {
         serde_json::from_slice(&engine.decode(good.split('.').next().unwrap()).unwrap()).unwrap();
     let claims: serde_json::Value =
         serde_json::from_slice(&engine.decode(good.split('.').nth(1).unwrap()).unwrap()).unwrap();
-    let key_file = std::fs::read_dir(app.env.keys.path()).unwrap().next().unwrap().unwrap().path();
+    // The token key: the directory's one file (the audit keys are in a subdirectory).
+    let key_file = std::fs::read_dir(app.env.keys.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| path.is_file())
+        .unwrap();
     let pem_text = std::fs::read_to_string(&key_file).unwrap();
     let real_key = jsonwebtoken::EncodingKey::from_ed_pem(pem_text.as_bytes()).unwrap();
     let jwks = app.get("/.well-known/jwks.json", None).await;

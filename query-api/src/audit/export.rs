@@ -253,9 +253,10 @@ impl Export {
 async fn export_events(
     State(pool): State<PgPool>,
     caller: Caller,
-    ApiQuery(query): ApiQuery<ExportQuery>,
+    query: Result<ApiQuery<ExportQuery>, ApiError>,
 ) -> Result<Response, ApiError> {
     caller.require(AUDIT_READ)?;
+    let ApiQuery(query) = query?;
     let format = query.format.unwrap_or_default();
     let filter = RawFilter {
         aggregate_type: query.aggregate_type,

@@ -136,9 +136,11 @@ struct EventsQuery {
 async fn list_events(
     State(pool): State<PgPool>,
     caller: Caller,
-    ApiQuery(query): ApiQuery<EventsQuery>,
+    query: Result<ApiQuery<EventsQuery>, ApiError>,
 ) -> Result<ApiResponse<Vec<AuditEvent>>, ApiError> {
     caller.require(AUDIT_READ)?;
+    // Who may not read the log learns nothing about its parameters.
+    let ApiQuery(query) = query?;
     let limit = match query.limit {
         None => 100,
         Some(n @ 1..=1000) => i64::from(n),
@@ -235,9 +237,10 @@ async fn inclusion_proof(
     State(pool): State<PgPool>,
     caller: Caller,
     ApiPath(event_id): ApiPath<Uuid>,
-    ApiQuery(query): ApiQuery<ProofQuery>,
+    query: Result<ApiQuery<ProofQuery>, ApiError>,
 ) -> Result<ApiResponse<InclusionProof>, ApiError> {
     caller.require(AUDIT_READ)?;
+    let ApiQuery(query) = query?;
     let (leaf_index, leaf_hash) = store::leaf_of(&pool, event_id).await?.ok_or_else(|| {
         ApiError::NotFound(format!("event {event_id} is not in the audit tree (unknown, or not folded yet)"))
     })?;
@@ -315,10 +318,10 @@ pub struct ConsistencyProof {
 async fn consistency_proof(
     State(pool): State<PgPool>,
     caller: Caller,
-    ApiQuery(query): ApiQuery<ConsistencyQuery>,
+    query: Result<ApiQuery<ConsistencyQuery>, ApiError>,
 ) -> Result<ApiResponse<ConsistencyProof>, ApiError> {
     caller.require(AUDIT_READ)?;
-    let ConsistencyQuery { from, to } = query;
+    let ApiQuery(ConsistencyQuery { from, to }) = query?;
     if from == 0 {
         return Err(ApiError::field("from", "must be at least 1"));
     }
