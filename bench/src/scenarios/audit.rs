@@ -318,13 +318,13 @@ pub async fn run(ctx: &Ctx, env: &BenchEnv, out: &mut Output) -> anyhow::Result<
     );
 
     // 4. Proofs of random events.
-    let samples = ctx.pick(200, 2_000);
+    let samples: i64 = ctx.pick(200, 2_000);
     let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
         "SELECT event_id FROM audit_leaves WHERE leaf_index IN \
          (SELECT (random() * ($1 - 1))::bigint FROM generate_series(1, $2))",
     )
     .bind(events)
-    .bind(i64::try_from(samples)?)
+    .bind(samples)
     .fetch_all(&env.pool)
     .await?;
     let mut latencies = Vec::with_capacity(ids.len());

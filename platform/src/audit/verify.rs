@@ -247,6 +247,9 @@ pub async fn verify_with_progress(
     Ok(report)
 }
 
+/// A stored head: size, root, time (ms), origin, key id, signature.
+type HeadRow = (i64, Vec<u8>, i64, String, String, Vec<u8>);
+
 /// The signed heads, oldest first, a page at a time.
 #[derive(Default)]
 struct Heads {
@@ -259,7 +262,7 @@ impl Heads {
     /// The next head if its size is at most `size`.
     async fn next_at_most(&mut self, pool: &PgPool, size: u64) -> anyhow::Result<Option<SignedHead>> {
         if self.page.is_empty() && !self.done {
-            let rows: Vec<(i64, Vec<u8>, i64, String, String, Vec<u8>)> = sqlx::query_as(
+            let rows: Vec<HeadRow> = sqlx::query_as(
                 "SELECT tree_size, root_hash, timestamp_ms, origin, key_id, signature FROM audit_heads \
                  WHERE tree_size > $1 ORDER BY tree_size LIMIT $2",
             )
