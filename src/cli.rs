@@ -71,7 +71,35 @@ enum Command {
     },
     /// Exit 0 when the local server's /health answers 200 (for container health checks).
     Healthcheck,
+    /// Auditors' tasks on the verifiable log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
 }
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Recompute the tree from the events table and compare it with the stored tree and every
+    /// signed head (public keys from CAIRN_AUDIT_KEYS_DIR). Exit 0 intact, 2 changed, 1 on error.
+    Verify {
+        /// Print the report as JSON (as GET /api/v1/audit/verify's data).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `cairn audit verify` found the log changed: exit code 2, the report already printed.
+#[derive(Debug)]
+struct Tampered;
+
+impl std::fmt::Display for Tampered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the log does not match its tree")
+    }
+}
+
+impl std::error::Error for Tampered {}
 
 #[derive(Debug, Subcommand)]
 enum JobsCommand {
@@ -151,6 +179,7 @@ pub async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.is::<Tampered>() => std::process::ExitCode::from(2),
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "cairn failed");
             let _ = writeln!(std::io::stderr(), "error: {e:#}");
@@ -199,6 +228,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Jobs { command } => return jobs(&settings, command).await,
         Command::Admin { command } => return admin(&settings, command).await,
         Command::Healthcheck => return healthcheck(&settings).await,
+        Command::Audit { command } => return audit(&settings, command).await,
     };
     serve(settings, services).await
 }
@@ -495,6 +525,83 @@ async fn admin(settings: &Settings, command: AdminCommand) -> anyhow::Result<()>
             Ok(())
         }
     }
+}
+
+async fn audit(settings: &Settings, command: AuditCommand) -> anyhow::Result<()> {
+    match command {
+        AuditCommand::Verify { json } => {
+            let keys = cairn_platform::audit::AuditKeys::read_dir(&settings.audit.keys_dir)?;
+            let pool = db::connect_and_migrate(&settings.database_url, 4).await?;
+            let on_terminal = std::io::stderr().is_terminal() && !json;
+            let mut last_shown = std::time::Instant::now();
+            let report = cairn_platform::audit::verify::verify_with_progress(&pool, &keys, |done, total| {
+                if on_terminal && last_shown.elapsed() >= std::time::Duration::from_secs(1) {
+                    last_shown = std::time::Instant::now();
+                    let _ = write!(std::io::stderr(), "\rchecked {done} of {total} events");
+                }
+            })
+            .await?;
+            if on_terminal {
+                let _ = write!(std::io::stderr(), "\r\x1b[K");
+            }
+            let mut out = std::io::stdout().lock();
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+            } else {
+                write_verify_report(&mut out, &report)?;
+            }
+            out.flush()?;
+            if report.intact {
+                Ok(())
+            } else {
+                Err(Tampered.into())
+            }
+        }
+    }
+}
+
+fn write_verify_report(
+    out: &mut impl Write,
+    report: &cairn_platform::audit::verify::VerifyReport,
+) -> std::io::Result<()> {
+    if report.intact {
+        return writeln!(
+            out,
+            "intact: {} events recomputed, {} signed heads checked (tree size {})",
+            report.events_checked, report.heads_checked, report.tree_size
+        );
+    }
+    writeln!(
+        out,
+        "CHANGED: {} events recomputed, {} signed heads checked (tree size {})",
+        report.events_checked, report.heads_checked, report.tree_size
+    )?;
+    if let Some(d) = &report.first_difference {
+        writeln!(out, "first difference: {} at leaf index {}", d.kind, d.leaf_index)?;
+        writeln!(out, "  event id   {}", d.event_id)?;
+        writeln!(out, "  position   {}", d.position.as_deref().unwrap_or("- (not in the log)"))?;
+        writeln!(out, "  recorded   {}", d.recorded_position.as_deref().unwrap_or("- (not in the tree)"))?;
+        if let Some(found) = d.found_event_id {
+            writeln!(out, "  found here {found}")?;
+        }
+        writeln!(out, "  {}", d.detail)?;
+    } else {
+        writeln!(out, "the stored leaves match the log")?;
+    }
+    if let Some(h) = &report.first_head_mismatch {
+        writeln!(out, "first signed head that no longer matches: tree size {}", h.tree_size)?;
+        writeln!(out, "  signed root     {}", h.signed_root)?;
+        writeln!(out, "  recomputed root {}", h.recomputed_root.as_deref().unwrap_or("-"))?;
+        writeln!(out, "  last matching head: tree size {}", h.last_matching_size)?;
+        writeln!(out, "  {}", h.detail)?;
+    }
+    if report.bad_signature_count > 0 {
+        writeln!(out, "heads whose signature fails: {}", report.bad_signature_count)?;
+        for b in &report.bad_signatures {
+            writeln!(out, "  tree size {}  key {}  {}", b.tree_size, b.key_id, b.detail)?;
+        }
+    }
+    Ok(())
 }
 
 fn describe(e: &cairn_platform::http::ApiError) -> String {

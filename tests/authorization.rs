@@ -108,6 +108,8 @@ fn policy(method: &str, path: &str) -> Option<(Policy, StatusCode)> {
         ("POST", "/api/v1/schedules") => (Permission("jobs:manage"), S::CREATED),
         // The last 30 days, zeros where nothing happened.
         ("GET", "/api/v1/analytics/summary") => (Permission("analytics:read"), S::OK),
+        // Recomputes the tree of this test's log: a report (intact).
+        ("GET", "/api/v1/audit/verify") => (Permission("audit:read"), S::OK),
         // The log, its export (a head is signed before the calls) and the latest head.
         ("GET", "/api/v1/audit/events" | "/api/v1/audit/events/export" | "/api/v1/audit/checkpoints/latest") => {
             (Permission("audit:read"), S::OK)

@@ -79,12 +79,15 @@ enum Scenario {
     /// `noop` jobs/s at 1, 16 and 64 workers and enqueue → start latency, beside raw JetStream
     /// and a raw Postgres SKIP LOCKED loop.
     Jobs,
+    /// Relay throughput with the audit tree on against off; exporting 1,000,000 events (events/s,
+    /// RSS growth); `cairn audit verify` events/s; inclusion proof latency at 1,000,000 leaves.
+    Audit,
     /// Every scenario, one after another.
     All,
 }
 
 impl Scenario {
-    const EACH: [Self; 13] = [
+    const EACH: [Self; 14] = [
         Self::Write,
         Self::WriteLong,
         Self::Lag,
@@ -98,6 +101,7 @@ impl Scenario {
         Self::Realtime,
         Self::Files,
         Self::Jobs,
+        Self::Audit,
     ];
 
     fn name(self) -> &'static str {
@@ -115,6 +119,7 @@ impl Scenario {
             Self::Realtime => "realtime",
             Self::Files => "files",
             Self::Jobs => "jobs",
+            Self::Audit => "audit",
             Self::All => "all",
         }
     }
@@ -134,6 +139,7 @@ impl Scenario {
             Self::Realtime => scenarios::realtime::run(ctx, env, out).await,
             Self::Files => scenarios::files::run(ctx, env, out).await,
             Self::Jobs => scenarios::jobs::run(ctx, env, out).await,
+            Self::Audit => scenarios::audit::run(ctx, env, out).await,
             Self::All => anyhow::bail!("`all` is not a single scenario"),
         }
     }

@@ -1,6 +1,7 @@
 //! The scenarios, one module each, and what they share: the run's settings, a started service
 //! with an administrator signed in, and the rows they produce.
 
+pub mod audit;
 pub mod files;
 pub mod hostile;
 pub mod jobs;
