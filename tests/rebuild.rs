@@ -299,6 +299,30 @@ async fn a_failed_rebuild_leaves_the_live_tables_serving_and_says_why() {
     assert_eq!(again.status, StatusCode::ACCEPTED, "{:?}", again.body);
     let done = wait_status(&app, &admin, "the second rebuild done", |s| s["rebuild"]["state"] == "done").await;
     assert!(done["rebuild"]["error"].is_null(), "{done}");
+
+    // A rebuild running when the process stops is stopped with it, and says so.
+    let third = app.post("/api/v1/admin/projections/users/rebuild", Some(&admin), json!({})).await;
+    assert_eq!(third.status, StatusCode::ACCEPTED, "{:?}", third.body);
+    wait_status(&app, &admin, "rebuilding again", |s| s["rebuild"]["events_done"].as_i64().unwrap_or(0) > 0).await;
+    let rows_before: i64 = sqlx::query_scalar("SELECT count(*) FROM users").fetch_one(&app.pool).await.unwrap();
+    app.shutdown.cancel();
+    let started = Instant::now();
+    let (state, error): (String, Option<String>) = loop {
+        let row: (String, Option<String>) =
+            sqlx::query_as("SELECT state, error FROM projection_rebuilds WHERE projection = 'users'")
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        if row.0 != "running" {
+            break row;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the rebuild still runs after the shutdown");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(state, "failed");
+    assert!(error.as_deref().unwrap_or("").contains("shutting down"), "{error:?}");
+    let rows_after: i64 = sqlx::query_scalar("SELECT count(*) FROM users").fetch_one(&app.pool).await.unwrap();
+    assert_eq!(rows_after, rows_before);
     app.stop().await;
 }
 

@@ -249,7 +249,7 @@ impl Claim {
     ) -> anyhow::Result<u64> {
         let Self { mut conn, name, .. } = self;
         let schema = rebuild_schema(name);
-        let outcome = Rebuilder { pool, conn: &mut *conn, projection, options, schema: &schema, done: 0 }.run().await;
+        let outcome = Rebuilder { pool, conn: &mut conn, projection, options, schema: &schema, done: 0 }.run().await;
         let recorded = match &outcome {
             Ok(_) => sqlx::query(
                 "UPDATE projection_rebuilds SET state = 'done', finished_at = now(), heartbeat_at = now(), \
@@ -264,15 +264,15 @@ impl Claim {
                 tracing::warn!(projection = name, error = %message, "rebuild failed; the live tables are untouched");
                 // The half-built tables go; on a connection that failed, the next rebuild drops them.
                 let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&mut *conn).await;
-                sqlx::query(
-                    "UPDATE projection_rebuilds SET state = 'failed', finished_at = now(), heartbeat_at = now(), error = $2 \
-                     WHERE projection = $1",
-                )
-                .bind(name)
-                .bind(&message)
-                .execute(pool)
-                .await
-                .map(|_| ())
+                let failed =
+                    "UPDATE projection_rebuilds SET state = 'failed', finished_at = now(), heartbeat_at = now(), \
+                                     error = $2 WHERE projection = $1";
+                // On this connection (the pool may be closing: the process is stopping), or on
+                // another one when this one broke.
+                match sqlx::query(failed).bind(name).bind(&message).execute(&mut *conn).await {
+                    Ok(_) => Ok(()),
+                    Err(_) => sqlx::query(failed).bind(name).bind(&message).execute(pool).await.map(|_| ()),
+                }
             }
         };
         release(conn, name).await;
@@ -382,6 +382,8 @@ impl<P: Projection> Rebuilder<'_, P> {
             .clone()
             .log_slow_statements(tracing::log::LevelFilter::Off, Duration::from_secs(3600));
         let mut reader = PgConnection::connect_with(&options).await?;
+        // Read in index order as the rows come, never sorted first (the whole log at once).
+        sqlx::query("SET enable_sort = off").execute(&mut reader).await?;
         let horizon: Option<(i64, i64)> = sqlx::query_as(
             "SELECT transaction_id::text::bigint, global_position FROM events \
              WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
