@@ -226,6 +226,11 @@ impl Application {
                     clock: settings.clock.clone(),
                     audit_keys: Arc::new(AuditKeys::load(&settings.audit.keys_dir, settings.is_production())?),
                     audit: settings.audit.clone(),
+                    rebuilds: cairn_query_api::admin::Rebuilds {
+                        batch: settings.rebuild_batch,
+                        pause: settings.fault_rebuild_pause,
+                        shutdown: shutdown.clone(),
+                    },
                 };
                 api = api.merge(cairn_query_api::router(state));
                 let deps = RealtimeDeps {

@@ -286,18 +286,92 @@ async fn stop_signal() -> bool {
 }
 
 async fn replay(settings: &Settings, projection: &str) -> anyhow::Result<()> {
+    use cairn_projector::rebuild::{self, RebuildOptions, StartError};
     let pool = db::connect_and_migrate(&settings.database_url, 4).await?;
-    let events = match projection {
-        "users" => cairn_projector::rebuild(&pool, &cairn_projector::UsersProjection, 5000, true).await?,
-        "sessions" => cairn_projector::rebuild(&pool, &cairn_projector::SessionsProjection, 5000, true).await?,
-        "roles" => cairn_projector::rebuild(&pool, &cairn_projector::RolesProjection, 5000, true).await?,
-        "rooms" => cairn_projector::rebuild(&pool, &cairn_projector::RoomsProjection, 5000, true).await?,
-        "files" => cairn_projector::rebuild(&pool, &cairn_projector::FilesProjection, 5000, true).await?,
-        "analytics" => cairn_projector::rebuild(&pool, &cairn_projector::AnalyticsProjection, 5000, true).await?,
-        other => bail!("unknown projection '{other}' (known: {})", cairn_projector::PROJECTIONS.join(", ")),
+    let claim = match rebuild::claim(&pool, projection, "cli").await {
+        Ok(claim) => claim,
+        Err(StartError::Unknown(other)) => {
+            bail!("unknown projection '{other}' (known: {})", cairn_projector::PROJECTIONS.join(", "))
+        }
+        Err(e) => return Err(e.into()),
     };
-    let _ = writeln!(std::io::stdout(), "rebuilt {projection} from {events} events");
+    let shutdown = CancellationToken::new();
+    let options = RebuildOptions {
+        batch: settings.rebuild_batch,
+        swap: true,
+        pause: settings.fault_rebuild_pause,
+        shutdown: shutdown.clone(),
+    };
+    let signals = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            if stop_signal().await {
+                shutdown.cancel();
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    let name = claim.name();
+    let run = tokio::spawn({
+        let pool = pool.clone();
+        async move { claim.run(&pool, &options).await }
+    });
+    let outcome = show_progress(&pool, name, run).await;
+    signals.abort();
+    let events = outcome?;
+    writeln!(std::io::stdout(), "rebuilt {name} from {events} events in {:.1} s", started.elapsed().as_secs_f64())?;
     Ok(())
+}
+
+/// Shows a rebuild's progress, read from its row, until `run` ends: a progress bar on a terminal,
+/// a line every few seconds otherwise.
+async fn show_progress(
+    pool: &sqlx::PgPool,
+    name: &str,
+    mut run: tokio::task::JoinHandle<anyhow::Result<u64>>,
+) -> anyhow::Result<u64> {
+    use cairn_query_api::admin::RebuildStatus;
+    let terminal = std::io::stderr().is_terminal();
+    let bar = if terminal {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(indicatif::ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} events {msg}",
+        )?);
+        bar.set_prefix(format!("rebuilding {name}"));
+        Some(bar)
+    } else {
+        None
+    };
+    let every = if terminal { std::time::Duration::from_millis(200) } else { std::time::Duration::from_secs(1) };
+    let mut tick = tokio::time::interval(every);
+    let outcome = loop {
+        tokio::select! {
+            joined = &mut run => break joined.context("the rebuild task failed")?,
+            _ = tick.tick() => {
+                let Ok(Some(row)) = cairn_projector::rebuild::latest(pool, name).await else { continue };
+                if row.state != "running" {
+                    continue;
+                }
+                let status = RebuildStatus::of(&row, chrono::Utc::now());
+                let eta = status.eta_secs.map_or_else(|| "?".to_owned(), |s| format!("{s} s"));
+                if let Some(bar) = &bar {
+                    bar.set_length(u64::try_from(status.events_total).unwrap_or(0));
+                    bar.set_position(u64::try_from(status.events_done).unwrap_or(0));
+                    bar.set_message(format!("{:.0} events/s, ETA {eta}", status.rate_per_sec));
+                } else {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "rebuilding {name}: {} of {} events, {:.0} events/s, ETA {eta}",
+                        status.events_done, status.events_total, status.rate_per_sec
+                    );
+                }
+            }
+        }
+    };
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    outcome.with_context(|| format!("rebuild of {name} failed; the live tables are untouched"))
 }
 
 async fn projections(settings: &Settings, parked: Option<&str>) -> anyhow::Result<()> {
@@ -325,14 +399,29 @@ async fn projections(settings: &Settings, parked: Option<&str>) -> anyhow::Resul
     }
     writeln!(
         out,
-        "{:<12}  {:<20}  {:>10}  {:>10}  {:<12}  {:>6}",
+        "{:<12}  {:<20}  {:>10}  {:>10}  {:<12}  {:>6}  rebuild",
         "projection", "checkpoint", "lag", "lag ms", "state", "parked"
     )?;
     for p in status::projections(&pool, cairn_projector::PROJECTIONS).await? {
+        let rebuild = p.rebuild.as_ref().map_or_else(String::new, |r| match r.state {
+            "running" => format!(
+                "running: {} of {} events, {:.0}/s, ETA {}",
+                r.events_done,
+                r.events_total,
+                r.rate_per_sec,
+                r.eta_secs.map_or_else(|| "?".to_owned(), |s| format!("{s} s"))
+            ),
+            "failed" => format!("failed at {}: {}", r.heartbeat_at.to_rfc3339(), r.error.as_deref().unwrap_or("")),
+            state => format!(
+                "{state} at {} ({} events)",
+                r.finished_at.unwrap_or(r.heartbeat_at).to_rfc3339(),
+                r.events_done
+            ),
+        });
         writeln!(
             out,
-            "{:<12}  {:<20}  {:>10}  {:>10}  {:<12}  {:>6}",
-            p.name, p.checkpoint, p.lag_events, p.lag_ms, p.state, p.parked
+            "{:<12}  {:<20}  {:>10}  {:>10}  {:<12}  {:>6}  {}",
+            p.name, p.checkpoint, p.lag_events, p.lag_ms, p.state, p.parked, rebuild
         )?;
     }
     writeln!(out)?;

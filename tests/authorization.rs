@@ -66,6 +66,8 @@ fn policy(method: &str, path: &str) -> Option<(Policy, StatusCode)> {
         ("GET", "/api/v1/admin/projections" | "/api/v1/admin/projections/{name}/parked") => {
             (Permission("projections:manage"), S::OK)
         }
+        // A projection that does not exist (a real rebuild would make the second caller's 409).
+        ("POST", "/api/v1/admin/projections/{name}/rebuild") => (Permission("projections:manage"), S::NOT_FOUND),
         // An event nobody parked.
         ("POST", "/api/v1/admin/projections/{name}/parked/{event_id}/retry")
         | ("POST", "/api/v1/admin/projections/{name}/parked/{event_id}/skip") => {
@@ -220,7 +222,13 @@ async fn every_route_answers_each_role_exactly_as_its_policy_says() {
                     .await;
                 assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
             }
-            let name = if path.starts_with("/api/v1/admin/projections") { "users" } else { "readonly" };
+            let name = if path.ends_with("/rebuild") {
+                "no-such-projection"
+            } else if path.starts_with("/api/v1/admin/projections") {
+                "users"
+            } else {
+                "readonly"
+            };
             let url = path
                 .replace("/users/me/sessions/{id}", &format!("/users/me/sessions/{}", uuid::Uuid::new_v4()))
                 .replace("{user_id}", &target)

@@ -41,10 +41,11 @@ async fn wait_projected(pool: &PgPool, timeout: Duration) {
 async fn assert_matches_rebuild(pool: &PgPool) {
     cairn_projector::rebuild(pool, &cairn_projector::UsersProjection, 500, false).await.unwrap();
     let live: i64 = sqlx::query_scalar("SELECT count(*) FROM public.users").fetch_one(pool).await.unwrap();
-    let rebuilt: i64 = sqlx::query_scalar("SELECT count(*) FROM cairn_rebuild.users").fetch_one(pool).await.unwrap();
+    let rebuilt: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM cairn_rebuild_users.users").fetch_one(pool).await.unwrap();
     let differing: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM ((SELECT * FROM public.users EXCEPT SELECT * FROM cairn_rebuild.users) \
-                         UNION ALL (SELECT * FROM cairn_rebuild.users EXCEPT SELECT * FROM public.users)) d",
+        "SELECT count(*) FROM ((SELECT * FROM public.users EXCEPT SELECT * FROM cairn_rebuild_users.users) \
+                         UNION ALL (SELECT * FROM cairn_rebuild_users.users EXCEPT SELECT * FROM public.users)) d",
     )
     .fetch_one(pool)
     .await

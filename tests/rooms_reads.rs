@@ -449,7 +449,7 @@ async fn rebuilding_the_rooms_projection_from_the_log_gives_the_same_rows() {
 
     // A small batch, so the fold meets many batch boundaries (a leave and a rejoin across one).
     cairn_projector::rebuild(&app.pool, &cairn_projector::RoomsProjection, 5, false).await.unwrap();
-    assert_eq!(counts("cairn_rebuild").await, vec![2, 5, 12]);
+    assert_eq!(counts("cairn_rebuild_rooms").await, vec![2, 5, 12]);
     assert_same_rows(&app.pool, "a rebuild of the log").await;
 
     // Every event delivered again to the live tables, in one batch: nothing changes (the
@@ -463,12 +463,13 @@ async fn rebuilding_the_rooms_projection_from_the_log_gives_the_same_rows() {
     drop(conn);
     assert_same_rows(&app.pool, "the tables after every event was applied again").await;
     // The rows compared hold what the commands did.
-    let archived: bool = sqlx::query_scalar("SELECT archived_at IS NOT NULL FROM cairn_rebuild.rooms WHERE id = $1")
-        .bind(private)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-    let edited: Option<String> = sqlx::query_scalar("SELECT body FROM cairn_rebuild.messages WHERE id = $1")
+    let archived: bool =
+        sqlx::query_scalar("SELECT archived_at IS NOT NULL FROM cairn_rebuild_rooms.rooms WHERE id = $1")
+            .bind(private)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let edited: Option<String> = sqlx::query_scalar("SELECT body FROM cairn_rebuild_rooms.messages WHERE id = $1")
         .bind(messages[1])
         .fetch_one(&app.pool)
         .await
@@ -481,8 +482,8 @@ async fn rebuilding_the_rooms_projection_from_the_log_gives_the_same_rows() {
 async fn assert_same_rows(pool: &PgPool, what: &str) {
     for table in ["rooms", "room_members", "messages"] {
         let differing: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM ((SELECT * FROM public.{table} EXCEPT SELECT * FROM cairn_rebuild.{table}) \
-                                   UNION ALL (SELECT * FROM cairn_rebuild.{table} EXCEPT SELECT * FROM public.{table})) d"
+            "SELECT count(*) FROM ((SELECT * FROM public.{table} EXCEPT SELECT * FROM cairn_rebuild_rooms.{table}) \
+                                   UNION ALL (SELECT * FROM cairn_rebuild_rooms.{table} EXCEPT SELECT * FROM public.{table})) d"
         ))
         .fetch_one(pool)
         .await

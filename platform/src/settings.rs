@@ -65,6 +65,12 @@ pub struct Settings {
     pub relay_batch: i64,
     /// `CAIRN_PROJECTOR_BATCH`: events a projector applies per transaction.
     pub projector_batch: usize,
+    /// `CAIRN_REBUILD_BATCH`: events a projection rebuild reads and applies per transaction
+    /// (default 10000).
+    pub rebuild_batch: i64,
+    /// `CAIRN_FAULT_REBUILD_PAUSE_MS`: a test knob, refused in production. A rebuild pauses this
+    /// long after every batch, so a test can watch one run and act on it meanwhile (default 0).
+    pub fault_rebuild_pause: Duration,
     /// `CAIRN_REQUEST_TIMEOUT_SECS`.
     pub request_timeout: Duration,
     /// `CAIRN_SHUTDOWN_GRACE_SECS`: on SIGTERM, how long in-flight requests and background work
@@ -559,6 +565,14 @@ impl Settings {
             stream_replicas: usize::try_from(num("CAIRN_STREAM_REPLICAS", 1)?)?.max(1),
             relay_batch: i64::try_from(num("CAIRN_RELAY_BATCH", 1000)?)?.max(1),
             projector_batch: usize::try_from(num("CAIRN_PROJECTOR_BATCH", 500)?)?.max(1),
+            rebuild_batch: i64::try_from(num("CAIRN_REBUILD_BATCH", 10_000)?)?.max(1),
+            fault_rebuild_pause: {
+                let pause = Duration::from_millis(num("CAIRN_FAULT_REBUILD_PAUSE_MS", 0)?);
+                if environment == Environment::Production && !pause.is_zero() {
+                    bail!("CAIRN_FAULT_REBUILD_PAUSE_MS is a test knob; production refuses it");
+                }
+                pause
+            },
             request_timeout: Duration::from_secs(num("CAIRN_REQUEST_TIMEOUT_SECS", 30)?),
             shutdown_grace: Duration::from_secs(num("CAIRN_SHUTDOWN_GRACE_SECS", 10)?),
             session_lifetime: Duration::from_secs(num("CAIRN_SESSION_LIFETIME_SECS", 7 * 86_400)?),
@@ -689,6 +703,22 @@ mod tests {
     fn production_refuses_insecure_cookies() {
         assert!(settings(&[("CAIRN_COOKIE_SECURE", "false")]).is_ok());
         assert!(settings(&[("CAIRN_ENV", "production"), ("CAIRN_COOKIE_SECURE", "false")]).is_err());
+    }
+
+    #[test]
+    fn production_refuses_the_rebuild_fault_knob() -> anyhow::Result<()> {
+        assert_eq!(settings(&[("CAIRN_FAULT_REBUILD_PAUSE_MS", "40")])?.fault_rebuild_pause, Duration::from_millis(40));
+        assert_eq!(settings(&[])?.fault_rebuild_pause, Duration::ZERO);
+        let err = settings(&[
+            ("CAIRN_ENV", "production"),
+            ("CAIRN_FILES_MASTER_KEY_FILE", "keys"),
+            ("CAIRN_FAULT_REBUILD_PAUSE_MS", "40"),
+        ])
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("CAIRN_FAULT_REBUILD_PAUSE_MS"), "{err}");
+        Ok(())
     }
 
     #[test]

@@ -12,10 +12,12 @@
 //! - [`rooms`]: the `rooms`, `room_members` and `messages` read models.
 //! - [`files`]: the `files` and `file_shares` read models.
 //! - [`analytics`]: daily sign-ups, active users, messages, uploads and job runs.
-//! - [`runner`]: the checkpointed apply loop shared by every projection, and rebuilds.
+//! - [`runner`]: the checkpointed apply loop shared by every projection.
+//! - [`rebuild`]: rebuilds from the log beside the live tables, one per projection at a time.
 
 pub mod analytics;
 pub mod files;
+pub mod rebuild;
 pub mod roles;
 pub mod rooms;
 pub mod runner;
@@ -24,9 +26,10 @@ pub mod users;
 
 pub use analytics::AnalyticsProjection;
 pub use files::FilesProjection;
+pub use rebuild::rebuild;
 pub use roles::RolesProjection;
 pub use rooms::RoomsProjection;
-pub use runner::{rebuild, run, Projection};
+pub use runner::{run, Projection};
 pub use sessions::SessionsProjection;
 pub use users::UsersProjection;
 

@@ -1,4 +1,4 @@
-//! The checkpointed apply loop every projection shares, parking, and rebuilds from the log.
+//! The checkpointed apply loop every projection shares, and parking.
 //!
 //! A batch is applied whole in one transaction with the checkpoint. If it fails for a reason that
 //! will pass (Postgres restarting), the batch is retried as it is. If it fails for a reason of its
@@ -22,7 +22,7 @@ use cairn_platform::envelope::{ConsistencyToken, EventEnvelope};
 use cairn_platform::failure::is_transient;
 use cairn_platform::nats::{self, EventBatchHandler, Namespace};
 use cairn_platform::parking::{self, Control};
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 /// A read model built from events.
@@ -196,7 +196,7 @@ fn current_shape(event: &EventEnvelope) -> Cow<'_, EventEnvelope> {
 /// Applies a run of events in order: those the projection wants, upcast, and the operators'
 /// decisions addressed to it. With `one_by_one`, each event goes behind a savepoint and one that
 /// fails for a reason of its own is parked.
-async fn apply_run<P: Projection>(
+pub(crate) async fn apply_run<P: Projection>(
     conn: &mut PgConnection,
     projection: &P,
     schema: &str,
@@ -288,7 +288,7 @@ async fn decide<P: Projection>(
 
 /// Serialises the writers of projection `name` (live batches, a rebuild's final swap) for the
 /// rest of the transaction. An advisory lock, not a row lock: it takes no transaction id.
-async fn lock_projection(conn: &mut PgConnection, name: &str) -> sqlx::Result<()> {
+pub(crate) async fn lock_projection(conn: &mut PgConnection, name: &str) -> sqlx::Result<()> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(cairn_platform::db::advisory_key(&format!("cairn-projection:{name}")))
         .execute(conn)
@@ -297,7 +297,7 @@ async fn lock_projection(conn: &mut PgConnection, name: &str) -> sqlx::Result<()
 }
 
 /// Advances projection `name`'s checkpoint to `at` and announces it, in one statement.
-async fn save_checkpoint(conn: &mut PgConnection, name: &str, at: ConsistencyToken) -> sqlx::Result<()> {
+pub(crate) async fn save_checkpoint(conn: &mut PgConnection, name: &str, at: ConsistencyToken) -> sqlx::Result<()> {
     sqlx::query(
         "WITH saved AS (INSERT INTO projection_checkpoints AS c (name, last_tx, last_pos) VALUES ($1, $2::text::xid8, $3) \
                         ON CONFLICT (name) DO UPDATE SET last_tx = EXCLUDED.last_tx, last_pos = EXCLUDED.last_pos, \
@@ -386,93 +386,4 @@ pub async fn run<P: Projection>(
     let handler = Checkpointed { pool: pool.clone(), projection, passed_over: Mutex::new(None) };
     nats::consume(consumer, batch, handler, P::NAME, pool, shutdown).await;
     Ok(())
-}
-
-/// The schema a rebuild builds its tables in, beside the live ones.
-pub const REBUILD_SCHEMA: &str = "cairn_rebuild";
-
-/// Applies `events` to the tables in `schema` in a transaction of its own: whole, or, when the
-/// batch is refused for a reason of its own, one event at a time with the refused ones parked.
-async fn rebuild_batch<P: Projection>(
-    conn: &mut PgConnection,
-    projection: &P,
-    schema: &str,
-    events: &[&EventEnvelope],
-) -> anyhow::Result<()> {
-    for one_by_one in [false, true] {
-        let mut tx = conn.begin().await?;
-        match apply_run(&mut tx, projection, schema, events, one_by_one).await {
-            Ok(()) => {
-                tx.commit().await?;
-                return Ok(());
-            }
-            Err(e) if one_by_one || is_transient(&e) => return Err(e),
-            Err(e) => {
-                tracing::warn!(projection = P::NAME, error = %cairn_platform::http::loggable(e.as_ref()), "rebuild batch refused; one event at a time");
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Rebuilds projection `P` from the events table without taking reads down: builds new tables in
-/// [`REBUILD_SCHEMA`] in batches, then, holding the projection's lock (which pauses the live
-/// projector for a moment), applies what the live projector did meanwhile and swaps the tables
-/// in. With `swap = false` the rebuilt tables are left beside the live ones for comparison.
-/// Events it cannot apply are parked, as the live projector would. Returns the number of events read.
-///
-/// # Errors
-/// When Postgres fails.
-pub async fn rebuild<P: Projection>(pool: &PgPool, projection: &P, batch: i64, swap: bool) -> anyhow::Result<u64> {
-    let mut conn = pool.acquire().await?;
-    sqlx::query(&format!("DROP SCHEMA IF EXISTS {REBUILD_SCHEMA} CASCADE")).execute(&mut *conn).await?;
-    sqlx::query(&format!("CREATE SCHEMA {REBUILD_SCHEMA}")).execute(&mut *conn).await?;
-    for table in P::TABLES {
-        sqlx::query(&format!("CREATE TABLE {REBUILD_SCHEMA}.{table} (LIKE public.{table} INCLUDING ALL)"))
-            .execute(&mut *conn)
-            .await?;
-    }
-    let mut at = ConsistencyToken::default();
-    let mut count = 0u64;
-    loop {
-        let events = cairn_relay::reader::read_after(&mut conn, at, batch).await?;
-        let all: Vec<&EventEnvelope> = events.iter().collect();
-        rebuild_batch(&mut conn, projection, REBUILD_SCHEMA, &all).await?;
-        at = events.last().map_or(at, EventEnvelope::position);
-        count += events.len() as u64;
-        if (events.len() as i64) < batch {
-            break;
-        }
-    }
-    let mut tx = conn.begin().await?;
-    lock_projection(&mut tx, P::NAME).await?;
-    let live = checkpoint::read(&mut *tx, P::NAME).await?;
-    // Bring the new tables exactly to the live checkpoint: no further, no less.
-    while at < live {
-        let events = cairn_relay::reader::read_after(&mut tx, at, batch).await?;
-        if events.is_empty() {
-            break;
-        }
-        let batch: Vec<&EventEnvelope> = events.iter().take_while(|e| e.position() <= live).collect();
-        apply_run(&mut tx, projection, REBUILD_SCHEMA, &batch, true).await?;
-        at = batch.last().map_or(at, |e| e.position());
-        count += batch.len() as u64;
-        if events.last().is_some_and(|e| e.position() > live) {
-            break;
-        }
-    }
-    if swap {
-        for table in P::TABLES {
-            sqlx::query(&format!("DROP TABLE public.{table}")).execute(&mut *tx).await?;
-            sqlx::query(&format!("ALTER TABLE {REBUILD_SCHEMA}.{table} SET SCHEMA public")).execute(&mut *tx).await?;
-        }
-        sqlx::query(&format!("DROP SCHEMA {REBUILD_SCHEMA}")).execute(&mut *tx).await?;
-        if at > live {
-            // The live projector had applied nothing yet: the rebuilt tables are now ahead.
-            save_checkpoint(&mut tx, P::NAME, at).await?;
-        }
-    }
-    tx.commit().await?;
-    tracing::info!(projection = P::NAME, events = count, swapped = swap, "rebuild finished");
-    Ok(count)
 }

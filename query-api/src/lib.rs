@@ -50,6 +50,8 @@ pub struct QueryState {
     pub audit_keys: std::sync::Arc<cairn_platform::audit::AuditKeys>,
     /// The audit tree's settings (the log's origin).
     pub audit: cairn_platform::audit::AuditSettings,
+    /// How the projection rebuilds this process starts run.
+    pub rebuilds: admin::Rebuilds,
 }
 
 /// The query API's routes, documented.

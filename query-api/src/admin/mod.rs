@@ -2,10 +2,11 @@
 //! events each consumer (projection or worker) parked.
 //!
 //! - [`status`]: the figures, shared by the HTTP routes and `cairn projections`.
-//! - `routes`: `GET /api/v1/admin/projections` and `GET …/{name}/parked`.
+//! - `routes`: `GET /api/v1/admin/projections`, `GET …/{name}/parked` and
+//!   `POST …/{name}/rebuild`.
 
 mod routes;
 pub mod status;
 
-pub use routes::routes;
-pub use status::{Consumers, ParkedRow, ProjectionStatus, WorkerStatus};
+pub use routes::{routes, Rebuilds};
+pub use status::{Consumers, ParkedRow, ProjectionStatus, RebuildStatus, WorkerStatus};

@@ -1,21 +1,38 @@
-//! `GET /api/v1/admin/projections` and `GET /api/v1/admin/projections/{name}/parked`.
+//! `GET /api/v1/admin/projections`, `GET /api/v1/admin/projections/{name}/parked` and
+//! `POST /api/v1/admin/projections/{name}/rebuild`.
+
+use std::time::Duration;
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use cairn_platform::auth::Caller;
 use cairn_platform::envelope::ConsistencyToken;
 use cairn_platform::http::{ApiError, ApiPath, ApiQuery, ApiResponse, Envelope, PageParams};
+use cairn_projector::rebuild::{self, RebuildOptions, StartError};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::status::{self, Consumers, ParkedRow, ProjectionStatus, WorkerStatus};
+use super::status::{self, Consumers, ParkedRow, ProjectionStatus, RebuildStatus, WorkerStatus};
 use crate::consistency::{ConsistencyRequest, ReadModel};
 use crate::QueryState;
 
-/// The operator read routes.
+/// The operator routes.
 pub fn routes() -> OpenApiRouter<QueryState> {
-    OpenApiRouter::new().routes(routes!(list_projections)).routes(routes!(list_parked))
+    OpenApiRouter::new().routes(routes!(list_projections)).routes(routes!(list_parked)).routes(routes!(start_rebuild))
+}
+
+/// How the rebuilds this process starts run.
+#[derive(Debug, Clone)]
+pub struct Rebuilds {
+    /// Events per batch (`CAIRN_REBUILD_BATCH`).
+    pub batch: i64,
+    /// The test knob `CAIRN_FAULT_REBUILD_PAUSE_MS` (zero otherwise).
+    pub pause: Duration,
+    /// Stops a running rebuild (recorded as failed, live tables untouched) when the process stops.
+    pub shutdown: CancellationToken,
 }
 
 /// The health of every consumer.
@@ -104,4 +121,49 @@ async fn list_parked(
     let (rows, more) = status::parked(&pool, &name, status, after, limit).await?;
     let next = if more { rows.last().map(|r| r.position.clone()) } else { None };
     Ok(consistency.annotate(ApiResponse::ok(rows).meta("next_cursor", next)))
+}
+
+/// Starts rebuilding a projection from the log beside its live tables; it runs in the background
+/// of this process and swaps the new tables in when caught up, while reads go on. Follow it in
+/// `GET /api/v1/admin/projections`. Needs `projections:manage`.
+#[utoipa::path(post, path = "/api/v1/admin/projections/{name}/rebuild", tag = "admin", security(("bearer" = [])),
+    params(("name" = String, Path, description = "projection", pattern = r"^[a-z0-9_-]{1,64}$")),
+    responses((status = 202, description = "started; the rebuild's status", body = Envelope<RebuildStatus>),
+              (status = 403, description = "lacks projections:manage"), (status = 404, description = "no such projection"),
+              (status = 409, description = "a rebuild of this projection is running; details say since when and how far")))]
+async fn start_rebuild(
+    State(pool): State<PgPool>,
+    State(rebuilds): State<Rebuilds>,
+    caller: Caller,
+    ApiPath(name): ApiPath<String>,
+) -> Result<ApiResponse<RebuildStatus>, ApiError> {
+    caller.require("projections:manage")?;
+    let claim = match rebuild::claim(&pool, &name, &caller.id().to_string()).await {
+        Ok(claim) => claim,
+        Err(StartError::Unknown(_)) => return Err(ApiError::NotFound(format!("no projection named '{name}'"))),
+        Err(e @ StartError::Running(_, _)) => {
+            let mut details = std::collections::BTreeMap::new();
+            if let StartError::Running(_, Some(row)) = &e {
+                details.insert("started_at".to_owned(), row.started_at.to_rfc3339());
+                details.insert("events_done".to_owned(), row.events_done.to_string());
+                details.insert("events_total".to_owned(), row.events_total.to_string());
+                details.insert("requested_by".to_owned(), row.requested_by.clone());
+            }
+            return Err(ApiError::ConflictWith { message: e.to_string(), details });
+        }
+        Err(StartError::Db(e)) => return Err(e.into()),
+    };
+    let status = RebuildStatus::of(claim.row(), chrono::Utc::now());
+    let options = RebuildOptions {
+        batch: rebuilds.batch,
+        swap: true,
+        pause: rebuilds.pause,
+        shutdown: rebuilds.shutdown.clone(),
+    };
+    tracing::info!(projection = claim.name(), requested_by = %caller.id(), "rebuild started");
+    tokio::spawn(async move {
+        // The outcome is recorded in its row (and logged) by the rebuild itself.
+        let _ = claim.run(&pool, &options).await;
+    });
+    Ok(ApiResponse::with_status(StatusCode::ACCEPTED, status))
 }

@@ -45,10 +45,70 @@ pub struct ProjectionStatus {
     pub lag_events: i64,
     /// Age of the oldest committed event past the checkpoint, in milliseconds (0 when caught up).
     pub lag_ms: i64,
-    /// `live` (caught up), `catching_up`, or `stalled` (behind and not moving for 30 s).
+    /// `rebuilding` (a rebuild runs), `live` (caught up), `catching_up`, or `stalled` (behind and
+    /// not moving for 30 s).
     pub state: &'static str,
     /// Events it parked and nobody has resolved or skipped yet.
     pub parked: i64,
+    /// The rebuild running, or the last one (absent when it was never rebuilt).
+    pub rebuild: Option<RebuildStatus>,
+}
+
+/// A projection's rebuild: progress while it runs, the outcome once it ended.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RebuildStatus {
+    /// `running`, `done`, `failed`, or `abandoned` (marked running, but its process stopped
+    /// reporting: the next rebuild takes it over).
+    pub state: &'static str,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it last reported progress.
+    pub heartbeat_at: DateTime<Utc>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Events read and applied so far.
+    pub events_done: i64,
+    /// Events in the log when it started, plus those it caught up with.
+    pub events_total: i64,
+    /// Events per second since it started.
+    pub rate_per_sec: f64,
+    /// Seconds left at that rate, while it runs.
+    pub eta_secs: Option<i64>,
+    /// Who started it: a user id, or `cli`.
+    pub requested_by: String,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+impl RebuildStatus {
+    /// The figures of `row`, as of `now`.
+    #[must_use]
+    pub fn of(row: &cairn_projector::rebuild::RebuildRow, now: DateTime<Utc>) -> Self {
+        let stale = (now - row.heartbeat_at).num_seconds() >= cairn_projector::rebuild::STALE_AFTER_SECS;
+        let state = match row.state.as_str() {
+            "running" if stale => "abandoned",
+            "running" => "running",
+            "done" => "done",
+            _ => "failed",
+        };
+        let until = row.finished_at.unwrap_or(if state == "running" { now } else { row.heartbeat_at });
+        let seconds = (until - row.started_at).num_milliseconds().max(1) as f64 / 1000.0;
+        let rate_per_sec = (row.events_done as f64 / seconds * 10.0).round() / 10.0;
+        let left = (row.events_total - row.events_done).max(0);
+        let eta_secs = (state == "running" && rate_per_sec > 0.0).then(|| (left as f64 / rate_per_sec).ceil() as i64);
+        Self {
+            state,
+            started_at: row.started_at,
+            heartbeat_at: row.heartbeat_at,
+            finished_at: row.finished_at,
+            events_done: row.events_done,
+            events_total: row.events_total,
+            rate_per_sec,
+            eta_secs,
+            requested_by: row.requested_by.clone(),
+            error: row.error.clone(),
+        }
+    }
 }
 
 /// A worker's parked count.
@@ -92,7 +152,10 @@ pub async fn projections(pool: &PgPool, names: &[&str]) -> sqlx::Result<Vec<Proj
         let now = Utc::now();
         let lag_ms = oldest.map_or(0, |t| (now - t).num_milliseconds().max(0));
         let still = updated_at.is_none_or(|t| (now - t).num_seconds() >= STALLED_AFTER_SECS);
-        let state = if lag_events == 0 {
+        let rebuild = cairn_projector::rebuild::latest(pool, name).await?.map(|row| RebuildStatus::of(&row, now));
+        let state = if rebuild.as_ref().is_some_and(|r| r.state == "running") {
+            "rebuilding"
+        } else if lag_events == 0 {
             "live"
         } else if still && lag_ms >= STALLED_AFTER_SECS * 1000 {
             "stalled"
@@ -107,6 +170,7 @@ pub async fn projections(pool: &PgPool, names: &[&str]) -> sqlx::Result<Vec<Proj
             lag_ms,
             state,
             parked: parked_count(pool, name).await?,
+            rebuild,
         });
     }
     Ok(out)
