@@ -357,6 +357,10 @@ async fn typing_reaches_the_others_and_stops_by_itself() {
     let mut bob_socket = Client::signed_in(&app.address, &bob.token).await;
     alice_socket.join(room, None).await;
     bob_socket.join(room, None).await;
+    // `joined` comes before the subscription goes live, and typing (ephemeral) is not held
+    // meanwhile: a message reaching Bob proves his subscription is live.
+    say(&app, &alice, room, "hello").await;
+    bob_socket.expect("message").await;
 
     alice_socket.send(json!({"type": "typing", "room_id": room})).await;
     let typing = bob_socket.expect("typing").await;
